@@ -1,0 +1,149 @@
+"""Typed dataclass configs whose field docstrings are the CLI help.
+
+Every command's options are one dataclass (``DumpConfig``, ``TrainConfig``, ...). The same dataclass:
+- generates the argparse flags (``max_length`` -> ``--max-length``), help text taken from the docstring
+  written under each field, so a flag is declared exactly once;
+- loads JSON config files that mirror it one-to-one (unknown keys are an error naming the file and key;
+  the key ``"command"`` holds the command line that uses the file and is ignored);
+- validates itself in ``__post_init__``, raising ``UserError`` that names the flag.
+
+Precedence: dataclass defaults < config file < flags given explicitly on the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import functools
+import inspect
+import json
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+@functools.cache
+def field_docs(cls: type) -> dict[str, str]:
+    """Docstrings written as string literals right under dataclass fields."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        tree = ast.parse(inspect.getsource(klass).lstrip())
+        body = tree.body[0].body  # type: ignore[attr-defined]
+        for node, nxt in zip(body, body[1:], strict=False):
+            if (
+                isinstance(node, ast.AnnAssign)
+                and isinstance(node.target, ast.Name)
+                and isinstance(nxt, ast.Expr)
+                and isinstance(nxt.value, ast.Constant)
+                and isinstance(nxt.value.value, str)
+            ):
+                docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def _base_type(tp: Any) -> tuple[Any, bool]:
+    """(inner type, is_list) for ``int``, ``int | None``, ``list[float] | None`` ..."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _base_type(args[0])
+    if origin is list:
+        return typing.get_args(tp)[0], True
+    if origin is typing.Literal:
+        return str, False
+    return tp, False
+
+
+def _choices(tp: Any) -> list[str] | None:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        for a in typing.get_args(tp):
+            c = _choices(a)
+            if c:
+                return c
+    if origin is typing.Literal:
+        return list(typing.get_args(tp))
+    return None
+
+
+def add_config_args(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
+    """Add one flag per dataclass field; defaults are SUPPRESSed so we can tell which flags were given."""
+    docs = field_docs(cls)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip or f.name.startswith("_"):
+            continue
+        tp = hints[f.name]
+        inner, is_list = _base_type(tp)
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None  # type: ignore[misc]
+        )
+        help_text = docs.get(f.name, "")
+        if default not in (None, False, [], ""):
+            help_text += f" (default: {default})"
+        kwargs: dict[str, Any] = {"help": help_text, "default": argparse.SUPPRESS, "dest": f.name}
+        if inner is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs["type"] = inner if inner in (int, float) else str
+            if is_list:
+                kwargs["nargs"] = "+"
+            choices = _choices(tp)
+            if choices:
+                kwargs["choices"] = choices
+            kwargs["metavar"] = f.name.upper() if not choices else None
+            if kwargs["metavar"] is None:
+                del kwargs["metavar"]
+        parser.add_argument(flag(f.name), **kwargs)
+
+
+def load_config_file(path: str | Path, cls: type) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"--config: file not found: {path}") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"--config: {path}:{e.lineno}:{e.colno}: invalid JSON: {e.msg}") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"--config: {path}: expected a JSON object at the top level")
+    raw.pop("command", None)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise UserError(f"--config: {path}: unknown key(s) {', '.join(unknown)} for {cls.__name__}")
+    return raw
+
+
+def build_config(cls: type, namespace: argparse.Namespace, config_file: str | None = None, **fixed: Any) -> Any:
+    values: dict[str, Any] = {}
+    if config_file:
+        values.update(load_config_file(config_file, cls))
+    names = {f.name for f in dataclasses.fields(cls)}
+    values.update({k: v for k, v in vars(namespace).items() if k in names})
+    values.update(fixed)
+    try:
+        return cls(**values)
+    except TypeError as e:  # missing required field
+        missing = str(e).split("argument")[-1].strip(": '")
+        raise UserError(f"missing required option {flag(missing)} ({e})") from None
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def check(cond: bool, name: str, message: str) -> None:
+    """Validation helper for ``__post_init__``: raise ``UserError`` naming the flag."""
+    if not cond:
+        raise UserError(f"{flag(name)}: {message}")

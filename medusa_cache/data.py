@@ -1,0 +1,232 @@
+"""Reading chat data and turning it into token ids plus an assistant-only loss mask.
+
+Formats (detected per file from the first row, or forced with ``--format``):
+- ``sharegpt``:  ``{"conversations": [{"from": "human"|"gpt"|..., "value": ...}]}``
+- ``specforge``: ``{"id", "conversations": [{"role", "content"}]}`` (SpecForge's preformatted rows)
+- ``messages``:  ``{"messages": [{"role", "content"}]}`` (OpenAI)
+- ``text``:      ``{"text": ...}``: the whole row is trained (no chat template).
+
+Roles are normalised to system / user / assistant / tool (table ``ROLE_MAP``). Deliberate choices:
+ShareGPT ``function_call`` is text the assistant generates, so it becomes an *assistant* turn and is
+trained; ``observation`` / ``tool`` / ``function`` / ``ipython`` are tool outputs the model reads, so
+they become ``tool`` turns and are never trained. Any other role is an error naming file and row.
+
+Assistant spans, for any template: render the conversation once, and render each prefix that ends
+just before an assistant turn (with ``add_generation_prompt=True``) and just after it. The characters
+between the two renders are the assistant's span (its content and the end-of-turn marker the template
+puts after it). The full text is tokenised once with character offsets, and a token is trained when
+it starts inside an assistant span. A template that rewrites earlier turns when later ones are added
+is not prefix-stable and is refused (the error says so). Templates with ``{% generation %}`` markers
+give the same mask through transformers' ``return_assistant_tokens_mask`` (tested).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import UserError
+
+FORMATS = ("auto", "sharegpt", "specforge", "messages", "text")
+
+ROLE_MAP = {
+    "system": "system",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "chatgpt": "assistant",
+    "bard": "assistant",
+    "bing": "assistant",
+    "model": "assistant",
+    "function_call": "assistant",
+    "observation": "tool",
+    "tool": "tool",
+    "function": "tool",
+    "ipython": "tool",
+}
+
+
+class RowError(UserError):
+    """A problem with one data row; skippable with ``--skip-bad-rows``."""
+
+
+@dataclass
+class Row:
+    file_index: int
+    row_index: int
+    where: str  # "file:line" for messages
+    messages: list[dict[str, str]] | None = None
+    text: str | None = None
+
+
+@dataclass
+class Example:
+    input_ids: np.ndarray  # int32 [T]
+    loss_mask: np.ndarray  # bool [T]
+    file_index: int
+    row_index: int
+
+
+def read_rows(path: Path, file_index: int, fmt: str = "auto") -> Iterator[Row | RowError]:
+    """Yield normalised rows of one JSON/JSONL file; per-row problems are yielded as RowError values."""
+    if not path.exists():
+        raise UserError(f"--data: file not found: {path}")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        if not path.suffix == ".jsonl":
+            raise UserError(f"{path}:{line}: not valid UTF-8 (byte {e.start})") from None
+        text = None
+    records: list[tuple[int, Any]] = []
+    stripped = (text or "").lstrip()
+    if text is not None and path.suffix != ".jsonl" and stripped.startswith("["):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{e.lineno}: malformed JSON: {e.msg} (column {e.colno})") from None
+        records = [(i + 1, r) for i, r in enumerate(data)]
+        where_kind = "row"
+    else:
+        where_kind = "line"
+        for lineno, line_bytes in enumerate(raw.split(b"\n"), start=1):
+            if not line_bytes.strip():
+                continue
+            try:
+                line = line_bytes.decode("utf-8")
+            except UnicodeDecodeError:
+                records.append((lineno, RowError(f"{path}:{lineno}: not valid UTF-8")))
+                continue
+            try:
+                records.append((lineno, json.loads(line)))
+            except json.JSONDecodeError as e:
+                records.append((lineno, RowError(f"{path}:{lineno}: malformed JSON line: {e.msg}")))
+    file_fmt = fmt
+    for n, (lineno, rec) in enumerate(records):
+        where = f"{path}:{lineno}" if where_kind == "line" else f"{path} row {lineno}"
+        if isinstance(rec, RowError):
+            yield rec
+            continue
+        if file_fmt == "auto":
+            file_fmt = detect_format(rec, where)
+        try:
+            yield normalise(rec, file_fmt, Row(file_index, n, where))
+        except RowError as e:
+            yield e
+
+
+def detect_format(rec: Any, where: str) -> str:
+    if isinstance(rec, dict):
+        if isinstance(rec.get("conversations"), list) and rec["conversations"]:
+            first = rec["conversations"][0]
+            if isinstance(first, dict) and "from" in first:
+                return "sharegpt"
+            if isinstance(first, dict) and "role" in first:
+                return "specforge"
+        if isinstance(rec.get("messages"), list):
+            return "messages"
+        if "text" in rec:
+            return "text"
+    raise UserError(
+        f"{where}: unknown data format (expected 'conversations' with from/value or role/content, "
+        "'messages', or 'text'); use --format to force one"
+    )
+
+
+def normalise(rec: Any, fmt: str, row: Row) -> Row:
+    if not isinstance(rec, dict):
+        raise RowError(f"{row.where}: expected a JSON object, got {type(rec).__name__}")
+    if fmt == "text":
+        text = rec.get("text")
+        if not isinstance(text, str) or not text.strip():
+            raise RowError(f"{row.where}: empty or missing 'text'")
+        row.text = text
+        return row
+    key, role_key, content_key = {
+        "sharegpt": ("conversations", "from", "value"),
+        "specforge": ("conversations", "role", "content"),
+        "messages": ("messages", "role", "content"),
+    }[fmt]
+    turns = rec.get(key)
+    if not isinstance(turns, list) or not turns:
+        raise RowError(f"{row.where}: missing or empty '{key}' for format {fmt}")
+    messages = []
+    for j, turn in enumerate(turns):
+        if not isinstance(turn, dict) or role_key not in turn or content_key not in turn:
+            raise RowError(f"{row.where}: turn {j} lacks '{role_key}'/'{content_key}' (format {fmt})")
+        role = ROLE_MAP.get(str(turn[role_key]).lower())
+        if role is None:
+            raise RowError(
+                f"{row.where}: turn {j} has unknown role {turn[role_key]!r} "
+                f"(known: {', '.join(sorted(ROLE_MAP))})"
+            )
+        content = turn[content_key]
+        if not isinstance(content, str) or not content.strip():
+            raise RowError(f"{row.where}: turn {j} ({turn[role_key]}) has empty content")
+        if messages and messages[-1]["role"] == role == "assistant":
+            # function_call right after a gpt turn: one assistant turn, as the model generates it
+            messages[-1]["content"] += "\n" + content
+            continue
+        messages.append({"role": role, "content": content})
+    row.messages = messages
+    return row
+
+
+class Templater:
+    """Renders conversations with a chat template and finds the assistant token mask."""
+
+    def __init__(self, tokenizer: Any, chat_template: str | None = None, max_length: int = 2048):
+        self.tok = tokenizer
+        self.template = chat_template or getattr(tokenizer, "chat_template", None)
+        self.max_length = max_length
+
+    def render(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+        if not self.template:
+            raise UserError(
+                "the tokenizer has no chat template; pass --chat-template FILE (a Jinja template), "
+                "or use rows of format 'text'"
+            )
+        return self.tok.apply_chat_template(
+            messages, chat_template=self.template, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+
+    def assistant_char_spans(self, messages: list[dict[str, str]], where: str) -> tuple[str, list[tuple[int, int]]]:
+        full = self.render(messages, add_generation_prompt=False)
+        spans = []
+        for i, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            before = self.render(messages[:i], add_generation_prompt=True) if i else ""
+            after = self.render(messages[: i + 1], add_generation_prompt=False)
+            if not (full.startswith(after) and after.startswith(before)):
+                raise RowError(
+                    f"{where}: the chat template is not prefix-stable (rendering turn {i} changes earlier "
+                    "text), so assistant spans cannot be found by prefix rendering"
+                )
+            if len(after) > len(before):
+                spans.append((len(before), len(after)))
+        return full, spans
+
+    def encode(self, row: Row) -> Example:
+        if row.text is not None:
+            enc = self.tok(row.text, add_special_tokens=True)
+            ids = np.asarray(enc["input_ids"], dtype=np.int32)
+            mask = np.ones(len(ids), dtype=bool)
+        else:
+            assert row.messages is not None
+            text, spans = self.assistant_char_spans(row.messages, row.where)
+            enc = self.tok(text, add_special_tokens=False, return_offsets_mapping=True)
+            ids = np.asarray(enc["input_ids"], dtype=np.int32)
+            starts = np.asarray([s for s, _ in enc["offset_mapping"]], dtype=np.int64)
+            mask = np.zeros(len(ids), dtype=bool)
+            for a, b in spans:
+                mask |= (starts >= a) & (starts < b)
+        ids, mask = ids[: self.max_length], mask[: self.max_length]
+        return Example(ids, mask, row.file_index, row.row_index)

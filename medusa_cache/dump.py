@@ -1,0 +1,379 @@
+"""``medusa-cache dump``: run the backbone once and write post-norm hidden states into a Zarr cache.
+
+Stages:
+1. *Prepare* (once, by rank 0): read and template every row, build the draft vocabulary, compute labels
+   and offsets, and create the store with every array except the hidden states. All shapes are known
+   here, so the store is preallocated.
+2. *Units* (each rank its own): unit k is one shard of ``hidden``. Ranks take units k with
+   ``k % world_size == rank``; a unit is computed, written whole, then marked done. A sequence that
+   crosses a unit's end is run only up to that end (causal model: the prefix is all it needs); a unit
+   that starts inside a sequence runs that sequence from its start for context and keeps only its own
+   rows. So a unit's bytes depend only on the data, never on which rank or which run wrote it, and a
+   killed dump resumed with ``--resume`` is bit-identical to an uninterrupted one.
+3. Within a unit, sequences are sorted by length and packed into batches of at most ``batch_tokens``
+   padded tokens (right padding, attention mask), so few pad tokens are computed; only real rows are
+   written. The write of unit k runs in a background thread while unit k+1 is computed.
+
+The decoder alone runs (``model.base_model``): its ``last_hidden_state`` is after the final norm, and
+no logits are computed (with a 152K vocabulary they would cost ~12x the forward on a CPU).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from . import fingerprint as fp
+from . import store
+from .config import check, to_dict
+from .data import FORMATS, RowError, Templater, read_rows
+from .errors import UserError
+from .vocab import build_mapping, count_tokens, load_mapping
+
+
+@dataclass
+class DumpConfig:
+    model: str | None = None
+    """Local path of a Hugging Face causal LM (config.json + safetensors). Nothing is downloaded."""
+    data: list[str] = field(default_factory=list)
+    """JSON or JSONL files: ShareGPT, OpenAI messages, SpecForge rows, or {"text": ...} rows."""
+    out: str | None = None
+    """Output store (a directory; created)."""
+    tokenizer: str | None = None
+    """Tokenizer directory, if not the model's own."""
+    chat_template: str | None = None
+    """Jinja chat template file to use instead of the tokenizer's own."""
+    format: Literal["auto", "sharegpt", "specforge", "messages", "text"] = "auto"
+    """Data format; 'auto' detects it per file from the first row."""
+    max_length: int = 2048
+    """Truncate each tokenised conversation to this many tokens."""
+    draft_vocab_size: int | None = None
+    """Draft vocabulary size (Eagle3 top-N by assistant-token frequency). Default: the full vocabulary."""
+    vocab_mapping: str | None = None
+    """Use this mapping unchanged instead of building one: ours (.safetensors) or SpecForge's vocab_mapping.pt."""
+    batch_tokens: int = 16384
+    """Padded tokens per forward batch (sequences are length-bucketed)."""
+    dtype: Literal["bfloat16", "float32"] = "bfloat16"
+    """Model compute dtype and stored hidden-state dtype (bf16 stored bit-exact as uint16)."""
+    device: str = "cpu"
+    """Device for the model pass: cpu, cuda, cuda:N."""
+    resume: bool = False
+    """Continue an interrupted dump in --out (refused if model, tokenizer, template, data or settings differ)."""
+    overwrite: bool = False
+    """Delete an existing store at --out first."""
+    skip_bad_rows: bool = False
+    """Skip and count rows with problems (malformed line, unknown role, empty text) instead of stopping."""
+    chunk_tokens: int | None = None
+    """Tokens per Zarr chunk (default: ~1 MiB of hidden states)."""
+    shard_tokens: int | None = None
+    """Tokens per shard = per write unit (default: >= 16 x --max-length); a multiple of --chunk-tokens."""
+
+    def __post_init__(self) -> None:
+        check(self.model is not None, "model", "is required")
+        check(bool(self.data), "data", "at least one data file is required")
+        check(self.out is not None, "out", "is required")
+        check(1 <= self.max_length <= 1 << 20, "max_length", f"must be in 1..{1 << 20}, got {self.max_length}")
+        check(self.draft_vocab_size is None or self.draft_vocab_size >= 1, "draft_vocab_size",
+              f"must be >= 1, got {self.draft_vocab_size}")
+        check(not (self.draft_vocab_size and self.vocab_mapping), "vocab_mapping",
+              "give either --draft-vocab-size or --vocab-mapping, not both")
+        check(self.batch_tokens >= 1, "batch_tokens", f"must be >= 1, got {self.batch_tokens}")
+        check(not (self.resume and self.overwrite), "resume", "--resume and --overwrite exclude each other")
+        check(self.format in FORMATS, "format", f"must be one of {FORMATS}")
+        for name in ("chunk_tokens", "shard_tokens"):
+            v = getattr(self, name)
+            check(v is None or v >= 1, name, f"must be >= 1, got {v}")
+        if self.chunk_tokens and self.shard_tokens:
+            check(self.shard_tokens % self.chunk_tokens == 0, "shard_tokens", "must be a multiple of --chunk-tokens")
+
+
+# --------------------------------------------------------------------------------------------------
+def _fingerprints(cfg: DumpConfig, template: str) -> dict[str, str]:
+    vocab = f"mapping:{fp.file_hash(Path(cfg.vocab_mapping))}" if cfg.vocab_mapping else f"top:{cfg.draft_vocab_size}"
+    return {
+        "model": fp.model_fingerprint(cfg.model),
+        "tokenizer": fp.tokenizer_fingerprint(cfg.tokenizer or cfg.model),
+        "chat_template": fp.sha(template or ""),
+        "data": fp.data_fingerprint(cfg.data),
+        "max_length": str(cfg.max_length),
+        "vocab_mapping": vocab,
+        "dtype": cfg.dtype,
+        "format": cfg.format,
+        "skip_bad_rows": str(cfg.skip_bad_rows),
+    }
+
+
+def _check_inputs(cfg: DumpConfig) -> None:
+    if not Path(cfg.model, "config.json").exists():
+        raise UserError(f"--model: {cfg.model} is not a model directory (no config.json)")
+    for f in cfg.data:
+        if not Path(f).is_file():
+            raise UserError(f"--data: file not found: {f}")
+    if cfg.chat_template and not Path(cfg.chat_template).is_file():
+        raise UserError(f"--chat-template: file not found: {cfg.chat_template}")
+    out = Path(cfg.out)
+    if out.exists() and not cfg.resume and not cfg.overwrite:
+        if out.is_dir() and not any(out.iterdir()):
+            return
+        raise UserError(f"--out: {out} already exists; pass --resume to continue it or --overwrite to replace it")
+    parent = out.parent if not out.exists() else out
+    if parent.exists() and not _writable(parent):
+        raise UserError(f"--out: {parent} is not writable")
+
+
+def _writable(p: Path) -> bool:
+    import os
+
+    return os.access(p, os.W_OK)
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except Exception as e:  # noqa: BLE001
+        raise UserError(f"--tokenizer: cannot load a tokenizer from {path}: {e}") from None
+    tok.model_max_length = 1 << 62  # we truncate ourselves (--max-length); silences the length warning
+    return tok
+
+
+def prepare(cfg: DumpConfig, fingerprints: dict[str, str], template: str | None, vocab_size: int,
+            hidden_size: int, tokenizer) -> store.Cache:
+    """Tokenise everything, build the vocabulary, and create the store (all but the hidden states)."""
+    templater = Templater(tokenizer, template, cfg.max_length)
+    examples, bad, dropped = [], [], 0
+    rows_seen = 0
+    for fi, f in enumerate(cfg.data):
+        for row in tqdm(read_rows(Path(f), fi, cfg.format), desc=f"tokenise {Path(f).name}", unit="row",
+                        leave=False, disable=None):
+            rows_seen += 1
+            try:
+                if isinstance(row, RowError):
+                    raise row
+                ex = templater.encode(row)
+            except RowError as e:
+                if not cfg.skip_bad_rows:
+                    raise UserError(f"{e} (pass --skip-bad-rows to skip such rows)") from None
+                bad.append(str(e))
+                continue
+            if not ex.loss_mask.any():
+                dropped += 1
+                continue
+            if ex.input_ids.max(initial=0) >= vocab_size:
+                raise UserError(f"--tokenizer: token id {int(ex.input_ids.max())} >= model vocab size {vocab_size}")
+            examples.append(ex)
+    if not examples:
+        raise UserError(f"--data: no usable conversations ({rows_seen} rows, {len(bad)} bad, {dropped} without "
+                        "an assistant token)")
+    counts = count_tokens(examples, vocab_size)
+    if cfg.vocab_mapping:
+        mapping = load_mapping(cfg.vocab_mapping, vocab_size)
+    else:
+        mapping = build_mapping(counts, cfg.draft_vocab_size or vocab_size)
+    lengths = np.array([len(e.input_ids) for e in examples], dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    ids = np.concatenate([e.input_ids for e in examples])
+    mask = np.concatenate([e.loss_mask for e in examples])
+    labels = mapping.labels(ids, mask)
+    sources = np.array([[e.file_index, e.row_index] for e in examples], dtype=np.int64)
+    itemsize = 2 if cfg.dtype == "bfloat16" else 4
+    layout = store.Layout.default(hidden_size, itemsize, cfg.max_length)
+    if cfg.chunk_tokens:
+        layout.chunk_tokens = cfg.chunk_tokens
+        if not cfg.shard_tokens:
+            layout.shard_tokens = max(layout.shard_tokens // cfg.chunk_tokens, 1) * cfg.chunk_tokens
+    if cfg.shard_tokens:
+        layout.shard_tokens = cfg.shard_tokens
+        if not cfg.chunk_tokens and layout.shard_tokens % layout.chunk_tokens:
+            layout.chunk_tokens = layout.shard_tokens
+    assistant = int(mask.sum())
+    counts_attr = {
+        "rows": rows_seen,
+        "sequences": len(examples),
+        "tokens": int(offsets[-1]),
+        "assistant_tokens": assistant,
+        "assistant_tokens_in_draft_vocab": int((labels != -100).sum()),
+        "bad_rows": len(bad),
+        "dropped_no_assistant": dropped,
+        "truncated": int(sum(1 for e in examples if len(e.input_ids) == cfg.max_length)),
+    }
+    return store.create(
+        cfg.out,
+        hidden_size=hidden_size,
+        hidden_dtype=cfg.dtype,
+        layout=layout,
+        input_ids=ids,
+        loss_mask=mask,
+        labels=labels,
+        offsets=offsets,
+        sources=sources,
+        mapping=mapping,
+        token_counts=counts,
+        attrs={
+            "vocab_size": vocab_size,
+            "draft_vocab_size": mapping.draft_size,
+            "data_files": [str(Path(f).name) for f in cfg.data],
+            "fingerprints": {**fingerprints, "vocab": mapping.fingerprint()},
+            "dump_args": to_dict(cfg),
+            "counts": counts_attr,
+            "bad_row_examples": bad[:20],
+        },
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+PAD_TOLERANCE = 0.06
+
+
+def plan_batches(offsets: np.ndarray, a: int, b: int, batch_tokens: int) -> list[list[tuple[int, int, int]]]:
+    """Batches for unit rows [a, b): each piece is (seq_start, run_end, keep_from) in token coordinates.
+
+    The piece runs the model over [seq_start, run_end) and keeps rows [keep_from, run_end).
+    """
+    first = int(np.searchsorted(offsets, a, side="right")) - 1
+    last = int(np.searchsorted(offsets, b, side="left"))
+    pieces = []
+    for s in range(first, last):
+        s0, s1 = int(offsets[s]), int(offsets[s + 1])
+        run_end = min(s1, b)
+        if run_end <= max(s0, a):
+            continue
+        pieces.append((s0, run_end, max(s0, a)))
+    pieces.sort(key=lambda p: (-(p[1] - p[0]), p[0]))  # longest first, ties by position: deterministic
+    batches, cur, cur_max = [], [], 0
+    for p in pieces:
+        n = p[1] - p[0]
+        # a new batch when the padded size would pass batch_tokens, or when this piece is > 6% shorter
+        # than the batch's longest (bounds the pad tokens computed to ~3% on average)
+        if cur and (max(cur_max, n) * (len(cur) + 1) > batch_tokens or n < (1 - PAD_TOLERANCE) * cur_max):
+            batches.append(cur)
+            cur, cur_max = [], 0
+        cur.append(p)
+        cur_max = max(cur_max, n)
+    if cur:
+        batches.append(cur)
+    return batches
+
+
+class ModelPass:
+    """The decoder of a causal LM, returning post-final-norm hidden states for packed pieces."""
+
+    def __init__(self, model_dir: str, dtype: str, device: str):
+        from transformers import AutoModelForCausalLM
+
+        try:
+            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=store.TORCH_DTYPES[dtype])
+        except Exception as e:  # noqa: BLE001
+            raise UserError(f"--model: cannot load {model_dir}: {e}") from None
+        self.decoder = model.base_model.to(device).eval()
+        self.device = device
+        self.computed_tokens = 0
+
+    @torch.inference_mode()
+    def run(self, ids: np.ndarray, batch: list[tuple[int, int, int]]) -> list[torch.Tensor]:
+        width = max(p[1] - p[0] for p in batch)
+        x = np.zeros((len(batch), width), dtype=np.int64)
+        att = np.zeros((len(batch), width), dtype=np.int64)
+        for i, (s0, e, _) in enumerate(batch):
+            x[i, : e - s0] = ids[s0:e]
+            att[i, : e - s0] = 1
+        self.computed_tokens += x.size
+        out = self.decoder(
+            input_ids=torch.from_numpy(x).to(self.device), attention_mask=torch.from_numpy(att).to(self.device)
+        ).last_hidden_state
+        return [out[i, keep - s0 : e - s0].cpu() for i, (s0, e, keep) in enumerate(batch)]
+
+
+def compute_unit(cache: store.Cache, ids: np.ndarray, k: int, mp: ModelPass, batch_tokens: int) -> torch.Tensor:
+    a, b = cache.unit_range(k)
+    buf = torch.empty((b - a, cache.hidden_size), dtype=store.TORCH_DTYPES[cache.hidden_dtype])
+    for batch in plan_batches(cache.offsets, a, b, batch_tokens):
+        for (_, e, keep), rows in zip(batch, mp.run(ids, batch), strict=True):
+            buf[keep - a : e - a] = rows
+    return buf
+
+
+def run_dump(cfg: DumpConfig, rank: int = 0, world_size: int = 1) -> dict:
+    """Dump ``cfg.data`` through ``cfg.model`` into ``cfg.out``. Returns the summary dict."""
+    t0 = time.perf_counter()
+    _check_inputs(cfg)
+    from transformers import AutoConfig
+
+    mcfg = AutoConfig.from_pretrained(cfg.model)
+    mcfg = getattr(mcfg, "text_config", None) or mcfg
+    tokenizer = load_tokenizer(cfg.tokenizer or cfg.model)
+    template = Path(cfg.chat_template).read_text(encoding="utf-8") if cfg.chat_template else None
+    fps = _fingerprints(cfg, template or getattr(tokenizer, "chat_template", None) or "")
+    out = Path(cfg.out)
+    cache = None
+    if cfg.overwrite:
+        store.remove_store(out)
+    if cfg.resume and store.is_store(out):
+        cache = store.Cache(out, mode="r+")
+        old = cache.attrs.get("fingerprints", {})
+        diff = [k for k in fps if old.get(k) != fps[k]]
+        if diff:
+            raise UserError(f"--resume: {out} was dumped with a different {', '.join(diff)}; "
+                            "use --overwrite to start again or a new --out")
+    elif cfg.resume and out.exists() and any(out.iterdir()) and not store.is_store(out, partial=True):
+        raise UserError(f"--resume: {out} is not a medusa-cache store")
+    if cache is None:
+        cache = prepare(cfg, fps, template, mcfg.vocab_size, mcfg.hidden_size, tokenizer)
+    if cache.complete:
+        print(f"{out}: already complete", file=sys.stderr)
+        return summary(cache, t0, 0, 0)
+    done = cache.done_units()
+    todo = [k for k in range(cache.n_units) if k % world_size == rank and not done[k]]
+    ids = cache.array("input_ids")
+    mp = ModelPass(cfg.model, cfg.dtype, cfg.device)
+    tokens_todo = sum(cache.unit_range(k)[1] - cache.unit_range(k)[0] for k in todo)
+    bar = tqdm(total=tokens_todo, desc="dump", unit="tok", unit_scale=True, disable=None)
+    pending: Future | None = None
+
+    def write(k: int, h: torch.Tensor) -> None:
+        cache.write_unit(k, h)
+        cache.mark_done(k)
+
+    with ThreadPoolExecutor(1) as pool:
+        for k in todo:
+            h = compute_unit(cache, ids, k, mp, cfg.batch_tokens)
+            if pending is not None:
+                pending.result()
+            pending = pool.submit(write, k, h)
+            a, b = cache.unit_range(k)
+            bar.update(b - a)
+        if pending is not None:
+            pending.result()
+    bar.close()
+    if rank == 0 and cache.done_units().all():
+        cache.set_attrs(complete=True)
+    return summary(cache, t0, tokens_todo, mp.computed_tokens)
+
+
+def summary(cache: store.Cache, t0: float, written: int, computed: int) -> dict:
+    c = cache.attrs.get("counts", {})
+    return {
+        "store": cache.path,
+        "complete": cache.complete,
+        **c,
+        "hidden_size": cache.hidden_size,
+        "hidden_dtype": cache.hidden_dtype,
+        "draft_vocab_size": cache.attrs.get("draft_vocab_size"),
+        "written_tokens": written,
+        "real_over_computed": round(written / computed, 4) if computed else None,
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+
+
+def print_summary(s: dict) -> None:
+    print(json.dumps(s, indent=2))

@@ -1,0 +1,131 @@
+"""Trained heads on disk, and their export to the layouts serving engines load.
+
+``medusa-cache train`` writes DIR/ with:
+- ``config.json``: ``medusa_num_heads``, ``medusa_num_layers``, ``hidden_size``, ``vocab_size`` (target),
+  ``draft_vocab_size``, ``base_model_name_or_path``, ``cache_fingerprint``;
+- ``medusa_lm_head.safetensors``: reference key names ``{h}.{l}.linear.weight|bias`` and ``{h}.{L}.weight``,
+  the last being the draft-vocab output matrix [draft_vocab_size, H];
+- ``vocab_mapping.safetensors``: ``d2t`` (int64) and ``t2d`` (bool).
+
+``export --format vllm``: vLLM's Medusa layout. ``config.json`` with ``model_type: medusa``,
+``architectures: [MedusaModel]``, ``num_heads``, ``num_hidden_layers``, ``medusa_fc_bias: true``,
+``vocab_size`` (target) and ``truncated_vocab_size`` (draft); weights ``blocks.{h}.layers.{l}.weight|bias``,
+``lm_heads.{h}.weight`` [draft, H] and ``token_map`` (int64, draft id -> target id). vLLM scatters the draft
+logits into a full-vocabulary row filled with -inf, so a draft head loses nothing there.
+
+``export --format medusa``: the reference layout with full-vocabulary output matrices [V, H]: row
+``token_map[d]`` holds draft row d and every other row is zero. The reference loader has no mask, so a
+non-draft token scores logit 0 instead of -inf: it can only win when every draft logit is negative. The
+cost is measured by ``full_vocab_agreement`` (``medusa-cache eval`` prints it; docs/export.md has figures).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from .errors import UserError
+from .heads import MedusaHeads
+from .vocab import VocabMapping
+
+
+def save_heads(heads: MedusaHeads, cache, cfg, out: Path) -> None:
+    mapping: VocabMapping = cache.mapping()
+    config = {
+        "medusa_num_heads": heads.num_heads,
+        "medusa_num_layers": heads.num_layers,
+        "hidden_size": heads.hidden_size,
+        "vocab_size": int(cache.attrs["vocab_size"]),
+        "draft_vocab_size": mapping.draft_size,
+        "base_model_name_or_path": cfg.base_model_name_or_path or cache.attrs.get("dump_args", {}).get("model"),
+        "cache_fingerprint": cache.attrs.get("fingerprints", {}),
+    }
+    save_file(heads.reference_state_dict(), str(out / "medusa_lm_head.safetensors"))
+    save_file({"d2t": torch.from_numpy(mapping.d2t), "t2d": torch.from_numpy(mapping.t2d)},
+              str(out / "vocab_mapping.safetensors"))
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+
+
+def load_heads(d: str | Path) -> tuple[MedusaHeads, VocabMapping, dict]:
+    d = Path(d)
+    for name in ("config.json", "medusa_lm_head.safetensors", "vocab_mapping.safetensors"):
+        if not (d / name).exists():
+            raise UserError(f"{d}: not a medusa-cache heads directory (missing {name})")
+    config = json.loads((d / "config.json").read_text())
+    sd = load_file(str(d / "medusa_lm_head.safetensors"))
+    vm = load_file(str(d / "vocab_mapping.safetensors"))
+    mapping = VocabMapping(vm["d2t"].numpy().astype(np.int64), vm["t2d"].numpy().astype(bool))
+    heads = MedusaHeads(config["hidden_size"], config["draft_vocab_size"], config["medusa_num_heads"],
+                        config["medusa_num_layers"])
+    heads.load_reference_state_dict(sd)
+    return heads, mapping, config
+
+
+def export(src: str | Path, fmt: str, out: str | Path, overwrite: bool = False) -> None:
+    heads, mapping, config = load_heads(src)
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise UserError(f"--out: {out} already exists; pass --overwrite to replace it")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    token_map = torch.from_numpy(mapping.draft_to_target)
+    sd = heads.reference_state_dict()
+    H, L, K = heads.hidden_size, heads.num_layers, heads.num_heads
+    if fmt == "vllm":
+        tensors = {}
+        for h in range(K):
+            for layer in range(L):
+                tensors[f"blocks.{h}.layers.{layer}.weight"] = sd[f"{h}.{layer}.linear.weight"]
+                tensors[f"blocks.{h}.layers.{layer}.bias"] = sd[f"{h}.{layer}.linear.bias"]
+            tensors[f"lm_heads.{h}.weight"] = sd[f"{h}.{L}.weight"]
+        if mapping.draft_size < mapping.target_size:
+            tensors["token_map"] = token_map.to(torch.int64)
+        cfg = {
+            "model_type": "medusa",
+            "architectures": ["MedusaModel"],
+            "hidden_size": H,
+            "vocab_size": mapping.target_size,
+            "truncated_vocab_size": mapping.draft_size,
+            "num_heads": K,
+            "num_hidden_layers": L,
+            "medusa_fc_bias": True,
+            "base_model_name_or_path": config.get("base_model_name_or_path"),
+        }
+        save_file(tensors, str(out / "model.safetensors"))
+    elif fmt == "medusa":
+        tensors = dict(sd)
+        for h in range(K):
+            full = torch.zeros(mapping.target_size, H, dtype=sd[f"{h}.{L}.weight"].dtype)
+            full[token_map] = sd[f"{h}.{L}.weight"]
+            tensors[f"{h}.{L}.weight"] = full
+        cfg = {
+            "medusa_num_heads": K,
+            "medusa_num_layers": L,
+            "base_model_name_or_path": config.get("base_model_name_or_path"),
+            "hidden_size": H,
+            "vocab_size": mapping.target_size,
+        }
+        save_file(tensors, str(out / "medusa_lm_head.safetensors"))
+    else:
+        raise UserError(f"--format: unknown format {fmt!r} (vllm or medusa)")
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+
+
+@torch.no_grad()
+def full_vocab_agreement(heads: MedusaHeads, mapping: VocabMapping, hidden: torch.Tensor) -> list[float]:
+    """Per head: share of positions whose top-1 is unchanged when the draft head becomes a zero-filled
+    full-vocabulary matrix (the reference layout)."""
+    out = []
+    tm = torch.from_numpy(mapping.draft_to_target)
+    for logits in heads(hidden.float()):
+        draft_top = tm[logits.argmax(-1)]
+        full = torch.zeros(*logits.shape[:-1], mapping.target_size)
+        full[..., tm] = logits
+        out.append(float((full.argmax(-1) == draft_top).float().mean()))
+    return out

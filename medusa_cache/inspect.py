@@ -1,0 +1,46 @@
+"""``medusa-cache inspect``: what a cache holds and how far its dump got."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .store import Cache
+
+
+def inspect_store(path: str) -> dict[str, Any]:
+    c = Cache(path)
+    counts = c.attrs.get("counts", {})
+    done = c.done_units()
+    disk = c.disk_bytes()
+    assistant = counts.get("assistant_tokens", 0)
+    return {
+        "store": c.path,
+        "format_version": c.attrs["medusa_cache"],
+        "complete": c.complete,
+        "units_done": f"{int(done.sum())}/{c.n_units}",
+        "sequences": c.n_seqs,
+        "tokens": c.n_tokens,
+        "assistant_tokens": assistant,
+        "assistant_in_draft_vocab": round(counts.get("assistant_tokens_in_draft_vocab", 0) / max(1, assistant), 4),
+        "hidden_size": c.hidden_size,
+        "hidden_dtype": c.hidden_dtype,
+        "vocab_size": c.attrs.get("vocab_size"),
+        "draft_vocab_size": c.attrs.get("draft_vocab_size"),
+        "bytes_on_disk": disk,
+        "bytes_per_token": round(disk / max(1, c.n_tokens), 1),
+        "chunk_tokens": c.attrs["chunk_tokens"],
+        "shard_tokens": c.shard_tokens,
+        "counts": counts,
+        "fingerprints": c.attrs.get("fingerprints", {}),
+    }
+
+
+def render(info: dict[str, Any]) -> str:
+    lines = []
+    for k, v in info.items():
+        if isinstance(v, dict):
+            lines.append(f"{k}:")
+            lines += [f"  {kk}: {vv}" for kk, vv in v.items()]
+        else:
+            lines.append(f"{k}: {v}")
+    return "\n".join(lines)

@@ -1,0 +1,175 @@
+"""Batches of (hidden states, per-head targets) streamed from the cache.
+
+Order. An epoch's order is a pure function of (seed, epoch): the training sequences are grouped into
+*blocks* of consecutive sequences (~``block_tokens`` each, so one block is one contiguous Zarr read),
+blocks are permuted, and their sequences pass through a shuffle buffer of ``shuffle_buffer`` sequences.
+Because the order needs no data, a resumed run recomputes it and starts at the saved batch index.
+
+Targets. Head i at position p is trained on ``labels[p + 2 + i]`` when that token lies in the same
+sequence, else ``IGNORE``; ``labels`` already holds ``IGNORE`` for non-assistant and out-of-draft-vocab
+tokens. So a piece of a sequence carries its own targets, and token batches (``--batch-tokens``) can be
+cut anywhere.
+
+Reading. A background thread walks the batches ahead of the trainer (``prefetch`` batches), loads each
+block once when its first sequence is needed, and keeps only sequences still to come; memory is bounded
+by the shuffle buffer plus one block, whatever the cache size. ``in_memory`` reads the store once.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .store import Cache
+from .vocab import IGNORE
+
+Piece = tuple[int, int, int]  # (sequence index, start row, stop row) in token coordinates
+
+
+def make_blocks(seqs: np.ndarray, offsets: np.ndarray, block_tokens: int) -> list[np.ndarray]:
+    blocks, cur, cur_tokens = [], [], 0
+    for s in np.sort(seqs):
+        cur.append(s)
+        cur_tokens += int(offsets[s + 1] - offsets[s])
+        if cur_tokens >= block_tokens:
+            blocks.append(np.array(cur))
+            cur, cur_tokens = [], 0
+    if cur:
+        blocks.append(np.array(cur))
+    return blocks
+
+
+def epoch_order(blocks: list[np.ndarray], seed: int, epoch: int, shuffle_buffer: int) -> np.ndarray:
+    rng = np.random.default_rng([seed, epoch])
+    order, buf = [], []
+    for b in rng.permutation(len(blocks)):
+        for s in blocks[b]:
+            if len(buf) < shuffle_buffer:
+                buf.append(int(s))
+                continue
+            j = int(rng.integers(len(buf)))
+            order.append(buf[j])
+            buf[j] = int(s)
+    order.extend(buf[j] for j in rng.permutation(len(buf)))
+    return np.array(order, dtype=np.int64)
+
+
+def make_batches(order: np.ndarray, offsets: np.ndarray, batch_size: int, batch_tokens: int | None) -> list[list[Piece]]:
+    """Sequence mode: ``batch_size`` whole sequences per batch. Token mode: pieces filling ``batch_tokens``."""
+    if not batch_tokens:
+        return [[(int(s), int(offsets[s]), int(offsets[s + 1])) for s in order[i : i + batch_size]]
+                for i in range(0, len(order), batch_size)]
+    batches, cur, room = [], [], batch_tokens
+    for s in order:
+        a, b = int(offsets[s]), int(offsets[s + 1])
+        while a < b:
+            take = min(room, b - a)
+            cur.append((int(s), a, a + take))
+            a += take
+            room -= take
+            if room == 0:
+                batches.append(cur)
+                cur, room = [], batch_tokens
+    if cur:
+        batches.append(cur)
+    return batches
+
+
+def targets_for(labels: np.ndarray, offsets: np.ndarray, piece: Piece, num_heads: int) -> np.ndarray:
+    s, a, b = piece
+    end = int(offsets[s + 1])
+    out = np.full((b - a, num_heads), IGNORE, dtype=np.int64)
+    for i in range(num_heads):
+        lo, hi = a + 2 + i, min(b + 2 + i, end)
+        if hi > lo:
+            out[: hi - lo, i] = labels[lo:hi]
+    return out
+
+
+@dataclass
+class Batch:
+    hidden: torch.Tensor  # [T, H] stored dtype
+    targets: torch.Tensor  # [T, K] int64
+    index: int  # batch index within the epoch
+
+
+class BatchStream:
+    """Iterate batches[start:] with a prefetching reader thread."""
+
+    def __init__(self, cache: Cache, labels: np.ndarray, batches: list[list[Piece]], num_heads: int,
+                 blocks: list[np.ndarray], start: int = 0, prefetch: int = 4, memory: torch.Tensor | None = None):
+        self.cache, self.labels, self.batches, self.k = cache, labels, batches, num_heads
+        self.blocks, self.start, self.memory = blocks, start, memory
+        self.q: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _rows(self) -> Iterator[tuple[int, torch.Tensor]]:
+        """Yield (batch index, hidden rows of the batch) in order, reading each block once."""
+        offsets = self.cache.offsets
+        block_of = {int(s): b for b, seqs in enumerate(self.blocks) for s in seqs}
+        last_use: dict[int, int] = {}  # sequence -> last batch index that needs it
+        for bi in range(self.start, len(self.batches)):
+            for s, _, _ in self.batches[bi]:
+                last_use[s] = bi
+        held: dict[int, torch.Tensor] = {}
+        for bi in range(self.start, len(self.batches)):
+            parts = []
+            for s, a, b in self.batches[bi]:
+                if self.memory is not None:
+                    parts.append(self.memory[a:b])
+                    continue
+                if s not in held:  # first use: read its whole block, keep the sequences still to come
+                    seqs = self.blocks[block_of[s]]
+                    lo, hi = int(offsets[seqs[0]]), int(offsets[seqs[-1] + 1])
+                    rows = self.cache.read_hidden(lo, hi)
+                    for t in seqs:
+                        t = int(t)
+                        if last_use.get(t, -1) >= bi and t not in held:
+                            held[t] = rows[int(offsets[t]) - lo : int(offsets[t + 1]) - lo].clone()
+                s0 = int(offsets[s])
+                parts.append(held[s][a - s0 : b - s0])
+                if last_use[s] == bi:
+                    del held[s]
+            yield bi, parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def _run(self) -> None:
+        try:
+            offsets = self.cache.offsets
+            for bi, hidden in self._rows():
+                tg = np.concatenate([targets_for(self.labels, offsets, p, self.k) for p in self.batches[bi]])
+                item = Batch(hidden, torch.from_numpy(tg), bi)
+                while not self.stop.is_set():
+                    try:
+                        self.q.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if self.stop.is_set():
+                    return
+            self.q.put(None)
+        except BaseException as e:  # noqa: BLE001 - re-raised in the consumer
+            self.q.put(e)
+
+    def __iter__(self) -> Iterator[Batch]:
+        while True:
+            item = self.q.get()
+            if item is None:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def close(self) -> None:
+        self.stop.set()
+        while self.thread.is_alive():
+            try:
+                self.q.get(timeout=0.05)
+            except queue.Empty:
+                pass

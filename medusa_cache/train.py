@@ -1,0 +1,384 @@
+"""``medusa-cache train``: Medusa heads trained from the cache alone (the backbone is never loaded).
+
+Reference semantics (Medusa-1, as in FasterDecoding/Medusa's legacy trainer and our Eagle3 comparison):
+AdamW (weight decay 0), lr 1e-4, linear warmup over ``warmup_ratio`` of the optimizer steps then cosine
+decay (``transformers.get_scheduler``), global grad-norm clip 0.5, one sequence per micro-batch and 4
+accumulation steps, 10 epochs. The loss of a micro-batch is the weighted sum over heads of each head's
+cross-entropy averaged over its valid target tokens; accumulated micro-batches are averaged.
+
+``--batch-tokens N`` packs pieces of sequences into batches of N tokens instead (heads are position-wise,
+so this changes nothing but speed and the averaging unit). ``--clip-per-head`` clips each head by its own
+norm, which makes heads fully independent (used by ``ablate``).
+
+Restartable: a checkpoint (heads, optimizer, scheduler, epoch and batch position) is written atomically
+every ``--checkpoint-every`` optimizer steps and at the end of each epoch. The data order is a function
+of (seed, epoch), so ``--resume`` continues with exactly the batches an uninterrupted run would see and
+ends with the same weights on the CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .config import check, to_dict
+from .errors import UserError
+from .heads import MedusaHeads
+from .loader import BatchStream, epoch_order, make_batches, make_blocks
+from .store import Cache
+from .vocab import IGNORE
+
+
+@dataclass
+class TrainConfig:
+    cache: str | None = None
+    """The store written by `medusa-cache dump`."""
+    out: str | None = None
+    """Output directory: heads, config, metrics, checkpoint."""
+    val_cache: str | None = None
+    """A separate store for validation (same model and vocab mapping); default: hold out --val-fraction."""
+    val_fraction: float = 0.02
+    """Fraction of the cache's sequences held out for validation (ignored with --val-cache)."""
+    num_heads: int = 4
+    """Number of Medusa heads; head i predicts token t+2+i."""
+    num_layers: int = 1
+    """ResBlocks per head."""
+    draft_transformer_layers: int = 0
+    """Draft transformer layers (Eagle3 has 1; Medusa reads the backbone state directly): must be 0."""
+    epochs: int = 10
+    """Passes over the training sequences."""
+    max_steps: int | None = None
+    """Stop after this many optimizer steps (the schedule still spans --epochs)."""
+    lr: float = 1e-4
+    """Peak learning rate (AdamW)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    batch_size: int = 1
+    """Sequences per micro-batch (per device)."""
+    grad_accum: int = 4
+    """Micro-batches per optimizer step."""
+    batch_tokens: int | None = None
+    """Token-count micro-batches of this many tokens instead of whole sequences (faster)."""
+    warmup_ratio: float = 0.015
+    """Fraction of optimizer steps spent in linear warmup."""
+    schedule: Literal["cosine", "constant", "linear"] = "cosine"
+    """Learning-rate schedule after warmup."""
+    max_grad_norm: float = 0.5
+    """Gradient-norm clip (0 disables)."""
+    clip_per_head: bool = False
+    """Clip each head by its own gradient norm (heads become independent; ablate uses this)."""
+    head_loss_weights: list[float] | None = None
+    """Per-head loss weights; one value r means r**i (Medusa-2 uses 0.8). Default: all 1."""
+    init_from_lm_head: str | None = None
+    """Model directory: initialise every head's output layer from its lm_head rows of the draft vocabulary."""
+    hidden_size: int | None = None
+    """Expected hidden size (checked against the cache)."""
+    vocab_size: int | None = None
+    """Expected target vocabulary size (checked against the cache)."""
+    draft_vocab_size: int | None = None
+    """Expected draft vocabulary size (checked against the cache)."""
+    base_model_name_or_path: str | None = None
+    """Written into config.json for serving (default: the dumped model path)."""
+    seed: int = 0
+    """Seed for head init, split and data order."""
+    device: str = "cpu"
+    """cpu, cuda or cuda:N."""
+    resume: bool = False
+    """Continue from the checkpoint in --out."""
+    overwrite: bool = False
+    """Replace an existing --out."""
+    in_memory: bool = False
+    """Read the whole cache into RAM once instead of streaming it."""
+    allow_partial: bool = False
+    """Train on an incomplete cache (its finished units only)."""
+    shuffle_buffer: int = 1024
+    """Sequences in the shuffle buffer (bounds memory when streaming)."""
+    block_tokens: int = 65536
+    """Tokens per contiguous read when streaming."""
+    prefetch: int = 8
+    """Batches prepared ahead by the reader thread."""
+    log_every: int = 10
+    """Optimizer steps between metrics.jsonl records."""
+    checkpoint_every: int = 200
+    """Optimizer steps between checkpoints (also one at each epoch end)."""
+
+    def __post_init__(self) -> None:
+        check(self.cache is not None, "cache", "is required")
+        check(self.out is not None, "out", "is required")
+        check(1 <= self.num_heads <= 32, "num_heads", f"must be in 1..32, got {self.num_heads}")
+        check(1 <= self.num_layers <= 16, "num_layers", f"must be in 1..16, got {self.num_layers}")
+        check(self.draft_transformer_layers == 0, "draft_transformer_layers", "Medusa heads use none; must be 0")
+        check(self.epochs >= 1, "epochs", f"must be >= 1, got {self.epochs}")
+        check(self.max_steps is None or self.max_steps >= 1, "max_steps", f"must be >= 1, got {self.max_steps}")
+        check(self.lr > 0 and math.isfinite(self.lr), "lr", f"must be a positive number, got {self.lr}")
+        check(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
+        check(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
+        check(self.grad_accum >= 1, "grad_accum", f"must be >= 1, got {self.grad_accum}")
+        check(self.batch_tokens is None or self.batch_tokens >= 1, "batch_tokens", f"must be >= 1, got {self.batch_tokens}")
+        check(0 <= self.warmup_ratio < 1, "warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")
+        check(self.max_grad_norm >= 0, "max_grad_norm", f"must be >= 0, got {self.max_grad_norm}")
+        check(0 <= self.val_fraction < 1, "val_fraction", f"must be in [0, 1), got {self.val_fraction}")
+        check(not (self.resume and self.overwrite), "resume", "--resume and --overwrite exclude each other")
+        for name in ("shuffle_buffer", "block_tokens", "prefetch", "log_every", "checkpoint_every"):
+            check(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
+        w = self.head_loss_weights
+        if w is not None:
+            check(len(w) in (1, self.num_heads), "head_loss_weights",
+                  f"give one decay value or {self.num_heads} weights, got {len(w)}")
+            check(all(x >= 0 and math.isfinite(x) for x in w), "head_loss_weights", "weights must be >= 0")
+
+    def loss_weights(self) -> list[float]:
+        w = self.head_loss_weights
+        if not w:
+            return [1.0] * self.num_heads
+        return [w[0] ** i for i in range(self.num_heads)] if len(w) == 1 and self.num_heads > 1 else list(w)
+
+
+# --------------------------------------------------------------------------------------------------
+def split(cache: Cache, cfg: TrainConfig) -> tuple[np.ndarray, np.ndarray]:
+    seqs = np.arange(cache.n_seqs)
+    if not cache.complete and cfg.allow_partial:  # only sequences whose every unit is done
+        done = cache.done_units()
+        a_unit = cache.offsets[:-1] // cache.shard_tokens
+        b_unit = (np.maximum(cache.offsets[1:], 1) - 1) // cache.shard_tokens
+        seqs = seqs[done[a_unit] & done[b_unit]]
+    if cfg.val_cache or cfg.val_fraction == 0 or len(seqs) < 2:
+        return seqs, np.array([], dtype=np.int64)
+    n_val = max(1, int(round(cfg.val_fraction * len(seqs))))
+    perm = np.random.default_rng([cfg.seed, 12345]).permutation(seqs)
+    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+
+
+def head_losses(heads: MedusaHeads, hidden: torch.Tensor, targets: torch.Tensor) -> tuple[list, list, list]:
+    """Per head: mean CE over valid targets (0 if none), #valid, #top1-correct, #top5-correct."""
+    losses, stats = [], []
+    for i, logits in enumerate(heads(hidden)):
+        t = targets[:, i]
+        valid = t != IGNORE
+        n = int(valid.sum())
+        if n == 0:
+            losses.append(logits.sum() * 0.0)
+            stats.append((0, 0, 0))
+            continue
+        lv, tv = logits[valid].float(), t[valid]
+        losses.append(F.cross_entropy(lv, tv))
+        with torch.no_grad():
+            top = lv.topk(min(5, lv.shape[-1]), dim=-1).indices
+            hit = top == tv[:, None]
+            stats.append((n, int(hit[:, 0].sum()), int(hit.any(-1).sum())))
+    return losses, stats, [s[0] for s in stats]
+
+
+@torch.no_grad()
+def evaluate(heads: MedusaHeads, cache: Cache, seqs: np.ndarray, device: str, block_tokens: int) -> dict:
+    heads.eval()
+    num = len(heads.heads)
+    labels = cache.array("labels")
+    tot = np.zeros((num, 3), dtype=np.int64)
+    loss_sum = np.zeros(num)
+    blocks = make_blocks(seqs, cache.offsets, block_tokens)
+    batches = make_batches(np.concatenate(blocks) if blocks else seqs, cache.offsets, 1, block_tokens)
+    stream = BatchStream(cache, labels, batches, num, blocks)
+    for b in stream:
+        h = b.hidden.to(device).float()
+        losses, stats, _ = head_losses(heads, h, b.targets.to(device))
+        for i, (n, t1, t5) in enumerate(stats):
+            tot[i] += (n, t1, t5)
+            loss_sum[i] += float(losses[i]) * n
+    heads.train()
+    n = np.maximum(tot[:, 0], 1)
+    return {"val_tokens": tot[:, 0].tolist(), "val_loss": (loss_sum / n).round(4).tolist(),
+            "val_top1": (tot[:, 1] / n).round(4).tolist(), "val_top5": (tot[:, 2] / n).round(4).tolist()}
+
+
+def _atomic_save(obj, path: Path) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _prepare_out(cfg: TrainConfig) -> Path:
+    out = Path(cfg.out)
+    if out.exists() and any(out.iterdir()):
+        if cfg.overwrite:
+            if not (out / "train_config.json").exists():
+                raise UserError(f"--overwrite: {out} is not a medusa-cache train directory; refusing to delete it")
+            shutil.rmtree(out)
+        elif not cfg.resume:
+            raise UserError(f"--out: {out} already exists; pass --resume to continue it or --overwrite to replace it")
+    if cfg.resume and not (out / "checkpoint.pt").exists():
+        raise UserError(f"--resume: no checkpoint in {out}")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--out: cannot create {out}: {e.strerror}") from None
+    return out
+
+
+def check_cache_against(cache: Cache, cfg: TrainConfig) -> None:
+    for name, have in (("hidden_size", cache.hidden_size), ("vocab_size", cache.attrs.get("vocab_size")),
+                       ("draft_vocab_size", cache.attrs.get("draft_vocab_size"))):
+        want = getattr(cfg, name)
+        if want is not None and want != have:
+            raise UserError(f"--{name.replace('_', '-')}: config says {want} but the cache {cache.path} has {have}")
+
+
+def build_heads(cfg: TrainConfig, cache: Cache) -> MedusaHeads:
+    heads = MedusaHeads(cache.hidden_size, cache.attrs["draft_vocab_size"], cfg.num_heads, cfg.num_layers, cfg.seed)
+    if cfg.init_from_lm_head:
+        from .lm_head import read_lm_head
+
+        rows = cache.mapping().draft_to_target
+        w = read_lm_head(cfg.init_from_lm_head, rows, cache.attrs["fingerprints"]["model"])
+        if w.shape != (len(rows), cache.hidden_size):
+            raise UserError(f"--init-from-lm-head: lm_head rows have shape {tuple(w.shape)}, "
+                            f"expected {(len(rows), cache.hidden_size)}")
+        heads.set_lm_head(w.float())
+    return heads
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Train heads on ``cfg.cache`` into ``cfg.out``; returns the final metrics."""
+    torch.manual_seed(cfg.seed)
+    cache = Cache(cfg.cache)
+    cache.require_complete(cfg.allow_partial)
+    check_cache_against(cache, cfg)
+    val_cache = Cache(cfg.val_cache) if cfg.val_cache else None
+    if val_cache is not None:
+        val_cache.require_complete(cfg.allow_partial)
+        if val_cache.mapping().fingerprint() != cache.mapping().fingerprint():
+            raise UserError(f"--val-cache: {cfg.val_cache} uses a different draft vocabulary than {cfg.cache}")
+        if val_cache.attrs["fingerprints"]["model"] != cache.attrs["fingerprints"]["model"]:
+            raise UserError(f"--val-cache: {cfg.val_cache} was dumped with a different model than {cfg.cache}")
+    out = _prepare_out(cfg)
+    if cfg.resume:
+        old = json.loads((out / "train_config.json").read_text())
+        keys = [k for k in ("cache", "num_heads", "num_layers", "lr", "batch_size", "grad_accum", "batch_tokens",
+                            "seed", "epochs", "schedule", "warmup_ratio", "max_grad_norm", "head_loss_weights",
+                            "clip_per_head", "val_fraction") if old.get(k) != getattr(cfg, k)]
+        if keys:
+            raise UserError(f"--resume: {out} was trained with different {', '.join(keys)}")
+    (out / "train_config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+
+    device = cfg.device
+    heads = build_heads(cfg, cache).to(device)
+    train_seqs, val_seqs = split(cache, cfg)
+    if len(train_seqs) == 0:
+        raise UserError(f"--cache: {cfg.cache} has no finished sequences to train on")
+    labels = cache.array("labels")
+    blocks = make_blocks(train_seqs, cache.offsets, cfg.block_tokens)
+    n_batches = len(make_batches(epoch_order(blocks, cfg.seed, 0, cfg.shuffle_buffer), cache.offsets,
+                                 cfg.batch_size, cfg.batch_tokens))
+    steps_per_epoch = math.ceil(n_batches / cfg.grad_accum)
+    total_steps = steps_per_epoch * cfg.epochs
+    fused = device.startswith("cuda")
+    opt = torch.optim.AdamW(heads.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
+    from transformers import get_scheduler
+
+    sched = get_scheduler(cfg.schedule if cfg.schedule != "constant" else "constant_with_warmup", opt,
+                          num_warmup_steps=math.ceil(cfg.warmup_ratio * total_steps), num_training_steps=total_steps)
+    step, epoch, start_batch = 0, 0, 0
+    if cfg.resume:
+        ck = torch.load(out / "checkpoint.pt", map_location=device, weights_only=True)
+        heads.load_state_dict(ck["heads"])
+        opt.load_state_dict(ck["optimizer"])
+        sched.load_state_dict(ck["scheduler"])
+        step, epoch, start_batch = ck["step"], ck["epoch"], ck["next_batch"]
+
+    memory = cache.read_hidden(0, cache.n_tokens) if cfg.in_memory else None
+    weights = cfg.loss_weights()
+    metrics_f = open(out / "metrics.jsonl", "a")
+    bar = tqdm(total=min(total_steps, cfg.max_steps or total_steps), initial=step, desc="train", unit="step",
+               disable=None)
+    window = np.zeros((cfg.num_heads, 3), dtype=np.int64)
+    window_loss = np.zeros(cfg.num_heads)
+    window_tokens, t_window = 0, time.perf_counter()
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if fused else torch.autocast("cpu", enabled=False)
+    last_val: dict = {}
+
+    def save(next_epoch: int, next_batch: int) -> None:
+        _atomic_save({"heads": heads.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                      "step": step, "epoch": next_epoch, "next_batch": next_batch}, out / "checkpoint.pt")
+
+    done = cfg.max_steps is not None and step >= cfg.max_steps
+    while epoch < cfg.epochs and not done:
+        order = epoch_order(blocks, cfg.seed, epoch, cfg.shuffle_buffer)
+        batches = make_batches(order, cache.offsets, cfg.batch_size, cfg.batch_tokens)
+        stream = BatchStream(cache, labels, batches, cfg.num_heads, blocks, start_batch, cfg.prefetch, memory)
+        group_start = start_batch
+        try:
+            for b in stream:
+                in_group = min(cfg.grad_accum, len(batches) - group_start)
+                h = b.hidden.to(device, non_blocking=True)
+                h = h.float() if not fused else h
+                with autocast:
+                    losses, stats, _ = head_losses(heads, h, b.targets.to(device))
+                loss = sum(w * lo for w, lo in zip(weights, losses, strict=True)) / in_group
+                loss.backward()
+                for i, st in enumerate(stats):
+                    window[i] += st
+                    window_loss[i] += float(losses[i].detach()) * st[0]
+                window_tokens += len(h)
+                if b.index + 1 - group_start < in_group:
+                    continue
+                if cfg.max_grad_norm > 0:
+                    if cfg.clip_per_head:
+                        for hd in heads.heads:
+                            torch.nn.utils.clip_grad_norm_(hd.parameters(), cfg.max_grad_norm)
+                    else:
+                        torch.nn.utils.clip_grad_norm_(heads.parameters(), cfg.max_grad_norm)
+                opt.step()
+                sched.step()
+                opt.zero_grad(set_to_none=True)
+                step += 1
+                group_start = b.index + 1
+                bar.update(1)
+                if step % cfg.log_every == 0 or group_start == len(batches):
+                    n = np.maximum(window[:, 0], 1)
+                    dt = time.perf_counter() - t_window
+                    rec = {"step": step, "epoch": epoch, "lr": sched.get_last_lr()[0],
+                           "loss": round(float((window_loss / n).sum()), 4),
+                           "head_loss": (window_loss / n).round(4).tolist(),
+                           "top1": (window[:, 1] / n).round(4).tolist(), "top5": (window[:, 2] / n).round(4).tolist(),
+                           "tokens_per_s": round(window_tokens / max(dt, 1e-9), 1)}
+                    metrics_f.write(json.dumps(rec) + "\n")
+                    metrics_f.flush()
+                    bar.set_postfix(loss=rec["loss"], tok_s=rec["tokens_per_s"])
+                    window[:], window_loss[:], window_tokens, t_window = 0, 0, 0, time.perf_counter()
+                if step % cfg.checkpoint_every == 0:
+                    save(epoch, group_start)
+                if cfg.max_steps is not None and step >= cfg.max_steps:
+                    done = True
+                    break
+        finally:
+            stream.close()
+        if not done:
+            epoch, start_batch = epoch + 1, 0
+            if len(val_seqs) or val_cache is not None:
+                vc = val_cache or cache
+                vs = np.arange(vc.n_seqs) if val_cache is not None else val_seqs
+                last_val = {"epoch": epoch - 1, "step": step, **evaluate(heads, vc, vs, device, cfg.block_tokens)}
+                metrics_f.write(json.dumps({"split": "val", **last_val}) + "\n")
+                metrics_f.flush()
+            save(epoch, 0)
+        else:
+            save(epoch, group_start)
+    bar.close()
+    metrics_f.close()
+    from .export import save_heads
+
+    save_heads(heads.cpu(), cache, cfg, out)
+    return {"step": step, **last_val}

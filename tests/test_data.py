@@ -1,0 +1,152 @@
+"""Chat data: formats, roles, and the assistant-only loss mask on real templates."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from medusa_cache.data import RowError, Templater, read_rows
+from medusa_cache.errors import UserError
+
+CONV = [
+    {"role": "system", "content": "You are terse."},
+    {"role": "user", "content": "Name a colour."},
+    {"role": "assistant", "content": "Blue."},
+    {"role": "user", "content": "Another?"},
+    {"role": "assistant", "content": "Green, or maybe red."},
+]
+
+
+def _row(messages):
+    from medusa_cache.data import Row
+
+    return Row(0, 0, "test", messages=[dict(m) for m in messages])
+
+
+def masked_text(tok, ex) -> list[str]:
+    """Decode each maximal run of trained tokens."""
+    runs, cur = [], []
+    for t, m in zip(ex.input_ids, ex.loss_mask, strict=True):
+        if m:
+            cur.append(int(t))
+        elif cur:
+            runs.append(tok.decode(cur))
+            cur = []
+    if cur:
+        runs.append(tok.decode(cur))
+    return runs
+
+
+def test_llama3_mask_is_exactly_the_assistant_turns(llama_tok):
+    ex = Templater(llama_tok).encode(_row(CONV))
+    assert masked_text(llama_tok, ex) == ["Blue.<|eot_id|>", "Green, or maybe red.<|eot_id|>"]
+    assert ex.input_ids[0] == llama_tok.convert_tokens_to_ids("<|begin_of_text|>")
+
+
+def test_qwen2_mask_is_exactly_the_assistant_turns(qwen_tok):
+    ex = Templater(qwen_tok).encode(_row(CONV))
+    assert masked_text(qwen_tok, ex) == ["Blue.<|im_end|>\n", "Green, or maybe red.<|im_end|>\n"]
+
+
+def test_generation_markers_agree_with_prefix_rendering(llama_tok):
+    """A template with {% generation %} markers: transformers' mask equals ours."""
+    tpl = (
+        "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+        "{% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] | trim }}<|eot_id|>{% endgeneration %}"
+        "{% else %}{{ m['content'] | trim }}<|eot_id|>{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+    )
+    ours = Templater(llama_tok, tpl).encode(_row(CONV))
+    theirs = llama_tok.apply_chat_template(CONV, chat_template=tpl, tokenize=True, return_dict=True,
+                                           return_assistant_tokens_mask=True)
+    assert ours.input_ids.tolist() == list(theirs["input_ids"])
+    assert ours.loss_mask.astype(int).tolist() == list(theirs["assistant_masks"])
+    assert ours.loss_mask.sum() > 0
+
+
+def test_truncation_keeps_the_prefix(llama_tok):
+    full = Templater(llama_tok).encode(_row(CONV))
+    cut = Templater(llama_tok, max_length=20).encode(_row(CONV))
+    assert len(cut.input_ids) == 20
+    assert np.array_equal(cut.input_ids, full.input_ids[:20])
+    assert np.array_equal(cut.loss_mask, full.loss_mask[:20])
+
+
+@pytest.mark.parametrize(
+    "row, fmt",
+    [
+        ({"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]}, "sharegpt"),
+        ({"id": "1", "conversations": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]},
+         "specforge"),
+        ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}, "messages"),
+    ],
+)
+def test_formats_normalise_to_the_same_messages(tmp_path, row, fmt):
+    p = tmp_path / "d.jsonl"
+    p.write_text(json.dumps(row) + "\n")
+    (r,) = list(read_rows(p, 0))
+    assert r.messages == [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+
+
+def test_text_rows_train_every_token(tmp_path, llama_tok):
+    p = tmp_path / "t.jsonl"
+    p.write_text(json.dumps({"text": "Once upon a time"}) + "\n")
+    (r,) = list(read_rows(p, 0))
+    ex = Templater(llama_tok).encode(r)
+    assert ex.loss_mask.all() and len(ex.input_ids) > 3
+
+
+def test_tool_roles_are_handled_deliberately(tmp_path):
+    row = {"conversations": [{"from": "human", "value": "weather?"}, {"from": "function_call", "value": "{\"f\": 1}"},
+                             {"from": "observation", "value": "{\"t\": 20}"}, {"from": "gpt", "value": "20C"}]}
+    p = tmp_path / "d.json"
+    p.write_text(json.dumps([row]))
+    (r,) = list(read_rows(p, 0))
+    assert [m["role"] for m in r.messages] == ["user", "assistant", "tool", "assistant"]
+
+
+def test_real_toolcall_file_reads_without_errors(llama_tok):
+    from conftest import CHAT
+
+    rows = list(read_rows(CHAT / "glaive_toolcall_sharegpt.json", 0))
+    assert len(rows) == 300 and not any(isinstance(r, RowError) for r in rows)
+    ex = Templater(llama_tok).encode(rows[0])
+    assert ex.loss_mask.any()
+
+
+@pytest.mark.parametrize(
+    "content, expect",
+    [
+        ('{"conversations": [{"from": "wizard", "value": "x"}]}\n', ":1: turn 0 has unknown role 'wizard'"),
+        ('{"conversations": [{"from": "human", "value": "  "}]}\n', ":1: turn 0 (human) has empty content"),
+        ('{"messages": [{"role": "user", "content": "a"}]}\n{"messages": [oops\n', ":2: malformed JSON line"),
+    ],
+)
+def test_bad_rows_name_file_and_line(tmp_path, content, expect):
+    p = tmp_path / "bad.jsonl"
+    p.write_text(content)
+    errors = [r for r in read_rows(p, 0) if isinstance(r, RowError)]
+    assert errors and expect in str(errors[-1]) and str(p) in str(errors[-1])
+
+
+def test_unknown_format_and_bad_utf8(tmp_path):
+    p = tmp_path / "x.jsonl"
+    p.write_text('{"prompt": "a"}\n')
+    with pytest.raises(UserError, match="unknown data format"):
+        list(read_rows(p, 0))
+    q = tmp_path / "y.jsonl"
+    q.write_bytes(b'{"text": "ok"}\n{"text": "\xff\xfe"}\n')
+    rows = list(read_rows(q, 0))
+    assert isinstance(rows[1], RowError) and ":2: not valid UTF-8" in str(rows[1])
+
+
+def test_template_missing_is_a_clear_error():
+    from transformers import AutoTokenizer
+
+    from conftest import STORIES
+
+    tok = AutoTokenizer.from_pretrained(STORIES)
+    with pytest.raises(UserError, match="no chat template"):
+        Templater(tok).encode(_row(CONV))

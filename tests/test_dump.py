@@ -1,0 +1,224 @@
+"""The dump: store round trip against a direct model run, packing, labels, resume, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from conftest import run_cli, sharegpt_slice, write_jsonl
+from medusa_cache.data import Templater, read_rows
+from medusa_cache.dump import DumpConfig, plan_batches, run_dump
+from medusa_cache.errors import UserError
+from medusa_cache.store import Cache
+from medusa_cache.vocab import IGNORE
+
+
+def decoder(model_dir, dtype):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).base_model.eval()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_hidden_states_equal_a_direct_model_run_bit_for_bit(tmp_path, tiny_llama, small_chat, dtype):
+    out = tmp_path / "c"
+    # batch_tokens=1: every sequence runs alone, as the direct run does -> identical kernels and bits
+    run_dump(DumpConfig(model=str(tiny_llama), data=[str(small_chat)], out=str(out), dtype=dtype, batch_tokens=1))
+    c = Cache(out)
+    assert c.complete and c.hidden_dtype == dtype
+    # plain zarr + numpy, as docs/cache-format.md describes
+    g = zarr.open_group(str(out), mode="r")
+    assert g["hidden"].dtype == (np.uint16 if dtype == "bfloat16" else np.float32)
+    assert g["hidden"].attrs["logical_dtype"] == dtype
+    m = decoder(tiny_llama, getattr(torch, dtype))
+    ids = c.array("input_ids")
+    for s in range(c.n_seqs):
+        a, b = c.offsets[s], c.offsets[s + 1]
+        with torch.inference_mode():
+            ref = m(input_ids=torch.from_numpy(ids[a:b].astype(np.int64))[None]).last_hidden_state[0]
+        assert torch.equal(c.read_hidden(a, b), ref), f"sequence {s}"
+
+
+def test_batched_and_unit_crossing_sequences_match_within_rounding(dumped, tiny_llama):
+    c = Cache(dumped)
+    assert c.n_units > 3
+    crossing = [s for s in range(c.n_seqs) if c.offsets[s] // 1024 != (c.offsets[s + 1] - 1) // 1024]
+    assert crossing, "fixture should have sequences that cross unit boundaries"
+    m = decoder(tiny_llama, torch.float32)
+    ids = c.array("input_ids")
+    for s in crossing[:3] + list(range(3)):
+        a, b = c.offsets[s], c.offsets[s + 1]
+        with torch.inference_mode():
+            ref = m(input_ids=torch.from_numpy(ids[a:b].astype(np.int64))[None]).last_hidden_state[0]
+        torch.testing.assert_close(c.read_hidden(a, b), ref, atol=1e-5, rtol=1e-4)
+
+
+def test_packing_offsets_sources_and_labels(dumped, tiny_llama, llama_tok):
+    c = Cache(dumped)
+    ids, mask, labels = c.array("input_ids"), c.array("loss_mask").astype(bool), c.array("labels")
+    assert len(ids) == len(mask) == len(labels) == c.offsets[-1] == c.hidden.shape[0]
+    assert (np.diff(c.offsets) > 0).all()
+    src = c.array("seq_source")
+    rows = [r for r in read_rows(Path(dumped).parent / "chat.jsonl", 0)]
+    t = Templater(llama_tok, max_length=256)
+    for s in (0, 7, c.n_seqs - 1):
+        ex = t.encode(rows[src[s, 1]])
+        a, b = c.offsets[s], c.offsets[s + 1]
+        assert np.array_equal(ids[a:b], ex.input_ids) and np.array_equal(mask[a:b], ex.loss_mask)
+    m = c.mapping()
+    assert np.array_equal(labels, m.labels(ids, mask))
+    in_vocab = m.t2d[ids]
+    assert (labels[~mask] == IGNORE).all()
+    assert (labels[mask & ~in_vocab] == IGNORE).all()
+    d = labels[mask & in_vocab]
+    assert np.array_equal(d + m.d2t[d], ids[mask & in_vocab])
+    counts = c.array("token_counts")
+    assert counts.sum() == mask.sum()
+    assert c.attrs["counts"]["assistant_tokens_in_draft_vocab"] == int((labels != IGNORE).sum())
+
+
+def test_plan_batches_covers_each_row_once_and_splits_at_unit_edges():
+    offsets = np.array([0, 5, 12, 30, 31, 50])
+    for a, b in [(0, 16), (16, 32), (32, 50)]:
+        batches = plan_batches(offsets, a, b, batch_tokens=20)
+        kept = sorted(r for batch in batches for (_, e, keep) in batch for r in range(keep, e))
+        assert kept == list(range(a, b))
+        for batch in batches:
+            assert max(e - s0 for s0, e, _ in batch) * len(batch) <= 20 or len(batch) == 1
+
+
+def _dump_args(model, data, out, *extra):
+    return ["dump", "--model", str(model), "--data", str(data), "--out", str(out), "--draft-vocab-size", "500",
+            "--max-length", "256", "--chunk-tokens", "128", "--shard-tokens", "512", "--batch-tokens", "512", *extra]
+
+
+@pytest.mark.slow
+def test_kill_and_resume_is_bit_identical(tmp_path, tiny_llama):
+    data = write_jsonl(tmp_path / "chat.jsonl", sharegpt_slice(250))
+    run_cli(*_dump_args(tiny_llama, data, tmp_path / "ref"))
+    out = tmp_path / "killed"
+    env = {**os.environ, "TQDM_DISABLE": "1"}
+    kills = 0
+    for _ in range(3):  # kill -9 at three different points, resuming each time
+        args = _dump_args(tiny_llama, data, out, *(["--resume"] if out.exists() else []))
+        p = subprocess.Popen([sys.executable, "-m", "medusa_cache", *args], env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        want = 3 + 5 * kills
+        deadline = time.time() + 120
+        while time.time() < deadline and p.poll() is None:
+            done = list((out / "unit_done" / "c").glob("*")) if (out / "unit_done" / "c").exists() else []
+            if len(done) >= want:
+                break
+            time.sleep(0.01)
+        if p.poll() is None:
+            p.send_signal(signal.SIGKILL)
+            kills += 1
+        p.wait()
+    assert kills >= 2, "the dump finished before it could be killed; make the workload larger"
+    assert not Cache(out).complete
+    run_cli(*_dump_args(tiny_llama, data, out, "--resume"))
+    a, b = zarr.open_group(str(tmp_path / "ref"), mode="r"), zarr.open_group(str(out), mode="r")
+    for name in ("hidden", "input_ids", "loss_mask", "labels", "seq_offsets", "seq_source", "d2t", "t2d",
+                 "token_counts"):
+        assert np.array_equal(a[name][:], b[name][:]), name
+    assert b.attrs["complete"] is True
+
+
+def test_resume_with_different_settings_names_what_differs(tmp_path, tiny_llama, small_chat):
+    out = tmp_path / "c"
+    cfg = dict(model=str(tiny_llama), data=[str(small_chat)], out=str(out), max_length=256)
+    run_dump(DumpConfig(**cfg))
+    with pytest.raises(UserError, match="different max_length"):
+        run_dump(DumpConfig(**{**cfg, "max_length": 128}, resume=True))
+    other = write_jsonl(small_chat.parent / "other.jsonl", sharegpt_slice(5, start=100))
+    with pytest.raises(UserError, match="different data"):
+        run_dump(DumpConfig(**{**cfg, "data": [str(other)]}, resume=True))
+    with pytest.raises(UserError, match="different vocab_mapping"):
+        run_dump(DumpConfig(**cfg, draft_vocab_size=100, resume=True))
+    run_dump(DumpConfig(**cfg, resume=True))  # same settings: accepted (already complete)
+
+
+def test_qwen2_dump_and_spec_forge_mapping(tmp_path, tiny_qwen, small_chat):
+    from medusa_cache.vocab import build_mapping
+
+    m = build_mapping(np.random.default_rng(1).integers(0, 50, 151936), 4000)
+    torch.save({"d2t": torch.from_numpy(m.d2t), "t2d": torch.from_numpy(m.t2d)}, tmp_path / "vocab_mapping.pt")
+    run_dump(DumpConfig(model=str(tiny_qwen), data=[str(small_chat)], out=str(tmp_path / "c"),
+                        vocab_mapping=str(tmp_path / "vocab_mapping.pt"), dtype="float32"))
+    c = Cache(tmp_path / "c")
+    assert np.array_equal(c.mapping().d2t, m.d2t) and c.attrs["vocab_size"] == 151936
+
+
+BAD = [
+    (["--data", "MISSING.jsonl"], "--data: file not found: MISSING.jsonl"),
+    (["--max-length", "0"], "--max-length: must be in 1.."),
+    (["--draft-vocab-size", "0"], "--draft-vocab-size: must be >= 1"),
+    (["--format", "sharegpt"], "m.jsonl:1: missing or empty 'conversations' for format sharegpt"),
+    (["--model", "/nonexistent"], "--model: /nonexistent is not a model directory"),
+]
+
+
+@pytest.mark.parametrize("extra, message", BAD)
+def test_bad_input_is_one_line_and_writes_no_complete_store(tmp_path, tiny_llama, extra, message):
+    data = write_jsonl(tmp_path / "m.jsonl", [{"messages": [{"role": "user", "content": "a"},
+                                                           {"role": "assistant", "content": "b"}]}])
+    args = ["dump", "--model", str(tiny_llama), "--data", str(data), "--out", str(tmp_path / "out")]
+    for i in range(0, len(extra), 2):
+        if extra[i] in args:
+            args[args.index(extra[i]) + 1] = extra[i + 1]
+        else:
+            args += extra[i : i + 2]
+    p = run_cli(*args, check=False)
+    assert p.returncode == 2, p.stderr
+    assert message in p.stderr and "Traceback" not in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out" / "zarr.json").exists()
+
+
+def test_existing_out_needs_resume_or_overwrite_and_nothing_is_lost(tmp_path, tiny_llama, small_chat):
+    out = tmp_path / "c"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    p = run_cli("dump", "--model", str(tiny_llama), "--data", str(small_chat), "--out", str(out), check=False)
+    assert p.returncode == 2 and "already exists" in p.stderr
+    p = run_cli("dump", "--model", str(tiny_llama), "--data", str(small_chat), "--out", str(out), "--overwrite",
+                check=False)
+    assert p.returncode == 2 and "not a medusa-cache store" in p.stderr
+    assert (out / "precious.txt").read_text() == "keep me"
+
+
+def test_bad_rows_stop_the_dump_or_are_skipped_and_counted(tmp_path, tiny_llama):
+    data = tmp_path / "d.jsonl"
+    good = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    data.write_text(json.dumps(good) + "\n{broken\n" + json.dumps({"messages": [{"role": "user", "content": "x"}]})
+                    + "\n")
+    with pytest.raises(UserError, match=r"d.jsonl:2: malformed JSON line"):
+        run_dump(DumpConfig(model=str(tiny_llama), data=[str(data)], out=str(tmp_path / "a")))
+    run_dump(DumpConfig(model=str(tiny_llama), data=[str(data)], out=str(tmp_path / "b"), skip_bad_rows=True))
+    counts = Cache(tmp_path / "b").attrs["counts"]
+    assert counts["bad_rows"] == 1 and counts["dropped_no_assistant"] == 1 and counts["sequences"] == 1
+
+
+def test_no_chat_template_is_refused(tmp_path, small_chat):
+    from conftest import STORIES
+
+    with pytest.raises(UserError, match="no chat template"):
+        run_dump(DumpConfig(model=str(STORIES), data=[str(small_chat)], out=str(tmp_path / "c")))
+
+
+def test_inspect_reports_counts_and_progress(dumped):
+    p = run_cli("inspect", str(dumped), "--json")
+    info = json.loads(p.stdout)
+    c = Cache(dumped)
+    assert info["complete"] and info["tokens"] == c.n_tokens and info["units_done"] == f"{c.n_units}/{c.n_units}"
+    assert 0 < info["assistant_in_draft_vocab"] <= 1 and info["bytes_per_token"] > 0

@@ -1,0 +1,318 @@
+"""Training from the cache: the t+2+i offset, learning, lm_head init, resume, export, configs, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import REPO, STORIES, run_cli, write_jsonl
+from medusa_cache import store
+from medusa_cache.cli import main
+from medusa_cache.errors import UserError
+from medusa_cache.export import export, load_heads
+from medusa_cache.loader import BatchStream, make_batches, make_blocks, targets_for
+from medusa_cache.train import TrainConfig, train
+from medusa_cache.vocab import IGNORE, VocabMapping
+
+I = IGNORE  # noqa: E741
+
+
+def make_cache(path: Path, offsets, labels, hidden: torch.Tensor, draft: int, complete: bool = True) -> store.Cache:
+    """A hand-built store: ids = labels where valid (identity vocab), every unit written."""
+    offsets, labels = np.asarray(offsets), np.asarray(labels, dtype=np.int32)
+    n, h = hidden.shape
+    ids = np.where(labels == IGNORE, 0, labels)
+    mapping = VocabMapping(np.zeros(draft, dtype=np.int64), np.ones(draft, dtype=bool))
+    c = store.create(path, hidden_size=h, hidden_dtype="float32", layout=store.Layout(64, 256), input_ids=ids,
+                     loss_mask=labels != IGNORE, labels=labels, offsets=offsets,
+                     sources=np.zeros((len(offsets) - 1, 2)), mapping=mapping,
+                     token_counts=np.zeros(draft), attrs={"vocab_size": draft, "draft_vocab_size": draft,
+                                                          "fingerprints": {"model": "synthetic"}})
+    for k in range(c.n_units):
+        a, b = c.unit_range(k)
+        c.write_unit(k, hidden[a:b])
+        c.mark_done(k)
+    if complete:
+        c.set_attrs(complete=True)
+    return c
+
+
+def test_head_i_at_t_targets_token_t_plus_2_plus_i_within_its_sequence(tmp_path):
+    offsets = [0, 5, 9]
+    labels = [10, 11, 12, 13, 14, 20, I, 22, 23]
+    c = make_cache(tmp_path / "c", offsets, labels, torch.arange(9.0)[:, None].repeat(1, 4), draft=30)
+    o = np.array(offsets)
+    lab = np.array(labels)
+    assert targets_for(lab, o, (0, 0, 5), 3).T.tolist() == [[12, 13, 14, I, I], [13, 14, I, I, I], [14, I, I, I, I]]
+    assert targets_for(lab, o, (1, 5, 9), 2).T.tolist() == [[22, 23, I, I], [23, I, I, I]]
+    # token batches cut sequences anywhere; targets and rows still line up and never cross a boundary
+    blocks = make_blocks(np.arange(2), o, 4)
+    for bt in (None, 3, 4, 100):
+        batches = make_batches(np.array([1, 0]), o, 1, bt)
+        got = {}
+        for b in BatchStream(c, lab, batches, 2, blocks):
+            for row, tg in zip(b.hidden[:, 0].long().tolist(), b.targets.tolist(), strict=True):
+                got[row] = tg
+        assert sorted(got) == list(range(9))
+        assert got[0] == [12, 13] and got[3] == [I, I] and got[4] == [I, I]
+        assert got[5] == [22, 23] and got[6] == [23, I] and got[7] == [I, I]
+
+
+def learnable_cache(path: Path, seed=0) -> store.Cache:
+    """hidden[t] = E[label[t+2]] + noise: head 0 can learn it, later heads partly."""
+    rng = np.random.default_rng(seed)
+    lens = rng.integers(20, 60, 80)
+    offsets = np.concatenate([[0], np.cumsum(lens)])
+    labels = rng.integers(0, 40, offsets[-1]).astype(np.int32)
+    E = torch.from_numpy(rng.normal(size=(40, 16)).astype(np.float32))
+    hidden = torch.zeros(offsets[-1], 16)
+    for s in range(len(lens)):
+        a, b = offsets[s], offsets[s + 1]
+        for t in range(a, b - 2):
+            hidden[t] = E[labels[t + 2]]
+    hidden += 0.1 * torch.randn(hidden.shape, generator=torch.Generator().manual_seed(seed))
+    return make_cache(path, offsets, labels, hidden, draft=40)
+
+
+def test_a_few_steps_lower_the_loss_on_a_learnable_cache(tmp_path):
+    learnable_cache(tmp_path / "c")
+    train(TrainConfig(cache=str(tmp_path / "c"), out=str(tmp_path / "h"), num_heads=2, lr=1e-2, epochs=3,
+                      batch_tokens=256, grad_accum=1, log_every=1, val_fraction=0.1))
+    recs = [json.loads(x) for x in (tmp_path / "h" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in recs if "step" in r and "split" not in r]
+    assert steps[-1]["head_loss"][0] < 0.5 * steps[0]["head_loss"][0]
+    val = [r for r in recs if r.get("split") == "val"]
+    assert len(val) == 3 and val[-1]["val_top1"][0] > 0.6 and val[-1]["val_top1"][1] < 0.2
+
+
+def test_a_few_steps_lower_the_loss_on_a_real_model_cache(tmp_path, dumped):
+    train(TrainConfig(cache=str(dumped), out=str(tmp_path / "h"), num_heads=2, lr=3e-3, epochs=2,
+                      batch_tokens=512, grad_accum=1, log_every=1, val_fraction=0))
+    recs = [json.loads(x) for x in (tmp_path / "h" / "metrics.jsonl").read_text().splitlines()]
+    assert recs[-1]["loss"] < recs[0]["loss"] - 1.0
+
+
+def test_deterministic_with_seed(tmp_path):
+    learnable_cache(tmp_path / "c")
+    for name in ("a", "b"):
+        train(TrainConfig(cache=str(tmp_path / "c"), out=str(tmp_path / name), num_heads=2, epochs=1, lr=1e-3))
+    a, b = (load_file(str(tmp_path / n / "medusa_lm_head.safetensors")) for n in ("a", "b"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_heads_are_distinct_modules_with_reference_keys(tmp_path):
+    from medusa_cache.heads import MedusaHeads
+
+    h = MedusaHeads(8, 10, num_heads=2, num_layers=2)
+    assert h.heads[0][0] is not h.heads[0][1]
+    assert sorted(h.reference_state_dict()) == sorted(
+        f"{i}.{k}" for i in range(2) for k in ("0.linear.weight", "0.linear.bias", "1.linear.weight",
+                                                "1.linear.bias", "2.weight"))
+    assert all((blk.linear.weight == 0).all() for head in h.heads for blk in head[:-1])
+
+
+# ---- lm_head init -----------------------------------------------------------------------------------
+def _stories_cache(tmp_path) -> Path:
+    from medusa_cache.dump import DumpConfig, run_dump
+
+    data = write_jsonl(tmp_path / "s.jsonl", [{"text": "Once upon a time there was a little girl named Lily."},
+                                              {"text": "The cat sat on the mat and looked at the sun."}])
+    run_dump(DumpConfig(model=str(STORIES), data=[str(data)], out=str(tmp_path / "sc"), draft_vocab_size=40,
+                        dtype="float32"))
+    return tmp_path / "sc"
+
+
+def test_lm_head_init_tied_embeddings_selects_draft_rows(tmp_path):
+    from safetensors import safe_open
+
+    cache = _stories_cache(tmp_path)
+    train(TrainConfig(cache=str(cache), out=str(tmp_path / "h"), num_heads=2, epochs=1, max_steps=1, lr=1e-12,
+                      init_from_lm_head=str(STORIES), val_fraction=0, warmup_ratio=0))
+    with safe_open(str(STORIES / "model.safetensors"), "pt") as f:
+        emb = f.get_tensor("model.embed_tokens.weight")
+    rows = store.Cache(cache).mapping().draft_to_target
+    sd = load_file(str(tmp_path / "h" / "medusa_lm_head.safetensors"))
+    torch.testing.assert_close(sd["0.1.weight"], emb[rows], atol=1e-6, rtol=0)
+
+
+def test_lm_head_init_untied_and_sharded(tmp_path, dumped, tiny_llama):
+    from transformers import AutoModelForCausalLM
+
+    from medusa_cache.lm_head import read_lm_head
+
+    rows = store.Cache(dumped).mapping().draft_to_target
+    m = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    want = m.lm_head.weight.detach()[torch.from_numpy(rows)]
+    assert torch.equal(read_lm_head(str(tiny_llama), rows), want)
+    sharded = tmp_path / "sharded"
+    m.save_pretrained(sharded, max_shard_size="5MB")
+    assert (sharded / "model.safetensors.index.json").exists()
+    assert torch.equal(read_lm_head(str(sharded), rows), want)
+
+
+def test_lm_head_from_another_model_is_refused(tmp_path, dumped):
+    with pytest.raises(UserError, match="not the model the cache was dumped with"):
+        train(TrainConfig(cache=str(dumped), out=str(tmp_path / "h"), init_from_lm_head=str(STORIES)))
+
+
+# ---- resume -----------------------------------------------------------------------------------------
+def test_kill_and_resume_ends_with_the_same_weights(tmp_path, dumped):
+    args = ["train", "--cache", str(dumped), "--num-heads", "2", "--epochs", "3", "--grad-accum", "2",
+            "--lr", "1e-3", "--checkpoint-every", "1", "--log-every", "1"]
+    run_cli(*args, "--out", str(tmp_path / "ref"))
+    out = tmp_path / "k"
+    env = {**os.environ, "TQDM_DISABLE": "1"}
+    p = subprocess.Popen([sys.executable, "-m", "medusa_cache", *args, "--out", str(out)], env=env,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and p.poll() is None:
+        m = out / "metrics.jsonl"
+        if m.exists() and len(m.read_text().splitlines()) >= 20:
+            break
+        time.sleep(0.01)
+    assert p.poll() is None, "training finished before it could be killed"
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert not (out / "medusa_lm_head.safetensors").exists()
+    run_cli(*args, "--out", str(out), "--resume")
+    a = load_file(str(tmp_path / "ref" / "medusa_lm_head.safetensors"))
+    b = load_file(str(out / "medusa_lm_head.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ---- export -----------------------------------------------------------------------------------------
+@pytest.fixture
+def trained(tmp_path, dumped) -> Path:
+    train(TrainConfig(cache=str(dumped), out=str(tmp_path / "h"), num_heads=3, num_layers=2, epochs=1,
+                      lr=1e-2, batch_tokens=512, grad_accum=1))
+    return tmp_path / "h"
+
+
+def test_export_vllm_loads_by_vllms_rules(tmp_path, trained, dumped):
+    export(trained, "vllm", tmp_path / "v")
+    cfg = json.loads((tmp_path / "v" / "config.json").read_text())
+    w = load_file(str(tmp_path / "v" / "model.safetensors"))
+    assert cfg["model_type"] == "medusa" and cfg["architectures"] == ["MedusaModel"] and cfg["medusa_fc_bias"]
+    assert cfg["truncated_vocab_size"] == 300 < cfg["vocab_size"] == 128256
+    assert w["token_map"].dtype == torch.int64 and w["token_map"].shape == (300,)
+    heads, mapping, _ = load_heads(trained)
+    x = store.Cache(dumped).read_hidden(0, 50)
+    ours = heads(x)
+    for h in range(cfg["num_heads"]):  # vLLM: ResidualBlock layers, then lm_head, scatter into -inf row
+        y = x
+        for layer in range(cfg["num_hidden_layers"]):
+            y = y + torch.nn.functional.silu(y @ w[f"blocks.{h}.layers.{layer}.weight"].T
+                                             + w[f"blocks.{h}.layers.{layer}.bias"])
+        d = y @ w[f"lm_heads.{h}.weight"].T
+        full = torch.full((len(x), cfg["vocab_size"]), -torch.inf)
+        full[:, w["token_map"]] = d
+        torch.testing.assert_close(full[:, w["token_map"]], ours[h])
+        assert torch.equal(full.argmax(-1), torch.from_numpy(mapping.draft_to_target)[ours[h].argmax(-1)])
+
+
+def test_export_medusa_reference_layout(tmp_path, trained, dumped):
+    export(trained, "medusa", tmp_path / "m")
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    sd = load_file(str(tmp_path / "m" / "medusa_lm_head.safetensors"))
+    K, L, H, V = cfg["medusa_num_heads"], cfg["medusa_num_layers"], cfg["hidden_size"], cfg["vocab_size"]
+
+    class RefResBlock(torch.nn.Module):  # FasterDecoding/Medusa's ResBlock, re-stated
+        def __init__(self):
+            super().__init__()
+            self.linear = torch.nn.Linear(H, H)
+            self.act = torch.nn.SiLU()
+
+        def forward(self, x):
+            return x + self.act(self.linear(x))
+
+    ref = torch.nn.ModuleList([torch.nn.Sequential(*[RefResBlock() for _ in range(L)],
+                                                   torch.nn.Linear(H, V, bias=False)) for _ in range(K)])
+    ref.load_state_dict(sd, strict=True)
+    heads, mapping, _ = load_heads(trained)
+    x = store.Cache(dumped).read_hidden(0, 50)
+    tm = torch.from_numpy(mapping.draft_to_target)
+    with torch.no_grad():
+        for h in range(K):
+            full = ref[h](x)
+            torch.testing.assert_close(full[:, tm], heads(x)[h])
+            others = torch.ones(V, dtype=torch.bool)
+            others[tm] = False
+            assert (full[:, others] == 0).all()
+
+
+# ---- configs and bad input --------------------------------------------------------------------------
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.json")), ids=lambda p: p.name)
+def test_every_config_file_loads_and_validates(path):
+    from medusa_cache.config import load_config_file
+
+    raw = json.loads(path.read_text())
+    assert list(raw)[0] == "command" and raw["command"].startswith(f"medusa-cache train --config configs/{path.name}")
+    TrainConfig(cache="x", out="y", **load_config_file(path, TrainConfig))
+
+
+@pytest.mark.parametrize("name, hidden, vocab, draft", [("llama3-8B-medusa.json", 4096, 128256, 32000),
+                                                        ("qwen2.5-7B-medusa.json", 3584, 152064, 16000)])
+def test_reference_configs_hold_the_reference_settings(name, hidden, vocab, draft):
+    from medusa_cache.config import load_config_file
+
+    c = TrainConfig(cache="x", out="y", **load_config_file(REPO / "configs" / name, TrainConfig))
+    assert (c.num_heads, c.num_layers, c.draft_transformer_layers) == (4, 1, 0)
+    assert (c.lr, c.batch_size, c.grad_accum, c.epochs) == (1e-4, 1, 4, 10)
+    assert (c.warmup_ratio, c.max_grad_norm, c.schedule, c.batch_tokens) == (0.015, 0.5, "cosine", None)
+    assert (c.hidden_size, c.vocab_size, c.draft_vocab_size) == (hidden, vocab, draft)
+
+
+def _err(capsys, *argv) -> str:
+    assert main(list(argv)) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    return err
+
+
+def test_train_bad_inputs(tmp_path, capsys, dumped):
+    c, o = str(dumped), str(tmp_path / "o")
+    assert "--num-heads: must be in 1..32" in _err(capsys, "train", "--cache", c, "--out", o, "--num-heads", "0")
+    assert "--lr: must be a positive number" in _err(capsys, "train", "--cache", c, "--out", o, "--lr", "-1")
+    assert "--hidden-size: config says 4096 but the cache" in _err(
+        capsys, "train", "--cache", c, "--out", o, "--config", str(REPO / "configs" / "llama3-8B-medusa.json"))
+    assert "cache not found" in _err(capsys, "train", "--cache", str(tmp_path / "nope"), "--out", o)
+    assert "--config: file not found" in _err(capsys, "train", "--cache", c, "--out", o, "--config", "nope.json")
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "x").write_text("mine")
+    assert "already exists" in _err(capsys, "train", "--cache", c, "--out", o)
+    assert (tmp_path / "o" / "x").read_text() == "mine"
+
+
+def test_incomplete_cache_is_refused_unless_allowed(tmp_path, capsys):
+    make_cache(tmp_path / "c", [0, 100, 300], np.arange(300) % 30, torch.randn(300, 8), draft=30, complete=False)
+    assert "cache is incomplete" in _err(capsys, "train", "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "o"))
+    assert main(["train", "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "o2"), "--allow-partial",
+                 "--max-steps", "1", "--num-heads", "1"]) == 0
+
+
+def test_cli_help_lists_every_command_and_flag(capsys):
+    with pytest.raises(SystemExit):
+        main(["-h"])
+    out = capsys.readouterr().out
+    assert all(c in out for c in ("dump", "train", "export", "inspect"))
+    with pytest.raises(SystemExit):
+        main(["train", "-h"])
+    out = capsys.readouterr().out
+    for f in ("--cache", "--val-cache", "--num-heads", "--batch-tokens", "--init-from-lm-head", "--in-memory",
+              "--head-loss-weights", "--schedule", "--resume"):
+        assert f in out
+    with pytest.raises(SystemExit):
+        main(["dump", "-h"])
+    out = capsys.readouterr().out
+    for f in ("--model", "--data", "--chat-template", "--draft-vocab-size", "--vocab-mapping", "--skip-bad-rows"):
+        assert f in out

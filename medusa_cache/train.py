@@ -23,7 +23,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -250,8 +250,36 @@ def build_heads(cfg: TrainConfig, cache: Cache) -> MedusaHeads:
     return heads
 
 
-def train(cfg: TrainConfig) -> dict:
-    """Train heads on ``cfg.cache`` into ``cfg.out``; returns the final metrics."""
+@dataclass
+class Variant:
+    """One set of heads trained on the shared batch stream (ablate trains several side by side)."""
+
+    name: str
+    heads: MedusaHeads
+    opt: torch.optim.Optimizer
+    sched: object
+    window: np.ndarray
+    window_loss: np.ndarray
+
+
+def make_variant(name: str, cfg: TrainConfig, cache: Cache, total_steps: int, num_layers: int, lr: float) -> Variant:
+    heads = build_heads(replace(cfg, num_layers=num_layers), cache).to(cfg.device)
+    fused = cfg.device.startswith("cuda")
+    opt = torch.optim.AdamW(heads.parameters(), lr=lr, weight_decay=cfg.weight_decay, fused=fused or None)
+    from transformers import get_scheduler
+
+    sched = get_scheduler(cfg.schedule if cfg.schedule != "constant" else "constant_with_warmup", opt,
+                          num_warmup_steps=math.ceil(cfg.warmup_ratio * total_steps), num_training_steps=total_steps)
+    k = cfg.num_heads
+    return Variant(name, heads, opt, sched, np.zeros((k, 3), dtype=np.int64), np.zeros(k))
+
+
+def train(cfg: TrainConfig, variants: list[tuple[str, int, float]] | None = None) -> dict:
+    """Train heads on ``cfg.cache`` into ``cfg.out``; returns the final metrics.
+
+    ``variants``: (name, num_layers, lr) triples trained side by side on the same batches, each read
+    once; their heads go to ``out/variants/NAME/``. Default: one variant from ``cfg`` written to ``out/``.
+    """
     torch.manual_seed(cfg.seed)
     cache = Cache(cfg.cache)
     cache.require_complete(cfg.allow_partial)
@@ -274,7 +302,7 @@ def train(cfg: TrainConfig) -> dict:
     (out / "train_config.json").write_text(json.dumps(to_dict(cfg), indent=2))
 
     device = cfg.device
-    heads = build_heads(cfg, cache).to(device)
+    fused = device.startswith("cuda")
     train_seqs, val_seqs = split(cache, cfg)
     if len(train_seqs) == 0:
         raise UserError(f"--cache: {cfg.cache} has no finished sequences to train on")
@@ -284,18 +312,15 @@ def train(cfg: TrainConfig) -> dict:
                                  cfg.batch_size, cfg.batch_tokens))
     steps_per_epoch = math.ceil(n_batches / cfg.grad_accum)
     total_steps = steps_per_epoch * cfg.epochs
-    fused = device.startswith("cuda")
-    opt = torch.optim.AdamW(heads.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
-    from transformers import get_scheduler
-
-    sched = get_scheduler(cfg.schedule if cfg.schedule != "constant" else "constant_with_warmup", opt,
-                          num_warmup_steps=math.ceil(cfg.warmup_ratio * total_steps), num_training_steps=total_steps)
+    specs = variants or [("", cfg.num_layers, cfg.lr)]
+    vs = [make_variant(name, cfg, cache, total_steps, layers, lr) for name, layers, lr in specs]
     step, epoch, start_batch = 0, 0, 0
     if cfg.resume:
         ck = torch.load(out / "checkpoint.pt", map_location=device, weights_only=True)
-        heads.load_state_dict(ck["heads"])
-        opt.load_state_dict(ck["optimizer"])
-        sched.load_state_dict(ck["scheduler"])
+        for v, st in zip(vs, ck["variants"], strict=True):
+            v.heads.load_state_dict(st["heads"])
+            v.opt.load_state_dict(st["optimizer"])
+            v.sched.load_state_dict(st["scheduler"])
         step, epoch, start_batch = ck["step"], ck["epoch"], ck["next_batch"]
 
     memory = cache.read_hidden(0, cache.n_tokens) if cfg.in_memory else None
@@ -303,15 +328,18 @@ def train(cfg: TrainConfig) -> dict:
     metrics_f = open(out / "metrics.jsonl", "a")
     bar = tqdm(total=min(total_steps, cfg.max_steps or total_steps), initial=step, desc="train", unit="step",
                disable=None)
-    window = np.zeros((cfg.num_heads, 3), dtype=np.int64)
-    window_loss = np.zeros(cfg.num_heads)
     window_tokens, t_window = 0, time.perf_counter()
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if fused else torch.autocast("cpu", enabled=False)
     last_val: dict = {}
 
     def save(next_epoch: int, next_batch: int) -> None:
-        _atomic_save({"heads": heads.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+        _atomic_save({"variants": [{"heads": v.heads.state_dict(), "optimizer": v.opt.state_dict(),
+                                    "scheduler": v.sched.state_dict()} for v in vs],
                       "step": step, "epoch": next_epoch, "next_batch": next_batch}, out / "checkpoint.pt")
+
+    def log(rec: dict) -> None:
+        metrics_f.write(json.dumps(rec) + "\n")
+        metrics_f.flush()
 
     done = cfg.max_steps is not None and step >= cfg.max_steps
     while epoch < cfg.epochs and not done:
@@ -324,40 +352,46 @@ def train(cfg: TrainConfig) -> dict:
                 in_group = min(cfg.grad_accum, len(batches) - group_start)
                 h = b.hidden.to(device, non_blocking=True)
                 h = h.float() if not fused else h
-                with autocast:
-                    losses, stats, _ = head_losses(heads, h, b.targets.to(device))
-                loss = sum(w * lo for w, lo in zip(weights, losses, strict=True)) / in_group
-                loss.backward()
-                for i, st in enumerate(stats):
-                    window[i] += st
-                    window_loss[i] += float(losses[i].detach()) * st[0]
+                tg = b.targets.to(device)
+                for v in vs:
+                    with autocast:
+                        losses, stats, _ = head_losses(v.heads, h, tg)
+                    loss = sum(w * lo for w, lo in zip(weights, losses, strict=True)) / in_group
+                    loss.backward()
+                    for i, st in enumerate(stats):
+                        v.window[i] += st
+                        v.window_loss[i] += float(losses[i].detach()) * st[0]
                 window_tokens += len(h)
                 if b.index + 1 - group_start < in_group:
                     continue
-                if cfg.max_grad_norm > 0:
-                    if cfg.clip_per_head:
-                        for hd in heads.heads:
-                            torch.nn.utils.clip_grad_norm_(hd.parameters(), cfg.max_grad_norm)
-                    else:
-                        torch.nn.utils.clip_grad_norm_(heads.parameters(), cfg.max_grad_norm)
-                opt.step()
-                sched.step()
-                opt.zero_grad(set_to_none=True)
+                for v in vs:
+                    if cfg.max_grad_norm > 0:
+                        if cfg.clip_per_head:
+                            for hd in v.heads.heads:
+                                torch.nn.utils.clip_grad_norm_(hd.parameters(), cfg.max_grad_norm)
+                        else:
+                            torch.nn.utils.clip_grad_norm_(v.heads.parameters(), cfg.max_grad_norm)
+                    v.opt.step()
+                    v.sched.step()
+                    v.opt.zero_grad(set_to_none=True)
                 step += 1
                 group_start = b.index + 1
                 bar.update(1)
                 if step % cfg.log_every == 0 or group_start == len(batches):
-                    n = np.maximum(window[:, 0], 1)
                     dt = time.perf_counter() - t_window
-                    rec = {"step": step, "epoch": epoch, "lr": sched.get_last_lr()[0],
-                           "loss": round(float((window_loss / n).sum()), 4),
-                           "head_loss": (window_loss / n).round(4).tolist(),
-                           "top1": (window[:, 1] / n).round(4).tolist(), "top5": (window[:, 2] / n).round(4).tolist(),
-                           "tokens_per_s": round(window_tokens / max(dt, 1e-9), 1)}
-                    metrics_f.write(json.dumps(rec) + "\n")
-                    metrics_f.flush()
+                    for v in vs:
+                        n = np.maximum(v.window[:, 0], 1)
+                        rec = {"step": step, "epoch": epoch, **({"variant": v.name} if v.name else {}),
+                               "lr": v.sched.get_last_lr()[0],
+                               "loss": round(float((v.window_loss / n).sum()), 4),
+                               "head_loss": (v.window_loss / n).round(4).tolist(),
+                               "top1": (v.window[:, 1] / n).round(4).tolist(),
+                               "top5": (v.window[:, 2] / n).round(4).tolist(),
+                               "tokens_per_s": round(window_tokens / max(dt, 1e-9), 1)}
+                        log(rec)
+                        v.window[:], v.window_loss[:] = 0, 0
                     bar.set_postfix(loss=rec["loss"], tok_s=rec["tokens_per_s"])
-                    window[:], window_loss[:], window_tokens, t_window = 0, 0, 0, time.perf_counter()
+                    window_tokens, t_window = 0, time.perf_counter()
                 if step % cfg.checkpoint_every == 0:
                     save(epoch, group_start)
                 if cfg.max_steps is not None and step >= cfg.max_steps:
@@ -369,10 +403,11 @@ def train(cfg: TrainConfig) -> dict:
             epoch, start_batch = epoch + 1, 0
             if len(val_seqs) or val_cache is not None:
                 vc = val_cache or cache
-                vs = np.arange(vc.n_seqs) if val_cache is not None else val_seqs
-                last_val = {"epoch": epoch - 1, "step": step, **evaluate(heads, vc, vs, device, cfg.block_tokens)}
-                metrics_f.write(json.dumps({"split": "val", **last_val}) + "\n")
-                metrics_f.flush()
+                seqs = np.arange(vc.n_seqs) if val_cache is not None else val_seqs
+                for v in vs:
+                    last_val = {"epoch": epoch - 1, "step": step, **({"variant": v.name} if v.name else {}),
+                                **evaluate(v.heads, vc, seqs, device, cfg.block_tokens)}
+                    log({"split": "val", **last_val})
             save(epoch, 0)
         else:
             save(epoch, group_start)
@@ -380,5 +415,8 @@ def train(cfg: TrainConfig) -> dict:
     metrics_f.close()
     from .export import save_heads
 
-    save_heads(heads.cpu(), cache, cfg, out)
-    return {"step": step, **last_val}
+    for v in vs:
+        d = out / "variants" / v.name if v.name else out
+        d.mkdir(parents=True, exist_ok=True)
+        save_heads(v.heads.cpu(), cache, cfg, d)
+    return {"step": step, "val_seqs": val_seqs, **last_val}

@@ -1,0 +1,87 @@
+"""Benchmark `medusa-cache dump`; prints ratios measured in this one run.
+
+A tiny Llama built from a config (hidden 512, 8 layers; the Llama-3 vocabulary of 128,256, since the
+Llama-3 tokenizer's ids need it) over the real conversations in ../shared/fixtures/chat/.
+
+(a) dump wall time / bare decoder-forward time over the same batches        target <= 1.10
+(b) real tokens / computed (padded) tokens                                  target >= 0.95
+(c) bytes per token on disk / (2 * H)  (bf16 hidden states, all arrays)
+
+    python tools/bench_dump.py [--hidden 512] [--layers 8] [--rows 300] [--dtype float32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+FIX = REPO.parent / "shared" / "fixtures"
+
+from medusa_cache.dump import DumpConfig, ModelPass, plan_batches, run_dump  # noqa: E402
+from medusa_cache.store import Cache  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--hidden", type=int, default=512)
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--rows", type=int, default=300, help="conversations taken from each chat file")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--batch-tokens", type=int, default=8192)
+    a = ap.parse_args()
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tmp = Path(tempfile.mkdtemp())
+    try:
+        torch.manual_seed(0)
+        cfg = LlamaConfig(vocab_size=128256, hidden_size=a.hidden, intermediate_size=a.hidden * 2,
+                          num_hidden_layers=a.layers, num_attention_heads=8, num_key_value_heads=4,
+                          max_position_embeddings=4096)
+        LlamaForCausalLM(cfg).save_pretrained(tmp / "model")
+        for f in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(FIX / "tokenizers" / "llama3" / f, tmp / "model" / f)
+        data = []
+        for f in sorted((FIX / "chat").glob("*.json")):
+            rows = json.loads(f.read_text())[: a.rows]
+            p = tmp / f.name
+            p.write_text(json.dumps(rows))
+            data.append(str(p))
+        dc = DumpConfig(model=str(tmp / "model"), data=data, out=str(tmp / "cache"), dtype=a.dtype,
+                        draft_vocab_size=32000, max_length=2048, batch_tokens=a.batch_tokens)
+        t0 = time.perf_counter()
+        s = run_dump(dc)
+        dump_wall = time.perf_counter() - t0
+        c = Cache(tmp / "cache")
+        ids = c.array("input_ids")
+        mp = ModelPass(dc.model, a.dtype, "cpu")
+        t0 = time.perf_counter()
+        for k in range(c.n_units):
+            lo, hi = c.unit_range(k)
+            for batch in plan_batches(c.offsets, lo, hi, a.batch_tokens):
+                mp.run(ids, batch)
+        bare = time.perf_counter() - t0
+        hidden_bytes = sum(f.stat().st_size for f in (tmp / "cache" / "hidden").rglob("*") if f.is_file())
+        disk = c.disk_bytes()
+        print(f"model: hidden {a.hidden}, {a.layers} layers, dtype {a.dtype}; data: {s['sequences']} conversations,"
+              f" {s['tokens']} tokens, {c.n_units} units")
+        print(f"(a) dump wall {dump_wall:.1f}s / bare forward {bare:.1f}s = {dump_wall / bare:.3f}   (target <= 1.10)")
+        print(f"(b) real / computed tokens = {s['real_over_computed']:.3f}   (target >= 0.95)")
+        print(f"(c) bytes/token on disk {disk / c.n_tokens:.1f} / 2H {2 * a.hidden} = {disk / c.n_tokens / 2 / a.hidden:.3f}"
+              f"   (hidden alone: {hidden_bytes / c.n_tokens:.1f} B/token, raw {c.hidden.dtype.itemsize * a.hidden})")
+        del np
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,107 @@
+"""Benchmark `medusa-cache train` on a synthetic cache; prints ratios measured in this one run.
+
+(a) tokens/s streaming from Zarr / tokens/s with the cache already in RAM (--in-memory)   target >= 0.90
+(b) achieved FLOP/s of head training / bare matmul FLOP/s of this machine (float32)        target >= 0.60
+(c) peak RSS training over a cache 10x as large / over the 1x cache (streaming)             target <= 1.2
+
+    python tools/bench_train.py [--hidden 512] [--draft 4000] [--tokens 40000] [--heads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from medusa_cache import store  # noqa: E402
+from medusa_cache.vocab import VocabMapping  # noqa: E402
+
+
+def synthetic_cache(path: Path, n_tokens: int, hidden: int, draft: int, seed: int = 0) -> None:
+    rng = np.random.default_rng(seed)
+    lens = rng.integers(200, 1200, n_tokens // 300 + 10)
+    offsets = np.concatenate([[0], np.cumsum(lens)])
+    offsets = offsets[offsets <= n_tokens]
+    n = int(offsets[-1])
+    labels = rng.integers(0, draft, n).astype(np.int32)
+    mapping = VocabMapping(np.zeros(draft, dtype=np.int64), np.ones(draft, dtype=bool))
+    c = store.create(path, hidden_size=hidden, hidden_dtype="bfloat16", layout=store.Layout(256, 16384),
+                     input_ids=labels, loss_mask=np.ones(n, bool), labels=labels, offsets=offsets,
+                     sources=np.zeros((len(offsets) - 1, 2)), mapping=mapping, token_counts=np.zeros(draft),
+                     attrs={"vocab_size": draft, "draft_vocab_size": draft, "fingerprints": {"model": "bench"}})
+    g = torch.Generator().manual_seed(seed)
+    for k in range(c.n_units):
+        a, b = c.unit_range(k)
+        c.write_unit(k, torch.randn(b - a, hidden, generator=g).to(torch.bfloat16))
+        c.mark_done(k)
+    c.set_attrs(complete=True)
+
+
+def run_train(cache: Path, out: Path, heads: int, extra: list[str]) -> tuple[float, float]:
+    """(train tokens/s from metrics, peak RSS MiB of the child)."""
+    code = (
+        "import resource,sys; from medusa_cache.cli import main; rc=main(sys.argv[1:]); "
+        "print('MAXRSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+    )
+    args = ["train", "--cache", str(cache), "--out", str(out), "--num-heads", str(heads), "--epochs", "1",
+            "--batch-tokens", "2048", "--grad-accum", "1", "--val-fraction", "0", "--log-every", "1000000",
+            "--overwrite", *extra]
+    t0 = time.perf_counter()
+    p = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
+                       env={"TQDM_DISABLE": "1", "PATH": "/usr/bin:/bin"})
+    if p.returncode:
+        raise SystemExit(p.stderr)
+    wall = time.perf_counter() - t0
+    rss = int(p.stdout.split("MAXRSS")[-1]) / 1024
+    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    toks = sum(1 for _ in recs) and recs[-1]["tokens_per_s"]
+    return toks, rss if wall else rss
+
+
+def bare_matmul_flops(t: int, h: int, d: int) -> float:
+    x, w = torch.randn(t, h), torch.randn(d, h)
+    for _ in range(3):
+        x @ w.T
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < 2.0:
+        x @ w.T
+        n += 1
+    return 2 * t * h * d * n / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--hidden", type=int, default=512)
+    ap.add_argument("--draft", type=int, default=4000)
+    ap.add_argument("--tokens", type=int, default=40000)
+    ap.add_argument("--heads", type=int, default=2)
+    a = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        synthetic_cache(tmp / "c1", a.tokens, a.hidden, a.draft)
+        synthetic_cache(tmp / "c10", 10 * a.tokens, a.hidden, a.draft, seed=1)
+        stream_tps, rss1 = run_train(tmp / "c1", tmp / "o1", a.heads, [])
+        mem_tps, _ = run_train(tmp / "c1", tmp / "o2", a.heads, ["--in-memory"])
+        _, rss10 = run_train(tmp / "c10", tmp / "o3", a.heads, ["--max-steps", str(10 * a.tokens // 2048)])
+        flops_per_token = 6 * a.heads * (a.hidden * a.hidden + a.hidden * a.draft)
+        mm = bare_matmul_flops(2048, a.hidden, a.draft)
+    print(f"cache: {a.tokens} tokens, hidden {a.hidden}, draft vocab {a.draft}, {a.heads} heads, bf16 stored")
+    print(f"(a) streaming {stream_tps:.0f} tok/s / in-memory {mem_tps:.0f} tok/s = {stream_tps / mem_tps:.3f}"
+          "   (target >= 0.90)")
+    print(f"(b) training {stream_tps * flops_per_token / 1e9:.1f} GFLOP/s / bare matmul {mm / 1e9:.1f} GFLOP/s = "
+          f"{stream_tps * flops_per_token / mm:.3f}   (target >= 0.60)")
+    print(f"(c) peak RSS 10x cache {rss10:.0f} MiB / 1x cache {rss1:.0f} MiB = {rss10 / rss1:.3f}   (target <= 1.2)")
+    del resource
+
+
+if __name__ == "__main__":
+    main()

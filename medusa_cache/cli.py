@@ -43,6 +43,43 @@ def _export(args: argparse.Namespace) -> None:
     print(f"wrote {args.format} heads to {args.out}")
 
 
+def _ints(s: str) -> list[int]:
+    try:
+        return [int(x) for x in s.split(",") if x]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
+
+
+def _floats(s: str) -> list[float]:
+    try:
+        return [float(x) for x in s.split(",") if x]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {s!r}") from None
+
+
+def _eval(args: argparse.Namespace) -> None:
+    from .evaluate import render_table, run_eval
+
+    res = run_eval(args.heads, args.cache, args.topk, args.tree, args.tree_budget or [], args.trees_out, args.device)
+    if args.json:
+        print(json.dumps(res, indent=2))
+        return
+    print(render_table([res], args.tree_budget or []))
+    if "tree_acceptance" in res:
+        print(f"tree {args.tree}: acceptance {res['tree_acceptance']:.3f}")
+    for k in (1, 5, args.topk):
+        print(f"top{k} per head: " + " ".join(f"{x:.3f}" for x in res[f"top{k}"]))
+
+
+def _ablate(args: argparse.Namespace) -> None:
+    from .ablate import run_ablate
+    from .train import TrainConfig
+
+    cfg = build_config(TrainConfig, args, args.config, num_heads=max(args.heads), num_layers=max(args.layers),
+                       lr=max(args.lr))
+    run_ablate(cfg, args.heads, args.layers, args.lr, args.tree_budget, args.topk)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .dump import DumpConfig
     from .train import TrainConfig
@@ -74,6 +111,31 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--config", help="JSON config file mirroring the train flags; explicit flags override it")
     add_config_args(t, TrainConfig)
     t.set_defaults(func=_train)
+
+    v = sub.add_parser("eval", help="per-head accuracy and acceptance length (chain and tree) on a cache")
+    v.add_argument("--heads", required=True, help="heads directory written by train")
+    v.add_argument("--cache", required=True, help="store to evaluate on (ideally held out)")
+    v.add_argument("--topk", type=int, default=10, help="top-k predictions considered per head (default: 10)")
+    g = v.add_mutually_exclusive_group()
+    g.add_argument("--tree", help="JSON file with a Medusa tree: a list of paths of top-k indices")
+    g.add_argument("--tree-budget", type=_ints, help="fit trees of these node counts, e.g. 16,32,64")
+    v.add_argument("--trees-out", help="directory to write the fitted trees (tree_N.json)")
+    v.add_argument("--device", default="cpu")
+    v.add_argument("--json", action="store_true", help="print JSON")
+    v.set_defaults(func=_eval)
+
+    a = sub.add_parser("ablate", help="train and evaluate several head counts / layers / lrs in one pass",
+                       epilog="example:\n  medusa-cache ablate --cache c.zarr --out abl --heads 1,2,3,4,5 "
+                              "--layers 1,2 --tree-budget 16,32,64 --epochs 2",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    a.add_argument("--heads", type=_ints, default=[1, 2, 3, 4, 5], help="head counts (default: 1,2,3,4,5)")
+    a.add_argument("--layers", type=_ints, default=[1], help="ResBlocks per head (default: 1)")
+    a.add_argument("--lr", type=_floats, default=[1e-4], help="learning rates (default: 1e-4)")
+    a.add_argument("--tree-budget", type=_ints, default=[16, 32, 64], help="tree sizes (default: 16,32,64)")
+    a.add_argument("--topk", type=int, default=10)
+    a.add_argument("--config", help="JSON train config; explicit flags override it")
+    add_config_args(a, TrainConfig, skip=("num_heads", "num_layers", "lr", "clip_per_head"))
+    a.set_defaults(func=_ablate)
 
     e = sub.add_parser("export", help="write trained heads in a serving layout (vLLM or Medusa reference)")
     e.add_argument("dir", help="output directory of `medusa-cache train`")

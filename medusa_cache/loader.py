@@ -80,12 +80,13 @@ def make_batches(order: np.ndarray, offsets: np.ndarray, batch_size: int, batch_
     return batches
 
 
-def targets_for(labels: np.ndarray, offsets: np.ndarray, piece: Piece, num_heads: int) -> np.ndarray:
+def targets_for(labels: np.ndarray, offsets: np.ndarray, piece: Piece, num_heads: int, shift: int = 2) -> np.ndarray:
+    """[rows, num_heads]: column i holds ``labels[p + shift + i]`` inside the sequence, else IGNORE."""
     s, a, b = piece
     end = int(offsets[s + 1])
     out = np.full((b - a, num_heads), IGNORE, dtype=np.int64)
     for i in range(num_heads):
-        lo, hi = a + 2 + i, min(b + 2 + i, end)
+        lo, hi = a + shift + i, min(b + shift + i, end)
         if hi > lo:
             out[: hi - lo, i] = labels[lo:hi]
     return out

@@ -1,0 +1,221 @@
+"""Head accuracy and acceptance length, measured position by position on cached data.
+
+Positions. Every row t whose next token t+1 is an assistant token in the same sequence (the base model
+is generating the assistant's text there; its own token t+1 is the "1" in every acceptance figure).
+
+Per head i, the true token is t+2+i. ``rank[t, i]`` is its rank among head i's top-k draft predictions,
+or -1 when it is not there, when it is outside the draft vocabulary, when it is not an assistant token,
+or when the sequence ends first. Top-k accuracy counts, over positions whose token t+2+i is an assistant
+token, the share with 0 <= rank < k (out-of-draft-vocabulary tokens are misses).
+
+Acceptance (tokens per decoding step), with no independence assumption:
+- chain (top-1 of each head): 1 + the number of consecutive heads from head 0 whose rank is 0;
+- tree (Medusa ``medusa_choices``: paths of top-k indices, prefix-closed): 1 + the length of the
+  longest path p in the tree with rank[t, j] == p[j] for every depth j.
+
+Tree fitting. Since heads are read at the same position, path p is accepted exactly when every
+rank[t, j] == p[j]; in a prefix-closed tree at most one node per depth can be accepted, so the expected
+acceptance is 1 + the sum over nodes of P(node accepted). The best tree of N nodes is therefore the N
+nodes with the highest *empirical* acceptance frequency (a parent is never less frequent than its child,
+so these N are prefix-closed when ties go to shorter paths). This is the Medusa authors' greedy
+construction with measured joint frequencies in place of products of per-head accuracies. Trees are
+fitted on one half of the sequences and reported on the other.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .errors import UserError
+from .heads import MedusaHeads
+from .loader import BatchStream, make_batches, make_blocks, targets_for
+from .store import Cache
+from .vocab import IGNORE
+
+
+@torch.no_grad()
+def head_ranks(heads: MedusaHeads, cache: Cache, seqs: np.ndarray, topk: int = 10, device: str = "cpu",
+               block_tokens: int = 65536) -> dict[str, np.ndarray]:
+    """rank [P, K] (int16, -1 = miss), has_target [P, K] (token t+2+i is an assistant token), seq [P]."""
+    K = heads.num_heads
+    labels, mask = cache.array("labels"), cache.array("loss_mask").astype(np.int32)
+    seqs = np.sort(np.asarray(seqs, dtype=np.int64))
+    blocks = make_blocks(seqs, cache.offsets, block_tokens)
+    batches = make_batches(seqs, cache.offsets, 1, None)
+    out_rank, out_has, out_seq = [], [], []
+    heads = heads.to(device).eval()
+    for b in tqdm(BatchStream(cache, labels, batches, K, blocks), total=len(batches), desc="eval", unit="seq",
+                  leave=False, disable=None):
+        piece = batches[b.index][0]
+        pos = targets_for(mask, cache.offsets, piece, 1, shift=1)[:, 0] == 1
+        if not pos.any():
+            continue
+        tg = b.targets.numpy()[pos]
+        has = targets_for(mask, cache.offsets, piece, K)[pos] == 1
+        h = b.hidden[torch.from_numpy(pos)].to(device).float()
+        rank = np.full(tg.shape, -1, dtype=np.int16)
+        for i, logits in enumerate(heads(h)):
+            top = logits.topk(min(topk, logits.shape[-1]), dim=-1).indices.cpu().numpy()
+            hit = (top == tg[:, i : i + 1]) & (tg[:, i : i + 1] != IGNORE)
+            rank[:, i] = np.where(hit.any(1), hit.argmax(1), -1)
+        out_rank.append(rank)
+        out_has.append(has)
+        out_seq.append(np.full(len(rank), piece[0]))
+    if not out_rank:
+        raise UserError(f"{cache.path}: no assistant positions to evaluate")
+    return {"rank": np.concatenate(out_rank), "has_target": np.concatenate(out_has), "seq": np.concatenate(out_seq)}
+
+
+def topk_accuracy(rank: np.ndarray, has_target: np.ndarray, ks=(1, 5, 10)) -> dict[int, list[float]]:
+    n = np.maximum(has_target.sum(0), 1)
+    return {k: (((rank >= 0) & (rank < k) & has_target).sum(0) / n).round(4).tolist() for k in ks}
+
+
+def chain_acceptance(rank: np.ndarray) -> float:
+    ok = rank == 0
+    return float(1 + np.cumprod(ok, axis=1).sum(1).mean()) if rank.shape[1] else 1.0
+
+
+def _codes(rank: np.ndarray, base: int) -> list[np.ndarray]:
+    """Integer code of the path rank[:, :d+1] for each depth d, -1 where some rank is a miss."""
+    codes, cur, alive = [], np.zeros(len(rank), dtype=np.int64), np.ones(len(rank), dtype=bool)
+    for d in range(rank.shape[1]):
+        alive &= (rank[:, d] >= 0) & (rank[:, d] < base - 1)
+        cur = cur * base + rank[:, d].astype(np.int64) + 1
+        codes.append(np.where(alive, cur, -1))
+    return codes
+
+
+def _path_code(path, base: int) -> int:
+    c = 0
+    for r in path:
+        c = c * base + int(r) + 1
+    return c
+
+
+def validate_tree(tree: list, num_heads: int, where: str = "--tree") -> list[tuple[int, ...]]:
+    paths = [tuple(int(x) for x in p) for p in tree]
+    s = set(paths)
+    for p in paths:
+        if not p or len(p) > num_heads or min(p) < 0:
+            raise UserError(f"{where}: path {list(p)} must have 1..{num_heads} non-negative top-k indices")
+        if len(p) > 1 and p[:-1] not in s:
+            raise UserError(f"{where}: path {list(p)} has no parent {list(p[:-1])} (trees must be prefix-closed)")
+    return sorted(s, key=lambda p: (len(p), p))
+
+
+def tree_acceptance(rank: np.ndarray, tree: list[tuple[int, ...]]) -> float:
+    if not tree:
+        return 1.0
+    depth = max(len(p) for p in tree)
+    base = max(max(p) for p in tree) + 2
+    codes = _codes(rank[:, :depth], base)
+    length = np.zeros(len(rank), dtype=np.int64)
+    alive = np.ones(len(rank), dtype=bool)
+    for d in range(depth):
+        in_tree = np.isin(codes[d], [_path_code(p, base) for p in tree if len(p) == d + 1])
+        alive &= in_tree
+        length += alive
+    return float(1 + length.mean())
+
+
+def fit_tree(rank: np.ndarray, budget: int, topk: int) -> list[tuple[int, ...]]:
+    """The ``budget`` paths with the highest empirical acceptance frequency (prefix-closed).
+
+    Paths never accepted on the fit data are not added, so a tree can have fewer than ``budget`` nodes.
+    """
+    base = topk + 1
+    cands: list[tuple[int, int, tuple[int, ...]]] = []
+    for d, codes in enumerate(_codes(rank, base)):
+        vals, counts = np.unique(codes[codes >= 0], return_counts=True)
+        for v, c in zip(vals.tolist(), counts.tolist(), strict=True):
+            path, x = [], v
+            for _ in range(d + 1):
+                path.append(x % base - 1)
+                x //= base
+            cands.append((c, d, tuple(reversed(path))))
+    cands.sort(key=lambda t: (-t[0], t[1], t[2]))
+    chosen: set[tuple[int, ...]] = set()
+    for _, _, p in cands:
+        if len(chosen) >= budget:
+            break
+        if len(p) == 1 or p[:-1] in chosen:
+            chosen.add(p)
+    return sorted(chosen, key=lambda p: (len(p), p))
+
+
+def split_halves(seq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(fit, report) position masks: even and odd sequence ids."""
+    fit = seq % 2 == 0
+    if fit.all() or not fit.any():  # one sequence: split positions instead
+        fit = np.arange(len(seq)) % 2 == 0
+    return fit, ~fit
+
+
+def evaluate_ranks(r: dict[str, np.ndarray], num_heads: int, topk: int, budgets: list[int],
+                   tree: list | None = None) -> dict:
+    rank, has = r["rank"][:, :num_heads], r["has_target"][:, :num_heads]
+    fit, rep = split_halves(r["seq"])
+    res = {
+        "num_heads": num_heads,
+        "positions": int(len(rank)),
+        "top1": topk_accuracy(rank, has, (1,))[1],
+        "top5": topk_accuracy(rank, has, (5,))[5],
+        f"top{topk}": topk_accuracy(rank, has, (topk,))[topk],
+        "chain_acceptance": round(chain_acceptance(rank), 4),
+        "trees": {},
+    }
+    if tree is not None:
+        res["tree_acceptance"] = round(tree_acceptance(rank, tree), 4)
+    for n in budgets:
+        t = fit_tree(rank[fit], n, topk)
+        res["trees"][str(n)] = {"acceptance": round(tree_acceptance(rank[rep], t), 4),
+                                "fit_acceptance": round(tree_acceptance(rank[fit], t), 4),
+                                "nodes": len(t), "tree": [list(p) for p in t]}
+    return res
+
+
+def render_table(rows: list[dict], budgets: list[int]) -> str:
+    hdr = ["variant", "heads", "top1 per head", "top5 per head", "chain"] + [f"tree{n}" for n in budgets]
+    lines = ["| " + " | ".join(hdr) + " |", "|" + "---|" * len(hdr)]
+    for r in rows:
+        cells = [r.get("variant", ""), str(r["num_heads"]), " ".join(f"{x:.3f}" for x in r["top1"]),
+                 " ".join(f"{x:.3f}" for x in r["top5"]), f"{r['chain_acceptance']:.3f}"]
+        cells += [f"{r['trees'][str(n)]['acceptance']:.3f}" for n in budgets]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_trees(res: dict, out: Path, prefix: str = "tree") -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    for n, t in res["trees"].items():
+        (out / f"{prefix}_{n}.json").write_text(json.dumps(t["tree"]))
+
+
+def run_eval(heads_dir: str, cache_path: str, topk: int = 10, tree_file: str | None = None,
+             budgets: list[int] | None = None, trees_out: str | None = None, device: str = "cpu") -> dict:
+    from .export import load_heads
+
+    heads, mapping, config = load_heads(heads_dir)
+    cache = Cache(cache_path)
+    cache.require_complete()
+    if mapping.fingerprint() != cache.mapping().fingerprint():
+        raise UserError(f"--cache: {cache_path} uses a different draft vocabulary than the heads in {heads_dir}")
+    if cache.hidden_size != heads.hidden_size:
+        raise UserError(f"--cache: hidden size {cache.hidden_size} differs from the heads' {heads.hidden_size}")
+    tree = None
+    if tree_file:
+        try:
+            tree = validate_tree(json.loads(Path(tree_file).read_text()), heads.num_heads, f"--tree {tree_file}")
+        except (OSError, json.JSONDecodeError) as e:
+            raise UserError(f"--tree: cannot read {tree_file}: {e}") from None
+    r = head_ranks(heads, cache, np.arange(cache.n_seqs), topk, device)
+    res = evaluate_ranks(r, heads.num_heads, topk, budgets or [], tree)
+    if trees_out:
+        write_trees(res, Path(trees_out))
+    return res

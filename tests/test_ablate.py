@@ -1,0 +1,126 @@
+"""Acceptance on hand-made cases, fitted trees, and the one-run head-count ablation."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from medusa_cache import store
+from medusa_cache.ablate import run_ablate
+from medusa_cache.errors import UserError
+from medusa_cache.evaluate import (chain_acceptance, evaluate_ranks, fit_tree, head_ranks, topk_accuracy,
+                                   tree_acceptance, validate_tree)
+from medusa_cache.heads import MedusaHeads
+from medusa_cache.train import TrainConfig, train
+from medusa_cache.vocab import IGNORE, VocabMapping
+from test_train import learnable_cache
+
+RANK = np.array([[0, 0, 1], [1, 0, 0], [0, -1, 0], [0, 0, 0]])
+
+
+def test_chain_counts_consecutive_top1_hits_from_head_0():
+    # accepted draft tokens per row: 2, 0 (head 0 wrong), 1 (head 1 misses), 3
+    assert chain_acceptance(RANK) == pytest.approx(1 + (2 + 0 + 1 + 3) / 4)
+    assert chain_acceptance(RANK[:, :1]) == pytest.approx(1 + 3 / 4)
+
+
+def test_tree_takes_the_longest_fully_matching_path():
+    tree = validate_tree([[0], [0, 0], [1], [0, 0, 0], [0, 1]], 3)
+    # row0 (0,0) then (0,0,1) not in tree -> 2; row1 (1,) -> 1; row2 (0,) -> 1; row3 (0,0,0) -> 3
+    assert tree_acceptance(RANK, tree) == pytest.approx(1 + (2 + 1 + 1 + 3) / 4)
+    assert tree_acceptance(RANK, validate_tree([[0]], 3)) == pytest.approx(1 + 3 / 4)
+    assert tree_acceptance(RANK, [(0,), (0, 0), (0, 0, 0)]) == pytest.approx(chain_acceptance(RANK))
+
+
+def test_tree_files_must_be_prefix_closed():
+    with pytest.raises(UserError, match="has no parent"):
+        validate_tree([[0], [1, 0]], 3)
+    with pytest.raises(UserError, match="must have 1..2"):
+        validate_tree([[0], [0, 0], [0, 0, 0]], 2)
+
+
+def test_fitted_tree_is_the_most_frequent_prefix_closed_nodes_ties_to_shorter():
+    rank = np.array([[0, 0], [0, 0], [0, 1], [1, 0], [1, 0], [2, -1]])
+    # frequencies: (0,)3 (1,)2 (0,0)2 (1,0)2 (2,)1 (0,1)1
+    assert fit_tree(rank, 1, 10) == [(0,)]
+    assert fit_tree(rank, 3, 10) == [(0,), (1,), (0, 0)]
+    assert fit_tree(rank, 4, 10) == [(0,), (1,), (0, 0), (1, 0)]
+    full = fit_tree(rank, 100, 10)
+    assert len(full) == 6 and tree_acceptance(rank, full) == pytest.approx(1 + (2 + 2 + 2 + 2 + 2 + 1) / 6)
+
+
+def test_topk_accuracy_counts_out_of_vocab_targets_as_misses():
+    rank = np.array([[0], [3], [-1], [-1]])
+    has = np.array([[True], [True], [True], [False]])  # row 2: assistant token outside the draft vocab
+    acc = topk_accuracy(rank, has, (1, 5))
+    assert acc[1] == [pytest.approx(1 / 3, abs=1e-4)] and acc[5] == [pytest.approx(2 / 3, abs=1e-4)]
+
+
+def test_head_ranks_on_a_hand_built_cache(tmp_path):
+    """H = D = 8, identity heads: head 0's top-1 is argmax(hidden), set to the token two ahead."""
+    labels = np.array([IGNORE, 3, 5, IGNORE, 1, 2, 7, 4], dtype=np.int32)
+    mask = np.array([0, 1, 1, 1, 1, 1, 1, 1], dtype=bool)  # row 3: assistant, outside the draft vocab
+    hidden = torch.zeros(8, 8)
+    for t, cls in enumerate([5, 0, 1, 2, 7, 0, 0, 0]):  # row t predicts labels[t+2]; row 5 guesses wrong
+        hidden[t, cls] = 1.0
+    mapping = VocabMapping(np.zeros(8, dtype=np.int64), np.ones(8, dtype=bool))
+    c = store.create(tmp_path / "c", hidden_size=8, hidden_dtype="float32", layout=store.Layout(8, 8),
+                     input_ids=np.where(labels < 0, 0, labels), loss_mask=mask, labels=labels,
+                     offsets=np.array([0, 8]), sources=np.zeros((1, 2)), mapping=mapping, token_counts=np.zeros(8),
+                     attrs={"vocab_size": 8, "draft_vocab_size": 8, "fingerprints": {"model": "x"}})
+    c.write_unit(0, hidden)
+    c.mark_done(0)
+    heads = MedusaHeads(8, 8, 1, 1)
+    with torch.no_grad():
+        heads.heads[0][0].linear.bias.zero_()
+        heads.heads[0][1].weight.copy_(10 * torch.eye(8))
+    r = head_ranks(heads, c, np.array([0]), topk=3)
+    # positions t with loss_mask[t+1]: t = 0..6; targets t+2 = rows 2..7, then past the end
+    # t=1: target row 3 is outside the draft vocab (miss); t=5: wrong guess; t=6: sequence ends (no target)
+    assert r["rank"][:, 0].tolist() == [0, -1, 0, 0, 0, -1, -1]
+    assert r["has_target"][:, 0].tolist() == [True, True, True, True, True, True, False]
+    acc = topk_accuracy(r["rank"], r["has_target"], (1,))[1][0]
+    assert acc == pytest.approx(4 / 6, abs=1e-4)
+
+
+def test_k_heads_from_a_5_head_ablation_equal_a_separate_k_head_run(tmp_path):
+    learnable_cache(tmp_path / "c")
+    common = dict(cache=str(tmp_path / "c"), lr=1e-2, epochs=2, batch_tokens=256, grad_accum=2, val_fraction=0.2,
+                  max_grad_norm=0.05)  # a small clip so the per-head clip really binds
+    run_ablate(TrainConfig(out=str(tmp_path / "abl"), **common), heads=[1, 3, 5], layers=[1], lrs=[1e-2],
+               budgets=[4, 8])
+    train(TrainConfig(out=str(tmp_path / "three"), num_heads=3, clip_per_head=True, **common))
+    five = load_file(str(tmp_path / "abl" / "variants" / "L1_lr0.01" / "medusa_lm_head.safetensors"))
+    three = load_file(str(tmp_path / "three" / "medusa_lm_head.safetensors"))
+    assert set(three) == {k for k in five if int(k.split(".")[0]) < 3}
+    for k in three:
+        assert torch.equal(three[k], five[k]), k
+    # and the report files
+    out = tmp_path / "abl"
+    res = json.loads((out / "results.json").read_text())
+    assert [r["num_heads"] for r in res["results"]] == [1, 3, 5]
+    assert res["results"][0]["top1"][0] > 0.15  # head 0 learns the synthetic task (chance: 0.025)
+    report = (out / "report.md").read_text()
+    assert "| L1_lr0.01 | 5 |" in report and "tree8" in report
+    tree = json.loads((out / "trees" / "L1_lr0.01_heads5_tree_8.json").read_text())
+    assert validate_tree(tree, 5) and len(tree) <= 8
+    assert (out / "best" / "medusa_lm_head.safetensors").exists() and (out / "best-vllm" / "config.json").exists()
+    from PIL import Image
+
+    with Image.open(out / "acceptance.png") as im:
+        im.verify()
+        assert im.size[0] > 100
+
+
+def test_evaluate_ranks_reports_held_out_trees():
+    rng = np.random.default_rng(0)
+    rank = np.where(rng.random((400, 3)) < 0.6, 0, rng.integers(-1, 4, (400, 3)))
+    r = {"rank": rank, "has_target": np.ones_like(rank, bool), "seq": np.arange(400) // 10}
+    res = evaluate_ranks(r, 3, 10, [4, 16])
+    assert res["trees"]["16"]["acceptance"] >= res["trees"]["4"]["acceptance"] - 0.05
+    assert res["trees"]["16"]["acceptance"] >= res["chain_acceptance"] - 0.05
+    assert res["trees"]["4"]["nodes"] == 4

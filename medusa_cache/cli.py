@@ -30,6 +30,21 @@ def _inspect(args: argparse.Namespace) -> None:
     print(json.dumps(info, indent=2) if args.json else render(info))
 
 
+def _verify(args: argparse.Namespace) -> None:
+    from .verify import verify
+
+    res = verify(args.store, args.deep)
+    if args.json:
+        print(json.dumps(res, indent=2))
+    else:
+        print(f"{res['store']}: {'healthy' if res['healthy'] else 'PROBLEMS'} ({res['units_done']} units"
+              f"{', deep' if res['deep'] else ''})")
+        for p in res["problems"]:
+            print(f"  - {p}")
+    if not res["healthy"]:
+        raise SystemExit(1)
+
+
 def _train(args: argparse.Namespace) -> None:
     from .train import TrainConfig, train
 
@@ -103,6 +118,12 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("store")
     i.add_argument("--json", action="store_true", help="print JSON")
     i.set_defaults(func=_inspect)
+
+    vf = sub.add_parser("verify", help="check a cache: layout, labels, mapping, progress; --deep decodes all data")
+    vf.add_argument("store")
+    vf.add_argument("--deep", action="store_true", help="decode every chunk and look for NaN/Inf")
+    vf.add_argument("--json", action="store_true", help="print JSON")
+    vf.set_defaults(func=_verify)
 
     t = sub.add_parser("train", help="train Medusa heads from a cache (the backbone is never loaded)",
                        epilog="example:\n  medusa-cache train --cache c.zarr --out heads --config "

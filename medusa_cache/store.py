@@ -189,7 +189,14 @@ class Cache:
         """Rows [start, stop) of the hidden states as a torch tensor in the stored dtype."""
         try:
             arr = self.hidden[start:stop]
-        except Exception as e:  # noqa: BLE001 - a corrupt or missing chunk
+        except Exception as e:  # noqa: BLE001 - a corrupt or missing chunk: name the shard
+            for k in range(start // self.shard_tokens, (stop - 1) // self.shard_tokens + 1):
+                a, b = self.unit_range(k)
+                try:
+                    self.hidden[max(a, start) : min(b, stop)]
+                except Exception:  # noqa: BLE001
+                    raise UserError(f"{self.path}: shard hidden/c/{k}/0 (token rows {a}:{b}) cannot be read "
+                                    f"({e}); run `medusa-cache verify --deep`") from None
             raise UserError(f"{self.path}/hidden: cannot read token rows {start}:{stop} ({e})") from None
         return from_stored(np.ascontiguousarray(arr), self.hidden_dtype)
 

@@ -1,0 +1,81 @@
+"""``medusa-cache verify STORE [--deep]``: is this cache whole and self-consistent?
+
+Checks (each failure is one named problem; exit code 0 only when there are none):
+format version known; every array present with the shape the offsets imply; offsets start at 0, increase
+and end at N; d2t/t2d agree; labels equal what input_ids, loss_mask and the stored mapping imply;
+token_counts match the assistant tokens; the ``complete`` flag agrees with ``unit_done``; fingerprints
+present. ``--deep`` also decodes every unit of ``hidden`` (naming any unreadable one) and counts NaN/Inf
+values, locating them by sequence.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .errors import UserError
+from .store import Cache
+from .vocab import IGNORE
+
+
+def verify(path: str, deep: bool = False) -> dict[str, Any]:
+    problems: list[str] = []
+    c = Cache(path)  # raises on a missing group, a foreign group or a newer format
+    n, s = c.n_tokens, c.n_seqs
+    off = c.offsets
+    if off[0] != 0 or (np.diff(off) <= 0).any():
+        problems.append("seq_offsets must start at 0 and strictly increase")
+    for name, shape in (("input_ids", (n,)), ("loss_mask", (n,)), ("labels", (n,)), ("seq_source", (s, 2)),
+                        ("hidden", (n, c.hidden_size)), ("unit_done", (c.n_units,))):
+        if name not in c.group:
+            problems.append(f"array {name} is missing")
+        elif tuple(c.group[name].shape) != shape:
+            problems.append(f"array {name} has shape {tuple(c.group[name].shape)}, expected {shape}")
+    try:
+        m = c.mapping()
+        m.validate("d2t/t2d")
+        if m.target_size != c.attrs.get("vocab_size") or m.draft_size != c.attrs.get("draft_vocab_size"):
+            problems.append("d2t/t2d sizes disagree with the vocab_size/draft_vocab_size attributes")
+        ids, mask, labels = c.array("input_ids"), c.array("loss_mask").astype(bool), c.array("labels")
+        bad = np.flatnonzero(m.labels(ids, mask) != labels)
+        if len(bad):
+            problems.append(f"{len(bad)} labels disagree with input_ids/loss_mask/mapping (first at token {bad[0]})")
+        counts = c.array("token_counts")
+        if counts.sum() != mask.sum():
+            problems.append(f"token_counts sum {counts.sum()} != assistant tokens {mask.sum()}")
+        if c.attrs.get("counts", {}).get("assistant_tokens") not in (None, int(mask.sum())):
+            problems.append("the counts attribute disagrees with loss_mask")
+    except UserError as e:
+        problems.append(str(e))
+    except Exception as e:  # noqa: BLE001 - an unreadable array
+        problems.append(f"cannot read metadata arrays: {e}")
+    done = c.done_units()
+    if c.complete and not done.all():
+        problems.append(f"marked complete but units {np.flatnonzero(~done)[:10].tolist()} are not done")
+    for key in ("model", "tokenizer", "chat_template", "data", "vocab"):
+        if key not in c.attrs.get("fingerprints", {}):
+            problems.append(f"fingerprint '{key}' is missing")
+    nonfinite, bad_seqs = 0, set()
+    if deep:
+        for k in np.flatnonzero(done):
+            a, b = c.unit_range(int(k))
+            try:
+                h = c.read_hidden(a, b).float()
+            except UserError:
+                problems.append(f"unit {k} (hidden rows {a}:{b}, shard hidden/c/{k}/0) cannot be decoded")
+                continue
+            rows = np.flatnonzero(~torch_isfinite_rows(h)) + a
+            nonfinite += len(rows)
+            bad_seqs.update((np.searchsorted(off, rows, side="right") - 1).tolist())
+        if nonfinite:
+            problems.append(f"{nonfinite} token rows hold NaN/Inf, in sequences {sorted(bad_seqs)[:20]}")
+    return {"store": c.path, "healthy": not problems, "problems": problems, "complete": c.complete,
+            "units_done": f"{int(done.sum())}/{c.n_units}", "deep": deep, "nonfinite_rows": nonfinite,
+            "ignore_label": IGNORE}
+
+
+def torch_isfinite_rows(h) -> np.ndarray:
+    import torch
+
+    return torch.isfinite(h).all(dim=1).numpy()

@@ -1,0 +1,72 @@
+"""`medusa-cache verify` finds what a crash, a bad disk or a bad model leaves behind."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from medusa_cache.cli import main
+from medusa_cache.errors import UserError
+from medusa_cache.store import FORMAT_VERSION, Cache
+from medusa_cache.train import TrainConfig, train
+from medusa_cache.verify import verify
+
+
+@pytest.fixture
+def copy(tmp_path, dumped):
+    shutil.copytree(dumped, tmp_path / "c")
+    return tmp_path / "c"
+
+
+def test_a_fresh_dump_is_healthy(dumped, capsys):
+    assert verify(str(dumped), deep=True)["healthy"]
+    assert main(["verify", str(dumped), "--deep"]) == 0
+    assert "healthy" in capsys.readouterr().out
+
+
+def test_a_corrupted_shard_is_found_and_training_refuses_it(copy, tmp_path):
+    shard = copy / "hidden" / "c" / "2" / "0"
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 3])
+    res = verify(str(copy), deep=True)
+    assert not res["healthy"] and any("unit 2" in p and "hidden/c/2/0" in p for p in res["problems"])
+    with pytest.raises(SystemExit) as e:
+        main(["verify", str(copy), "--deep"])
+    assert e.value.code == 1
+    with pytest.raises(UserError, match=r"shard hidden/c/2/0 \(token rows 2048:3072\) cannot be read"):
+        train(TrainConfig(cache=str(copy), out=str(tmp_path / "h"), epochs=1, in_memory=True))
+
+
+def test_labels_that_disagree_with_the_mapping_are_found(copy):
+    g = zarr.open_group(str(copy), mode="r+")
+    lab = g["labels"][:]
+    i = int(np.flatnonzero(lab != -100)[5])
+    lab[i] = (lab[i] + 1) % 300
+    g["labels"][:] = lab
+    res = verify(str(copy))
+    assert any(f"first at token {i}" in p for p in res["problems"])
+
+
+def test_nan_hidden_states_are_counted_and_located(copy):
+    c = Cache(copy, mode="r+")
+    a, b = c.unit_range(1)
+    h = c.read_hidden(a, b).clone()
+    h[10, 3] = float("nan")
+    c.write_unit(1, h)
+    res = verify(str(copy), deep=True)
+    seq = int(np.searchsorted(c.offsets, a + 10, side="right") - 1)
+    assert res["nonfinite_rows"] == 1 and any(f"sequences [{seq}]" in p for p in res["problems"])
+
+
+def test_complete_flag_without_all_units_and_newer_format(copy):
+    g = zarr.open_group(str(copy), mode="r+")
+    g["unit_done"][1] = 0
+    assert any("marked complete but units [1]" in p for p in verify(str(copy))["problems"])
+    g.attrs["medusa_cache"] = FORMAT_VERSION + 1
+    with pytest.raises(UserError, match=f"format version {FORMAT_VERSION + 1} is newer"):
+        verify(str(copy))
+    assert torch.isfinite(torch.zeros(1)).all()

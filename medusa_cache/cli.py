@@ -45,6 +45,19 @@ def _verify(args: argparse.Namespace) -> None:
         raise SystemExit(1)
 
 
+def _generate(args: argparse.Namespace) -> None:
+    from .generate import GenerateConfig, generate
+
+    n = generate(build_config(GenerateConfig, args))
+    print(f"{n} rows in {args.out}")
+
+
+def _demo(args: argparse.Namespace) -> None:
+    from .demo import run_demo
+
+    run_demo(args.out, args.epochs)
+
+
 def _train(args: argparse.Namespace) -> None:
     from .train import TrainConfig, train
 
@@ -97,6 +110,7 @@ def _ablate(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from .dump import DumpConfig
+    from .generate import GenerateConfig
     from .train import TrainConfig
 
     p = argparse.ArgumentParser(
@@ -157,6 +171,15 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--config", help="JSON train config; explicit flags override it")
     add_config_args(a, TrainConfig, skip=("num_heads", "num_layers", "lr", "clip_per_head"))
     a.set_defaults(func=_ablate)
+
+    gn = sub.add_parser("generate", help="self-distilled data: the base model's own continuations / assistant turns")
+    add_config_args(gn, GenerateConfig)
+    gn.set_defaults(func=_generate)
+
+    dm = sub.add_parser("demo", help="generate -> dump -> ablate on the bundled stories260K, offline, CPU")
+    dm.add_argument("--out", default="medusa-cache-demo", help="working directory (default: medusa-cache-demo)")
+    dm.add_argument("--epochs", type=int, default=4, help="training epochs (default: 4)")
+    dm.set_defaults(func=_demo)
 
     e = sub.add_parser("export", help="write trained heads in a serving layout (vLLM or Medusa reference)")
     e.add_argument("dir", help="output directory of `medusa-cache train`")

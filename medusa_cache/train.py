@@ -102,10 +102,10 @@ class TrainConfig:
     """Read the whole cache into RAM once instead of streaming it."""
     allow_partial: bool = False
     """Train on an incomplete cache (its finished units only)."""
-    shuffle_buffer: int = 1024
-    """Sequences in the shuffle buffer (bounds memory when streaming)."""
-    block_tokens: int = 65536
-    """Tokens per contiguous read when streaming."""
+    shuffle_buffer: int = 64
+    """Sequences in the shuffle buffer. Streaming holds at most this many sequences plus one block in RAM."""
+    block_tokens: int = 16384
+    """Tokens per contiguous read when streaming (blocks are shuffled, then mixed by the shuffle buffer)."""
     prefetch: int = 8
     """Batches prepared ahead by the reader thread."""
     log_every: int = 10

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -100,7 +99,6 @@ def main() -> None:
     print(f"(b) training {stream_tps * flops_per_token / 1e9:.1f} GFLOP/s / bare matmul {mm / 1e9:.1f} GFLOP/s = "
           f"{stream_tps * flops_per_token / mm:.3f}   (target >= 0.60)")
     print(f"(c) peak RSS 10x cache {rss10:.0f} MiB / 1x cache {rss1:.0f} MiB = {rss10 / rss1:.3f}   (target <= 1.2)")
-    del resource
 
 
 if __name__ == "__main__":

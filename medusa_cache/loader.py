@@ -59,7 +59,8 @@ def epoch_order(blocks: list[np.ndarray], seed: int, epoch: int, shuffle_buffer:
     return np.array(order, dtype=np.int64)
 
 
-def make_batches(order: np.ndarray, offsets: np.ndarray, batch_size: int, batch_tokens: int | None) -> list[list[Piece]]:
+def make_batches(order: np.ndarray, offsets: np.ndarray, batch_size: int,
+                 batch_tokens: int | None) -> list[list[Piece]]:
     """Sequence mode: ``batch_size`` whole sequences per batch. Token mode: pieces filling ``batch_tokens``."""
     if not batch_tokens:
         return [[(int(s), int(offsets[s]), int(offsets[s + 1])) for s in order[i : i + batch_size]]

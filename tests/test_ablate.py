@@ -8,16 +8,23 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_train import learnable_cache
 
 from medusa_cache import store
 from medusa_cache.ablate import run_ablate
 from medusa_cache.errors import UserError
-from medusa_cache.evaluate import (chain_acceptance, evaluate_ranks, fit_tree, head_ranks, topk_accuracy,
-                                   tree_acceptance, validate_tree)
+from medusa_cache.evaluate import (
+    chain_acceptance,
+    evaluate_ranks,
+    fit_tree,
+    head_ranks,
+    topk_accuracy,
+    tree_acceptance,
+    validate_tree,
+)
 from medusa_cache.heads import MedusaHeads
 from medusa_cache.train import TrainConfig, train
 from medusa_cache.vocab import IGNORE, VocabMapping
-from test_train import learnable_cache
 
 RANK = np.array([[0, 0, 1], [1, 0, 0], [0, -1, 0], [0, 0, 0]])
 

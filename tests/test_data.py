@@ -143,9 +143,8 @@ def test_unknown_format_and_bad_utf8(tmp_path):
 
 
 def test_template_missing_is_a_clear_error():
-    from transformers import AutoTokenizer
-
     from conftest import STORIES
+    from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(STORIES)
     with pytest.raises(UserError, match="no chat template"):

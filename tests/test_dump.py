@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import torch
 import zarr
-
 from conftest import run_cli, sharegpt_slice, write_jsonl
+
 from medusa_cache.data import Templater, read_rows
 from medusa_cache.dump import DumpConfig, plan_batches, run_dump
 from medusa_cache.errors import UserError

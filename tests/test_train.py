@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import REPO, STORIES, run_cli, write_jsonl
 from safetensors.torch import load_file
 
-from conftest import REPO, STORIES, run_cli, write_jsonl
 from medusa_cache import store
 from medusa_cache.cli import main
 from medusa_cache.errors import UserError

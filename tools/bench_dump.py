@@ -20,7 +20,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -76,9 +75,9 @@ def main() -> None:
               f" {s['tokens']} tokens, {c.n_units} units")
         print(f"(a) dump wall {dump_wall:.1f}s / bare forward {bare:.1f}s = {dump_wall / bare:.3f}   (target <= 1.10)")
         print(f"(b) real / computed tokens = {s['real_over_computed']:.3f}   (target >= 0.95)")
-        print(f"(c) bytes/token on disk {disk / c.n_tokens:.1f} / 2H {2 * a.hidden} = {disk / c.n_tokens / 2 / a.hidden:.3f}"
+        bpt = disk / c.n_tokens
+        print(f"(c) bytes/token on disk {bpt:.1f} / 2H {2 * a.hidden} = {bpt / 2 / a.hidden:.3f}"
               f"   (hidden alone: {hidden_bytes / c.n_tokens:.1f} B/token, raw {c.hidden.dtype.itemsize * a.hidden})")
-        del np
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

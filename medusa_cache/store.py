@@ -47,7 +47,7 @@ class Layout:
 
 
 def _blosc(typesize: int) -> BloscCodec:
-    return BloscCodec(cname="zstd", clevel=1, shuffle="bitshuffle", typesize=typesize)
+    return BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle", typesize=typesize)
 
 
 def is_store(path: str | Path, partial: bool = False) -> bool:

@@ -16,7 +16,7 @@ logits into a full-vocabulary row filled with -inf, so a draft head loses nothin
 ``export --format medusa``: the reference layout with full-vocabulary output matrices [V, H]: row
 ``token_map[d]`` holds draft row d and every other row is zero. The reference loader has no mask, so a
 non-draft token scores logit 0 instead of -inf: it can only win when every draft logit is negative. The
-cost is measured by ``full_vocab_agreement`` (``medusa-cache eval`` prints it; docs/export.md has figures).
+cost is measured by ``full_vocab_agreement``; README "Export" gives the measured figure.
 """
 
 from __future__ import annotations

@@ -71,18 +71,20 @@ def _export(args: argparse.Namespace) -> None:
     print(f"wrote {args.format} heads to {args.out}")
 
 
-def _ints(s: str) -> list[int]:
-    try:
-        return [int(x) for x in s.split(",") if x]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
+def _comma_list(kind: type, what: str):
+    """argparse type for comma-separated values, e.g. ``--heads 1,2,3``."""
+
+    def parse(s: str) -> list:
+        try:
+            return [kind(x) for x in s.split(",") if x]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {what}, got {s!r}") from None
+
+    return parse
 
 
-def _floats(s: str) -> list[float]:
-    try:
-        return [float(x) for x in s.split(",") if x]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {s!r}") from None
+_ints = _comma_list(int, "integers")
+_floats = _comma_list(float, "numbers")
 
 
 def _eval(args: argparse.Namespace) -> None:

@@ -90,7 +90,15 @@ _floats = _comma_list(float, "numbers")
 def _eval(args: argparse.Namespace) -> None:
     from .evaluate import render_table, run_eval
 
-    res = run_eval(args.heads, args.cache, args.topk, args.tree, args.tree_budget or [], args.trees_out, args.device)
+    targets = args.targets or ["data"]
+    if targets == ["data"]:
+        base = None
+    elif len(targets) == 2 and targets[0] == "base":
+        base = targets[1]
+    else:
+        raise UserError(f"--targets: give 'data' or 'base MODEL_PATH', got {' '.join(targets)}")
+    res = run_eval(args.heads, args.cache, args.topk, args.tree, args.tree_budget or [], args.trees_out, args.device,
+                   base)
     if args.json:
         print(json.dumps(res, indent=2))
         return
@@ -156,6 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = v.add_mutually_exclusive_group()
     g.add_argument("--tree", help="JSON file with a Medusa tree: a list of paths of top-k indices")
     g.add_argument("--tree-budget", type=_ints, help="fit trees of these node counts, e.g. 16,32,64")
+    v.add_argument("--targets", nargs="+", metavar="data|base MODEL",
+                   help="'data' (default) or 'base MODEL_PATH': score against the base model's greedy tokens")
     v.add_argument("--trees-out", help="directory to write the fitted trees (tree_N.json)")
     v.add_argument("--device", default="cpu")
     v.add_argument("--json", action="store_true", help="print JSON")

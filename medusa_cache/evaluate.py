@@ -40,8 +40,14 @@ from .vocab import IGNORE
 
 @torch.no_grad()
 def head_ranks(heads: MedusaHeads, cache: Cache, seqs: np.ndarray, topk: int = 10, device: str = "cpu",
-               block_tokens: int = 65536) -> dict[str, np.ndarray]:
-    """rank [P, K] (int16, -1 = miss), has_target [P, K] (token t+2+i is an assistant token), seq [P]."""
+               block_tokens: int = 65536, base_lm_head: torch.Tensor | None = None) -> dict[str, np.ndarray]:
+    """rank [P, K] (int16, -1 = miss), has_target [P, K] (token t+2+i is an assistant token), seq [P].
+
+    With ``base_lm_head`` (the base model's full [V, H] lm_head), the true token for head i at t is the base
+    model's greedy choice there instead of the data's: argmax of lm_head x hidden[t+1+i] (what acceptance
+    under greedy decoding depends on); it exists while t+1+i is inside the sequence.
+    """
+    t2d_index = torch.from_numpy(cache.mapping().target_to_draft()) if base_lm_head is not None else None
     K = heads.num_heads
     labels, mask = cache.array("labels"), cache.array("loss_mask").astype(np.int32)
     seqs = np.sort(np.asarray(seqs, dtype=np.int64))
@@ -55,8 +61,19 @@ def head_ranks(heads: MedusaHeads, cache: Cache, seqs: np.ndarray, topk: int = 1
         pos = targets_for(mask, cache.offsets, piece, 1, shift=1)[:, 0] == 1
         if not pos.any():
             continue
-        tg = b.targets.numpy()[pos]
-        has = targets_for(mask, cache.offsets, piece, K)[pos] == 1
+        if base_lm_head is None:
+            tg = b.targets.numpy()[pos]
+            has = targets_for(mask, cache.offsets, piece, K)[pos] == 1
+        else:
+            greedy = torch.cat([(c.to(device).float() @ base_lm_head.T).argmax(-1).cpu()
+                                for c in b.hidden.split(256)])  # the base model's token after each row
+            gd = t2d_index[greedy].numpy()
+            n = len(gd)
+            tg_all, has_all = np.full((n, K), IGNORE, dtype=np.int64), np.zeros((n, K), dtype=bool)
+            for i in range(K):
+                tg_all[: max(0, n - 1 - i), i] = gd[1 + i :]
+                has_all[: max(0, n - 1 - i), i] = True
+            tg, has = tg_all[pos], has_all[pos]
         h = b.hidden[torch.from_numpy(pos)].to(device).float()
         rank = np.full(tg.shape, -1, dtype=np.int16)
         for i, logits in enumerate(heads(h)):
@@ -198,7 +215,8 @@ def write_trees(res: dict, out: Path, prefix: str = "tree") -> None:
 
 
 def run_eval(heads_dir: str, cache_path: str, topk: int = 10, tree_file: str | None = None,
-             budgets: list[int] | None = None, trees_out: str | None = None, device: str = "cpu") -> dict:
+             budgets: list[int] | None = None, trees_out: str | None = None, device: str = "cpu",
+             base_model: str | None = None) -> dict:
     from .export import load_heads
 
     heads, mapping, config = load_heads(heads_dir)
@@ -214,7 +232,12 @@ def run_eval(heads_dir: str, cache_path: str, topk: int = 10, tree_file: str | N
             tree = validate_tree(json.loads(Path(tree_file).read_text()), heads.num_heads, f"--tree {tree_file}")
         except (OSError, json.JSONDecodeError) as e:
             raise UserError(f"--tree: cannot read {tree_file}: {e}") from None
-    r = head_ranks(heads, cache, np.arange(cache.n_seqs), topk, device)
+    base = None
+    if base_model:
+        from .lm_head import read_lm_head
+
+        base = read_lm_head(base_model, None, cache.attrs["fingerprints"]["model"], flag="--targets base").float()
+    r = head_ranks(heads, cache, np.arange(cache.n_seqs), topk, device, base_lm_head=base)
     res = evaluate_ranks(r, heads.num_heads, topk, budgets or [], tree)
     if trees_out:
         write_trees(res, Path(trees_out))

@@ -98,22 +98,25 @@ class Batch:
     hidden: torch.Tensor  # [T, H] stored dtype
     targets: torch.Tensor  # [T, K] int64
     index: int  # batch index within the epoch
+    ahead: torch.Tensor | None = None  # [T', H] rows of each piece plus up to `lookahead` rows after it
+    ahead_idx: torch.Tensor | None = None  # [T, K] row of `ahead` holding position t+1+i, -1 past the sequence
 
 
 class BatchStream:
     """Iterate batches[start:] with a prefetching reader thread."""
 
     def __init__(self, cache: Cache, labels: np.ndarray, batches: list[list[Piece]], num_heads: int,
-                 blocks: list[np.ndarray], start: int = 0, prefetch: int = 4, memory: torch.Tensor | None = None):
+                 blocks: list[np.ndarray], start: int = 0, prefetch: int = 4, memory: torch.Tensor | None = None,
+                 lookahead: int = 0):
         self.cache, self.labels, self.batches, self.k = cache, labels, batches, num_heads
-        self.blocks, self.start, self.memory = blocks, start, memory
+        self.blocks, self.start, self.memory, self.lookahead = blocks, start, memory, lookahead
         self.q: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
-    def _rows(self) -> Iterator[tuple[int, torch.Tensor]]:
-        """Yield (batch index, hidden rows of the batch) in order, reading each block once."""
+    def _rows(self) -> Iterator[tuple[int, torch.Tensor, torch.Tensor | None]]:
+        """Yield (batch index, hidden rows, rows incl. lookahead) in order, reading each block once."""
         offsets = self.cache.offsets
         block_of = {int(s): b for b, seqs in enumerate(self.blocks) for s in seqs}
         last_use: dict[int, int] = {}  # sequence -> last batch index that needs it
@@ -122,10 +125,12 @@ class BatchStream:
                 last_use[s] = bi
         held: dict[int, torch.Tensor] = {}
         for bi in range(self.start, len(self.batches)):
-            parts = []
+            parts, ahead = [], []
             for s, a, b in self.batches[bi]:
+                b_ext = min(b + self.lookahead, int(offsets[s + 1]))
                 if self.memory is not None:
                     parts.append(self.memory[a:b])
+                    ahead.append(self.memory[a:b_ext])
                     continue
                 if s not in held:  # first use: read its whole block, keep the sequences still to come
                     seqs = self.blocks[block_of[s]]
@@ -137,16 +142,29 @@ class BatchStream:
                             held[t] = rows[int(offsets[t]) - lo : int(offsets[t + 1]) - lo].clone()
                 s0 = int(offsets[s])
                 parts.append(held[s][a - s0 : b - s0])
+                ahead.append(held[s][a - s0 : b_ext - s0])
                 if last_use[s] == bi:
                     del held[s]
-            yield bi, parts[0] if len(parts) == 1 else torch.cat(parts)
+            cat = parts[0] if len(parts) == 1 else torch.cat(parts)
+            yield bi, cat, (torch.cat(ahead) if self.lookahead else None)
+
+    def _ahead_idx(self, pieces: list[Piece]) -> np.ndarray:
+        offsets, out, base = self.cache.offsets, [], 0
+        for s, a, b in pieces:
+            end = int(offsets[s + 1])
+            p = np.arange(b - a)[:, None] + 1 + np.arange(self.k)[None, :]  # local row of t+1+i
+            out.append(np.where(a + p < end, base + p, -1))
+            base += min(b + self.lookahead, end) - a
+        return np.concatenate(out)
 
     def _run(self) -> None:
         try:
             offsets = self.cache.offsets
-            for bi, hidden in self._rows():
+            for bi, hidden, ahead in self._rows():
                 tg = np.concatenate([targets_for(self.labels, offsets, p, self.k) for p in self.batches[bi]])
                 item = Batch(hidden, torch.from_numpy(tg), bi)
+                if ahead is not None:
+                    item.ahead, item.ahead_idx = ahead, torch.from_numpy(self._ahead_idx(self.batches[bi]))
                 while not self.stop.is_set():
                     try:
                         self.q.put(item, timeout=0.1)

@@ -82,6 +82,10 @@ class TrainConfig:
     """Per-head loss weights; one value r means r**i (Medusa-2 uses 0.8). Default: all 1."""
     init_from_lm_head: str | None = None
     """Model directory: initialise every head's output layer from its lm_head rows of the draft vocabulary."""
+    distill: str | None = None
+    """Model directory: add KL(base model at t+1+i || head i at t), computed from cached states x its lm_head."""
+    distill_weight: float = 1.0
+    """Weight of the --distill KL term."""
     hidden_size: int | None = None
     """Expected hidden size (checked against the cache)."""
     vocab_size: int | None = None
@@ -128,6 +132,7 @@ class TrainConfig:
         check(self.batch_tokens is None or self.batch_tokens >= 1, "batch_tokens",
               f"must be >= 1, got {self.batch_tokens}")
         check(0 <= self.warmup_ratio < 1, "warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")
+        check(self.distill_weight >= 0, "distill_weight", f"must be >= 0, got {self.distill_weight}")
         check(self.max_grad_norm >= 0, "max_grad_norm", f"must be >= 0, got {self.max_grad_norm}")
         check(0 <= self.val_fraction < 1, "val_fraction", f"must be in [0, 1), got {self.val_fraction}")
         check(not (self.resume and self.overwrite), "resume", "--resume and --overwrite exclude each other")
@@ -161,8 +166,15 @@ def split(cache: Cache, cfg: TrainConfig) -> tuple[np.ndarray, np.ndarray]:
     return np.sort(perm[n_val:]), np.sort(perm[:n_val])
 
 
-def head_losses(heads: MedusaHeads, hidden: torch.Tensor, targets: torch.Tensor) -> tuple[list, list, list]:
-    """Per head: mean CE over valid targets (0 if none), #valid, #top1-correct, #top5-correct."""
+def head_losses(heads: MedusaHeads, hidden: torch.Tensor, targets: torch.Tensor,
+                teacher: tuple[torch.Tensor, torch.Tensor] | None = None, distill_weight: float = 0.0,
+                ) -> tuple[list, list]:
+    """Per head: loss and (#valid, #top1-correct, #top5-correct).
+
+    The loss is the mean cross-entropy over valid targets (0 if none), plus, with ``teacher`` =
+    (teacher log-probs over the draft vocab for the rows of ``Batch.ahead``, ``Batch.ahead_idx``),
+    ``distill_weight`` x KL(teacher at t+1+i || head i at t) on the same positions.
+    """
     losses, stats = [], []
     for i, logits in enumerate(heads(hidden)):
         t = targets[:, i]
@@ -173,12 +185,21 @@ def head_losses(heads: MedusaHeads, hidden: torch.Tensor, targets: torch.Tensor)
             stats.append((0, 0, 0))
             continue
         lv, tv = logits[valid].float(), t[valid]
-        losses.append(F.cross_entropy(lv, tv))
+        loss = F.cross_entropy(lv, tv)
+        if teacher is not None:
+            t_logp, idx = teacher
+            rows = idx[valid, i]
+            keep = rows >= 0
+            if keep.any():
+                tp = t_logp[rows[keep]]
+                loss = loss + distill_weight * F.kl_div(lv[keep].log_softmax(-1), tp, log_target=True,
+                                                        reduction="batchmean")
+        losses.append(loss)
         with torch.no_grad():
             top = lv.topk(min(5, lv.shape[-1]), dim=-1).indices
             hit = top == tv[:, None]
             stats.append((n, int(hit[:, 0].sum()), int(hit.any(-1).sum())))
-    return losses, stats, [s[0] for s in stats]
+    return losses, stats
 
 
 @torch.no_grad()
@@ -193,7 +214,7 @@ def evaluate(heads: MedusaHeads, cache: Cache, seqs: np.ndarray, device: str, bl
     stream = BatchStream(cache, labels, batches, num, blocks)
     for b in stream:
         h = b.hidden.to(device).float()
-        losses, stats, _ = head_losses(heads, h, b.targets.to(device))
+        losses, stats = head_losses(heads, h, b.targets.to(device))
         for i, (n, t1, t5) in enumerate(stats):
             tot[i] += (n, t1, t5)
             loss_sum[i] += float(losses[i]) * n
@@ -297,7 +318,8 @@ def train(cfg: TrainConfig, variants: list[tuple[str, int, float]] | None = None
         old = json.loads((out / "train_config.json").read_text())
         keys = [k for k in ("cache", "num_heads", "num_layers", "lr", "batch_size", "grad_accum", "batch_tokens",
                             "seed", "epochs", "schedule", "warmup_ratio", "max_grad_norm", "head_loss_weights",
-                            "clip_per_head", "val_fraction") if old.get(k) != getattr(cfg, k)]
+                            "clip_per_head", "val_fraction", "distill", "distill_weight", "init_from_lm_head")
+                if old.get(k) != getattr(cfg, k)]
         if keys:
             raise UserError(f"--resume: {out} was trained with different {', '.join(keys)}")
     (out / "train_config.json").write_text(json.dumps(to_dict(cfg), indent=2))
@@ -325,6 +347,12 @@ def train(cfg: TrainConfig, variants: list[tuple[str, int, float]] | None = None
         step, epoch, start_batch = ck["step"], ck["epoch"], ck["next_batch"]
 
     memory = cache.read_hidden(0, cache.n_tokens) if cfg.in_memory else None
+    teacher_w = None
+    if cfg.distill:
+        from .lm_head import read_lm_head
+
+        teacher_w = read_lm_head(cfg.distill, cache.mapping().draft_to_target, cache.attrs["fingerprints"]["model"],
+                                 flag="--distill").float().to(device)
     weights = cfg.loss_weights()
     metrics_f = open(out / "metrics.jsonl", "a")
     bar = tqdm(total=min(total_steps, cfg.max_steps or total_steps), initial=step, desc="train", unit="step",
@@ -346,7 +374,8 @@ def train(cfg: TrainConfig, variants: list[tuple[str, int, float]] | None = None
     while epoch < cfg.epochs and not done:
         order = epoch_order(blocks, cfg.seed, epoch, cfg.shuffle_buffer)
         batches = make_batches(order, cache.offsets, cfg.batch_size, cfg.batch_tokens)
-        stream = BatchStream(cache, labels, batches, cfg.num_heads, blocks, start_batch, cfg.prefetch, memory)
+        stream = BatchStream(cache, labels, batches, cfg.num_heads, blocks, start_batch, cfg.prefetch, memory,
+                             lookahead=cfg.num_heads if teacher_w is not None else 0)
         group_start = start_batch
         try:
             for b in stream:
@@ -354,9 +383,14 @@ def train(cfg: TrainConfig, variants: list[tuple[str, int, float]] | None = None
                 h = b.hidden.to(device, non_blocking=True)
                 h = h.float() if not fused else h
                 tg = b.targets.to(device)
+                teacher = None
+                if teacher_w is not None:  # the base model's next-token distribution, from the cache alone
+                    with torch.no_grad():
+                        t_logp = (b.ahead.to(device).float() @ teacher_w.T).log_softmax(-1)
+                    teacher = (t_logp, b.ahead_idx.to(device))
                 for v in vs:
                     with autocast:
-                        losses, stats, _ = head_losses(v.heads, h, tg)
+                        losses, stats = head_losses(v.heads, h, tg, teacher, cfg.distill_weight)
                     loss = sum(w * lo for w, lo in zip(weights, losses, strict=True)) / in_group
                     loss.backward()
                     for i, st in enumerate(stats):

@@ -72,6 +72,8 @@ class DumpConfig:
     """Delete an existing store at --out first."""
     skip_bad_rows: bool = False
     """Skip and count rows with problems (malformed line, unknown role, empty text) instead of stopping."""
+    strict: bool = False
+    """Stop on NaN/Inf hidden states (default: record the sequence as bad; training then excludes it)."""
     chunk_tokens: int | None = None
     """Tokens per Zarr chunk (default: ~1 MiB of hidden states)."""
     shard_tokens: int | None = None
@@ -340,9 +342,24 @@ def run_dump(cfg: DumpConfig, rank: int = 0, world_size: int = 1) -> dict:
     bar = tqdm(total=tokens_todo, desc="dump", unit="tok", unit_scale=True, disable=None)
     pending: Future | None = None
 
+    nonfinite = 0
+    sources = cache.array("seq_source")
+
     def write(k: int, h: torch.Tensor) -> None:
-        cache.write_unit(k, h)
-        cache.mark_done(k)
+        nonlocal nonfinite
+        if cfg.strict and not torch.isfinite(h).all():
+            a, _ = cache.unit_range(k)
+            row = a + int(np.flatnonzero(~torch.isfinite(h).all(dim=1).numpy())[0])
+            s = int(np.searchsorted(cache.offsets, row, side="right") - 1)
+            f, r = sources[s]
+            raise UserError(f"--strict: NaN/Inf hidden state at token {row} (sequence {s}, {cfg.data[f]} row "
+                            f"{r + 1}); unit {k} not written")
+        try:
+            nonfinite += cache.write_unit(k, h)
+            cache.mark_done(k)
+        except OSError as e:
+            raise UserError(f"--out: writing unit {k} to {cache.path} failed: {e.strerror or e}; finished units "
+                            "are kept: free space, then rerun with --resume") from None
 
     with ThreadPoolExecutor(1) as pool:
         for k in todo:
@@ -355,9 +372,12 @@ def run_dump(cfg: DumpConfig, rank: int = 0, world_size: int = 1) -> dict:
         if pending is not None:
             pending.result()
     bar.close()
+    if nonfinite:
+        print(f"warning: {nonfinite} token rows had NaN/Inf hidden states; their sequences are recorded in "
+              "'bad_rows' and excluded from training (--strict makes this an error)", file=sys.stderr)
     if rank == 0 and cache.done_units().all():
         cache.set_attrs(complete=True)
-    return summary(cache, t0, tokens_todo, mp.computed_tokens)
+    return {**summary(cache, t0, tokens_todo, mp.computed_tokens), "nonfinite_rows": nonfinite}
 
 
 def summary(cache: store.Cache, t0: float, written: int, computed: int) -> dict:

@@ -113,6 +113,7 @@ def create(
         fill_value=0,
         attributes={"logical_dtype": hidden_dtype},
     )
+    group.create_array("bad_rows", shape=(n,), dtype=np.uint8, compressors=[_blosc(1)], fill_value=0, **tok)
     n_units = max(1, -(-n // layout.shard_tokens))
     group.create_array("unit_done", shape=(n_units,), dtype=np.uint8, chunks=(1,), compressors=None, fill_value=0)
     group.attrs.update(
@@ -200,11 +201,23 @@ class Cache:
             raise UserError(f"{self.path}/hidden: cannot read token rows {start}:{stop} ({e})") from None
         return from_stored(np.ascontiguousarray(arr), self.hidden_dtype)
 
-    def write_unit(self, k: int, hidden: torch.Tensor) -> None:
+    def write_unit(self, k: int, hidden: torch.Tensor) -> int:
+        """Write unit k's rows (and its shard of ``bad_rows``: rows holding NaN/Inf). Returns #bad rows."""
         a, b = self.unit_range(k)
         assert hidden.shape == (b - a, self.hidden_size), (hidden.shape, a, b)
+        bad = (~torch.isfinite(hidden).all(dim=1)).numpy().astype(np.uint8)
         self.hidden[a:b] = to_stored(hidden, self.hidden_dtype)
+        if "bad_rows" in self.group:
+            self.group["bad_rows"][a:b] = bad
         self._fsync_local(f"hidden/c/{k}/0")
+        return int(bad.sum())
+
+    def bad_seqs(self) -> np.ndarray:
+        """Sequences with a NaN/Inf hidden row (recorded by the dump; excluded from training)."""
+        if "bad_rows" not in self.group:
+            return np.zeros(0, dtype=np.int64)
+        rows = np.flatnonzero(self.group["bad_rows"][:])
+        return np.unique(np.searchsorted(self.offsets, rows, side="right") - 1)
 
     def mark_done(self, k: int) -> None:
         self.group["unit_done"][k] = 1

@@ -22,6 +22,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -154,6 +155,11 @@ class TrainConfig:
 # --------------------------------------------------------------------------------------------------
 def split(cache: Cache, cfg: TrainConfig) -> tuple[np.ndarray, np.ndarray]:
     seqs = np.arange(cache.n_seqs)
+    bad = cache.bad_seqs()
+    if len(bad):
+        print(f"warning: {len(bad)} sequences with NaN/Inf hidden states are excluded ({cache.path})",
+              file=sys.stderr)
+        seqs = np.setdiff1d(seqs, bad)
     if not cache.complete and cfg.allow_partial:  # only sequences whose every unit is done
         done = cache.done_units()
         a_unit = cache.offsets[:-1] // cache.shard_tokens

@@ -1,0 +1,59 @@
+"""The issue-5 table: stories260K self-distilled heads, with and without --init-from-lm-head and --distill.
+
+    python tools/demo_table.py [--work medusa-cache-demo] [--epochs 4]
+
+Reuses (or makes) the demo's stories and cache, runs `ablate` (1..5 heads, trees 16/32/64) for the four
+combinations, and prints one markdown table: per-head top-1 and chain/tree acceptance on held-out positions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+from medusa_cache.ablate import run_ablate  # noqa: E402
+from medusa_cache.demo import DEMO  # noqa: E402
+from medusa_cache.dump import DumpConfig, run_dump  # noqa: E402
+from medusa_cache.generate import GenerateConfig, generate  # noqa: E402
+from medusa_cache.store import is_store  # noqa: E402
+from medusa_cache.train import TrainConfig  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work", default="medusa-cache-demo")
+    ap.add_argument("--epochs", type=int, default=4)
+    a = ap.parse_args()
+    w, model = Path(a.work), str(DEMO / "stories260K")
+    w.mkdir(parents=True, exist_ok=True)
+    if not (w / "stories.jsonl").exists():
+        generate(GenerateConfig(model=model, prompts=str(DEMO / "prompts.jsonl"), out=str(w / "stories.jsonl"),
+                                max_new_tokens=200, batch_size=40))
+    if not is_store(w / "cache.zarr"):
+        run_dump(DumpConfig(model=model, data=[str(w / "stories.jsonl")], out=str(w / "cache.zarr"), dtype="float32",
+                            max_length=512))
+    lines = ["| lm_head init | distill | heads | top-1 per head | chain | tree16 | tree32 | tree64 |",
+             "|---|---|---|---|---|---|---|---|"]
+    for init in (False, True):
+        for distill in (False, True):
+            cfg = TrainConfig(cache=str(w / "cache.zarr"), out=str(w / f"table-init{int(init)}-distill{int(distill)}"),
+                              epochs=a.epochs, lr=3e-3, batch_tokens=1024, grad_accum=1, val_fraction=0.1,
+                              init_from_lm_head=model if init else None, distill=model if distill else None,
+                              overwrite=True)
+            res = run_ablate(cfg, heads=[1, 2, 3, 4, 5], layers=[1], lrs=[3e-3], budgets=[16, 32, 64])
+            for r in res["results"]:
+                t = r["trees"]
+                lines.append(f"| {'yes' if init else 'no'} | {'yes' if distill else 'no'} | {r['num_heads']} | "
+                             + " ".join(f"{x:.3f}" for x in r["top1"])
+                             + f" | {r['chain_acceptance']:.3f} | {t['16']['acceptance']:.3f} | "
+                             f"{t['32']['acceptance']:.3f} | {t['64']['acceptance']:.3f} |")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -264,17 +264,21 @@ def check_cache_against(cache: Cache, cfg: TrainConfig) -> None:
             raise UserError(f"--{name.replace('_', '-')}: config says {want} but the cache {cache.path} has {have}")
 
 
-def build_heads(cfg: TrainConfig, cache: Cache) -> MedusaHeads:
-    heads = MedusaHeads(cache.hidden_size, cache.attrs["draft_vocab_size"], cfg.num_heads, cfg.num_layers, cfg.seed)
-    if cfg.init_from_lm_head:
-        from .lm_head import read_lm_head
+def draft_lm_head(model_dir: str, cache: Cache, flag: str) -> torch.Tensor:
+    """The base model's lm_head rows of the cache's draft vocabulary [D, H], fingerprint-checked."""
+    from .lm_head import read_lm_head
 
-        rows = cache.mapping().draft_to_target
-        w = read_lm_head(cfg.init_from_lm_head, rows, cache.attrs["fingerprints"]["model"])
-        if w.shape != (len(rows), cache.hidden_size):
-            raise UserError(f"--init-from-lm-head: lm_head rows have shape {tuple(w.shape)}, "
-                            f"expected {(len(rows), cache.hidden_size)}")
-        heads.set_lm_head(w.float())
+    rows = cache.mapping().draft_to_target
+    w = read_lm_head(model_dir, rows, cache.attrs["fingerprints"]["model"], flag=flag)
+    if w.shape != (len(rows), cache.hidden_size):
+        raise UserError(f"{flag}: lm_head rows have shape {tuple(w.shape)}, expected {(len(rows), cache.hidden_size)}")
+    return w.float()
+
+
+def build_heads(cfg: TrainConfig, cache: Cache, lm_init: torch.Tensor | None = None) -> MedusaHeads:
+    heads = MedusaHeads(cache.hidden_size, cache.attrs["draft_vocab_size"], cfg.num_heads, cfg.num_layers, cfg.seed)
+    if lm_init is not None:
+        heads.set_lm_head(lm_init)
     return heads
 
 
@@ -290,8 +294,9 @@ class Variant:
     window_loss: np.ndarray
 
 
-def make_variant(name: str, cfg: TrainConfig, cache: Cache, total_steps: int, num_layers: int, lr: float) -> Variant:
-    heads = build_heads(replace(cfg, num_layers=num_layers), cache).to(cfg.device)
+def make_variant(name: str, cfg: TrainConfig, cache: Cache, total_steps: int, num_layers: int, lr: float,
+                 lm_init: torch.Tensor | None) -> Variant:
+    heads = build_heads(replace(cfg, num_layers=num_layers), cache, lm_init).to(cfg.device)
     fused = cfg.device.startswith("cuda")
     opt = torch.optim.AdamW(heads.parameters(), lr=lr, weight_decay=cfg.weight_decay, fused=fused or None)
     from transformers import get_scheduler
@@ -319,6 +324,9 @@ def train(cfg: TrainConfig, variants: list[tuple[str, int, float]] | None = None
             raise UserError(f"--val-cache: {cfg.val_cache} uses a different draft vocabulary than {cfg.cache}")
         if val_cache.attrs["fingerprints"]["model"] != cache.attrs["fingerprints"]["model"]:
             raise UserError(f"--val-cache: {cfg.val_cache} was dumped with a different model than {cfg.cache}")
+    # everything that can refuse the run is read before --out is touched
+    lm_init = draft_lm_head(cfg.init_from_lm_head, cache, "--init-from-lm-head") if cfg.init_from_lm_head else None
+    teacher_w = draft_lm_head(cfg.distill, cache, "--distill").to(cfg.device) if cfg.distill else None
     out = _prepare_out(cfg)
     if cfg.resume:
         old = json.loads((out / "train_config.json").read_text())
@@ -342,7 +350,7 @@ def train(cfg: TrainConfig, variants: list[tuple[str, int, float]] | None = None
     steps_per_epoch = math.ceil(n_batches / cfg.grad_accum)
     total_steps = steps_per_epoch * cfg.epochs
     specs = variants or [("", cfg.num_layers, cfg.lr)]
-    vs = [make_variant(name, cfg, cache, total_steps, layers, lr) for name, layers, lr in specs]
+    vs = [make_variant(name, cfg, cache, total_steps, layers, lr, lm_init) for name, layers, lr in specs]
     step, epoch, start_batch = 0, 0, 0
     if cfg.resume:
         ck = torch.load(out / "checkpoint.pt", map_location=device, weights_only=True)
@@ -353,12 +361,6 @@ def train(cfg: TrainConfig, variants: list[tuple[str, int, float]] | None = None
         step, epoch, start_batch = ck["step"], ck["epoch"], ck["next_batch"]
 
     memory = cache.read_hidden(0, cache.n_tokens) if cfg.in_memory else None
-    teacher_w = None
-    if cfg.distill:
-        from .lm_head import read_lm_head
-
-        teacher_w = read_lm_head(cfg.distill, cache.mapping().draft_to_target, cache.attrs["fingerprints"]["model"],
-                                 flag="--distill").float().to(device)
     weights = cfg.loss_weights()
     metrics_f = open(out / "metrics.jsonl", "a")
     bar = tqdm(total=min(total_steps, cfg.max_steps or total_steps), initial=step, desc="train", unit="step",

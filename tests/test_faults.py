@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 import zarr
-
 from conftest import sharegpt_slice, write_jsonl
+
 from medusa_cache import store
 from medusa_cache.dump import DumpConfig, ModelPass, run_dump
 from medusa_cache.errors import UserError
@@ -60,7 +60,8 @@ def test_strict_makes_nan_an_error_naming_the_row(tmp_path, tiny_llama, data, mo
     run_dump(_cfg(tiny_llama, data, tmp_path / "ref"))
     offsets = Cache(tmp_path / "ref").offsets
     _poison(monkeypatch, int(offsets[5]))
-    with pytest.raises(UserError, match=r"--strict: NaN/Inf hidden state at token \d+ \(sequence 5, .*chat.jsonl row 6\)"):
+    want = r"--strict: NaN/Inf hidden state at token \d+ \(sequence 5, .*chat.jsonl row 6\)"
+    with pytest.raises(UserError, match=want):
         run_dump(_cfg(tiny_llama, data, tmp_path / "c", strict=True))
     assert not Cache(tmp_path / "c").complete
 

@@ -1,0 +1,203 @@
+"""Every row of docs/errors.md: the exact message users see, the exit code, and that nothing was written.
+
+Each case builds its inputs in a fresh directory, snapshots every file (and the shared cache and heads it
+reads), runs the command in-process, and checks: exit code, one-line message containing the documented text,
+no traceback, and every file byte-identical afterwards (no output created where the row says "nothing").
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+
+import pytest
+from conftest import REPO, STORIES
+
+from medusa_cache.cli import main
+
+GOOD = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello there"}]}
+
+
+def _w(p: Path, text: str | bytes) -> str:
+    p.write_bytes(text if isinstance(text, bytes) else text.encode())
+    return str(p)
+
+
+def _jsonl(p: Path, *rows) -> str:
+    return _w(p, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+# (id, command, builder(tmp, env) -> argv, expected text, exit code)
+CASES = [
+    ("dump-malformed-line", "dump", lambda t, e: e.dump(_w(t / "d.jsonl", json.dumps(GOOD) + "\n{oops\n")),
+     "d.jsonl:2: malformed JSON line", 2),
+    ("dump-malformed-json-file", "dump", lambda t, e: e.dump(_w(t / "d.json", '[{"text": "a"},\n {oops}]')),
+     "d.json:2: malformed JSON", 2),
+    ("dump-unknown-role", "dump", lambda t, e: e.dump(_jsonl(t / "d.jsonl", {"conversations": [
+        {"from": "wizard", "value": "x"}]})), "turn 0 has unknown role 'wizard'", 2),
+    ("dump-empty-content", "dump", lambda t, e: e.dump(_jsonl(t / "d.jsonl", {"messages": [
+        {"role": "user", "content": ""}]})), "turn 0 (user) has empty content", 2),
+    ("dump-no-assistant-turn", "dump", lambda t, e: e.dump(_jsonl(t / "d.jsonl", {"messages": [
+        {"role": "user", "content": "a"}]})), "no usable conversations (1 rows, 0 bad, 1 without an assistant", 2),
+    ("dump-non-utf8", "dump", lambda t, e: e.dump(_w(t / "d.jsonl", b'{"text": "\xff"}\n')),
+     "d.jsonl:1: not valid UTF-8", 2),
+    ("dump-unknown-format", "dump", lambda t, e: e.dump(_jsonl(t / "d.jsonl", {"prompt": "x"})),
+     "unknown data format", 2),
+    ("dump-missing-file", "dump", lambda t, e: e.dump(str(t / "nope.jsonl")), "--data: file not found", 2),
+    ("dump-no-chat-template", "dump", lambda t, e: ["dump", "--model", str(STORIES), "--data",
+                                                    _jsonl(t / "d.jsonl", GOOD), "--out", str(t / "o")],
+     "the tokenizer has no chat template; pass --chat-template FILE", 2),
+    ("dump-existing-out", "dump", lambda t, e: e.dump(_jsonl(t / "d.jsonl", GOOD), out=e.existing(t)),
+     "already exists; pass --resume to continue it or --overwrite", 2),
+    ("dump-overwrite-foreign-dir", "dump", lambda t, e: e.dump(_jsonl(t / "d.jsonl", GOOD), e.existing(t),
+                                                               "--overwrite"),
+     "exists and is not a medusa-cache store; refusing to delete it", 2),
+    ("dump-max-length-0", "dump", lambda t, e: e.dump(_jsonl(t / "d.jsonl", GOOD), None, "--max-length", "0"),
+     "--max-length: must be in 1..", 2),
+    ("dump-draft-vocab-0", "dump", lambda t, e: e.dump(_jsonl(t / "d.jsonl", GOOD), None, "--draft-vocab-size", "0"),
+     "--draft-vocab-size: must be >= 1", 2),
+    ("dump-mapping-other-vocab", "dump", lambda t, e: e.dump(_jsonl(t / "d.jsonl", GOOD), None, "--vocab-mapping",
+                                                             e.small_mapping(t)),
+     "covers a vocabulary of 10 tokens, the model has 128256", 2),
+    ("dump-resume-different-data", "dump", lambda t, e: ["dump", "--model", str(e.model), "--data",
+                                                         _jsonl(t / "other.jsonl", GOOD), "--out", e.resumable(t),
+                                                         "--resume"],
+     "was dumped with a different data", 2),
+    ("train-incomplete-cache", "train", lambda t, e: ["train", "--cache", e.partial(t), "--out", str(t / "o")],
+     "cache is incomplete (0/", 2),
+    ("train-config-mismatch", "train", lambda t, e: ["train", "--cache", e.cache, "--out", str(t / "o"), "--config",
+                                                     str(REPO / "configs" / "llama3-8B-medusa.json")],
+     "--hidden-size: config says 4096 but the cache", 2),
+    ("train-num-heads-0", "train", lambda t, e: ["train", "--cache", e.cache, "--out", str(t / "o"), "--num-heads",
+                                                 "0"], "--num-heads: must be in 1..32, got 0", 2),
+    ("train-negative-lr", "train", lambda t, e: ["train", "--cache", e.cache, "--out", str(t / "o"), "--lr", "-1"],
+     "--lr: must be a positive number, got -1.0", 2),
+    ("train-lm-head-other-model", "train", lambda t, e: ["train", "--cache", e.cache, "--out", str(t / "o"),
+                                                         "--init-from-lm-head", str(STORIES)],
+     "is not the model the cache was dumped with", 2),
+    ("train-existing-out", "train", lambda t, e: ["train", "--cache", e.cache, "--out", e.existing(t)],
+     "already exists; pass --resume to continue it or --overwrite", 2),
+    ("train-unknown-config-key", "train", lambda t, e: ["train", "--cache", e.cache, "--out", str(t / "o"),
+                                                        "--config", _w(t / "c.json", '{"heads": 3}')],
+     "unknown key(s) heads for TrainConfig", 2),
+    ("export-not-heads-dir", "export", lambda t, e: ["export", e.cache, "--format", "vllm", "--out", str(t / "o")],
+     "not a medusa-cache heads directory (missing config.json)", 2),
+    ("export-existing-out", "export", lambda t, e: ["export", e.heads, "--format", "vllm", "--out", e.existing(t)],
+     "already exists; pass --overwrite to replace it", 2),
+    ("eval-other-vocab", "eval", lambda t, e: ["eval", "--heads", e.heads, "--cache", e.partial(t, complete=True)],
+     "uses a different draft vocabulary than the heads", 2),
+    ("eval-tree-not-prefix-closed", "eval", lambda t, e: ["eval", "--heads", e.heads, "--cache", e.cache, "--tree",
+                                                          _w(t / "t.json", "[[0], [1, 0]]")],
+     "path [1, 0] has no parent [1] (trees must be prefix-closed)", 2),
+    ("ablate-zero-heads", "ablate", lambda t, e: ["ablate", "--cache", e.cache, "--out", str(t / "o"), "--heads",
+                                                  "0,2"], "--heads: give head counts >= 1", 2),
+    ("ablate-no-held-out", "ablate", lambda t, e: ["ablate", "--cache", e.cache, "--out", str(t / "o"),
+                                                   "--val-fraction", "0"], "ablate needs held-out data", 2),
+    ("generate-existing-out", "generate", lambda t, e: ["generate", "--model", str(STORIES), "--prompts",
+                                                        _jsonl(t / "p.jsonl", {"text": "Once"}), "--out",
+                                                        _w(t / "out.jsonl", "{}\n")],
+     "already exists; pass --resume to continue it or --overwrite", 2),
+    ("generate-max-new-tokens-0", "generate", lambda t, e: ["generate", "--model", str(STORIES), "--prompts",
+                                                            _jsonl(t / "p.jsonl", {"text": "Once"}), "--out",
+                                                            str(t / "o.jsonl"), "--max-new-tokens", "0"],
+     "--max-new-tokens: must be >= 1, got 0", 2),
+    ("verify-newer-format", "verify", lambda t, e: ["verify", e.partial(t, version=99)],
+     "cache format version 99 is newer than this medusa-cache reads", 2),
+]
+
+
+class Env:
+    def __init__(self, model: Path, cache: Path, heads: Path):
+        self.model, self.cache, self.heads = model, str(cache), str(heads)
+
+    def dump(self, data: str, out: str | None = None, *extra: str) -> list[str]:
+        return ["dump", "--model", str(self.model), "--data", data, "--out", out or str(Path(data).parent / "o"),
+                *extra]
+
+    @staticmethod
+    def existing(t: Path) -> str:
+        d = t / "existing"
+        d.mkdir()
+        (d / "mine.txt").write_text("precious")
+        return str(d)
+
+    @staticmethod
+    def small_mapping(t: Path) -> str:
+        import numpy as np
+
+        from medusa_cache.vocab import build_mapping, save_mapping
+
+        save_mapping(build_mapping(np.arange(10), 4), t / "m.safetensors")
+        return str(t / "m.safetensors")
+
+    def resumable(self, t: Path) -> str:
+        import shutil
+
+        shutil.copytree(self.cache, t / "c")
+        return str(t / "c")
+
+    @staticmethod
+    def partial(t: Path, complete: bool = False, version: int | None = None) -> str:
+        import numpy as np
+        import torch
+        from test_train import make_cache
+
+        c = make_cache(t / "p", [0, 100, 300], np.arange(300) % 30, torch.randn(300, 32), draft=30, complete=complete)
+        if not complete:
+            c.group["unit_done"][:] = 0
+        if version:
+            c.set_attrs(medusa_cache=version)
+        return str(t / "p")
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory, tiny_llama, dumped) -> Env:
+    from medusa_cache.train import TrainConfig, train
+
+    heads = tmp_path_factory.mktemp("heads") / "h"
+    train(TrainConfig(cache=str(dumped), out=str(heads), num_heads=2, epochs=1, max_steps=2))
+    return Env(tiny_llama, dumped, heads)
+
+
+def _snapshot(*roots: Path) -> dict[str, str]:
+    out = {}
+    for r in roots:
+        for f in sorted(Path(r).rglob("*")):
+            if f.is_file():
+                out[str(f)] = hashlib.sha256(f.read_bytes()).hexdigest()
+    return out
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_bad_input(case, tmp_path, env, capsys):
+    _, _, build, expected, code = case
+    argv = build(tmp_path, env)
+    roots = (tmp_path, Path(env.cache), Path(env.heads))
+    before = _snapshot(*roots)
+    capsys.readouterr()
+    try:
+        rc = main(argv)
+    except SystemExit as e:
+        rc = e.code
+    err = capsys.readouterr().err
+    assert rc == code, err
+    assert expected in err, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert _snapshot(*roots) == before, "something was written or changed"
+    if os.environ.get("MEDUSA_CACHE_ERRORS_LOG"):  # used to regenerate docs/errors.md
+        with open(os.environ["MEDUSA_CACHE_ERRORS_LOG"], "a") as f:
+            f.write(json.dumps([case[0], case[1], err.strip().replace(str(tmp_path), "DIR"), code]) + "\n")
+
+
+def test_docs_errors_md_lists_every_case():
+    doc = (REPO / "docs" / "errors.md").read_text()
+    rows = [r for r in doc.splitlines() if r.startswith("| `")]
+    assert len(rows) == len(CASES) >= 20
+    for name, command, _, expected, code in CASES:
+        row = next((r for r in rows if r.startswith(f"| `{name}`")), None)
+        assert row is not None, name
+        assert f"`{command}`" in row and expected in row and f"| {code} |" in row
+    assert re.search("nothing", doc)

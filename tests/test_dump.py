@@ -104,34 +104,41 @@ def _dump_args(model, data, out, *extra):
 
 @pytest.mark.slow
 def test_kill_and_resume_is_bit_identical(tmp_path, tiny_llama):
+    """kill -9 at 10 moments (while preparing the store, then after 1, 2, 3, 5, ... units, i.e. mid-batch,
+    mid-write or right after a commit, wherever the poll lands), resuming each time."""
     data = write_jsonl(tmp_path / "chat.jsonl", sharegpt_slice(250))
     run_cli(*_dump_args(tiny_llama, data, tmp_path / "ref"))
     out = tmp_path / "killed"
     env = {**os.environ, "TQDM_DISABLE": "1"}
+
+    def units_done() -> int:
+        d = out / "unit_done" / "c"
+        return len(list(d.glob("*"))) if d.exists() else 0
+
+    triggers = [lambda: (out / "zarr.json").exists(), lambda: (out / "input_ids").exists()]
+    triggers += [lambda n=n: units_done() >= n for n in (1, 2, 3, 5, 7, 9, 11, 13)]
     kills = 0
-    for _ in range(3):  # kill -9 at three different points, resuming each time
+    for trigger in triggers:
         args = _dump_args(tiny_llama, data, out, *(["--resume"] if out.exists() else []))
         p = subprocess.Popen([sys.executable, "-m", "medusa_cache", *args], env=env,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        want = 3 + 5 * kills
         deadline = time.time() + 120
-        while time.time() < deadline and p.poll() is None:
-            done = list((out / "unit_done" / "c").glob("*")) if (out / "unit_done" / "c").exists() else []
-            if len(done) >= want:
-                break
-            time.sleep(0.01)
+        while time.time() < deadline and p.poll() is None and not trigger():
+            time.sleep(0.002)
         if p.poll() is None:
             p.send_signal(signal.SIGKILL)
             kills += 1
         p.wait()
-    assert kills >= 2, "the dump finished before it could be killed; make the workload larger"
-    assert not Cache(out).complete
+    assert kills >= 8, f"only {kills} kills landed before the dump finished; make the workload larger"
     run_cli(*_dump_args(tiny_llama, data, out, "--resume"))
     a, b = zarr.open_group(str(tmp_path / "ref"), mode="r"), zarr.open_group(str(out), mode="r")
     for name in ("hidden", "input_ids", "loss_mask", "labels", "seq_offsets", "seq_source", "d2t", "t2d",
-                 "token_counts"):
+                 "token_counts", "bad_rows"):
         assert np.array_equal(a[name][:], b[name][:]), name
     assert b.attrs["complete"] is True
+    from medusa_cache.verify import verify
+
+    assert verify(str(out), deep=True)["healthy"]
 
 
 def test_resume_with_different_settings_names_what_differs(tmp_path, tiny_llama, small_chat):

@@ -18,6 +18,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import torch
 from tqdm.auto import tqdm
 
 from .errors import UserError
@@ -47,6 +48,10 @@ def run_ablate(cfg: TrainConfig, heads: list[int], layers: list[int], lrs: list[
     cfg = replace(cfg, num_heads=kmax, clip_per_head=True)
     specs = [(variant_name(la, lr), la, lr) for la in layers for lr in lrs]
     result = train(cfg, specs)
+    from . import dist
+
+    if dist.active() and torch.distributed.get_rank() != 0:
+        return {}  # under torchrun the ranks train together; rank 0 evaluates and reports
     out = Path(cfg.out)
     cache = Cache(cfg.val_cache) if cfg.val_cache else Cache(cfg.cache)
     val = np.arange(cache.n_seqs) if cfg.val_cache else result["val_seqs"]

@@ -18,9 +18,15 @@ EPILOG = """examples:
 
 
 def _dump(args: argparse.Namespace) -> None:
+    from . import dist
     from .dump import DumpConfig, print_summary, run_dump
 
-    print_summary(run_dump(build_config(DumpConfig, args)))
+    cfg = build_config(DumpConfig, args)
+    rank, world, device = dist.setup(cfg.device)
+    cfg.device = device
+    s = run_dump(cfg, rank, world)
+    if rank == 0:
+        print_summary(s)
 
 
 def _inspect(args: argparse.Namespace) -> None:
@@ -59,9 +65,12 @@ def _demo(args: argparse.Namespace) -> None:
 
 
 def _train(args: argparse.Namespace) -> None:
+    from . import dist
     from .train import TrainConfig, train
 
-    train(build_config(TrainConfig, args, args.config))
+    cfg = build_config(TrainConfig, args, args.config)
+    _, _, cfg.device = dist.setup(cfg.device)
+    train(cfg)
 
 
 def _export(args: argparse.Namespace) -> None:
@@ -110,11 +119,13 @@ def _eval(args: argparse.Namespace) -> None:
 
 
 def _ablate(args: argparse.Namespace) -> None:
+    from . import dist
     from .ablate import run_ablate
     from .train import TrainConfig
 
     cfg = build_config(TrainConfig, args, args.config, num_heads=max(args.heads), num_layers=max(args.layers),
                        lr=max(args.lr))
+    _, _, cfg.device = dist.setup(cfg.device)
     run_ablate(cfg, args.heads, args.layers, args.lr, args.tree_budget, args.topk)
 
 
@@ -213,6 +224,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"medusa-cache {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        import torch.distributed as tdist
+
+        if tdist.is_available() and tdist.is_initialized():
+            tdist.destroy_process_group()
     return 0
 
 

@@ -32,8 +32,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from . import dist, store
 from . import fingerprint as fp
-from . import store
 from .config import check, to_dict
 from .data import FORMATS, RowError, Templater, read_rows
 from .errors import UserError
@@ -305,9 +305,8 @@ def compute_unit(cache: store.Cache, ids: np.ndarray, k: int, mp: ModelPass, bat
     return buf
 
 
-def run_dump(cfg: DumpConfig, rank: int = 0, world_size: int = 1) -> dict:
-    """Dump ``cfg.data`` through ``cfg.model`` into ``cfg.out``. Returns the summary dict."""
-    t0 = time.perf_counter()
+def open_or_prepare(cfg: DumpConfig) -> store.Cache:
+    """Check inputs, then resume (fingerprints must match) or create the store. Rank 0 only."""
     _check_inputs(cfg)
     from transformers import AutoConfig
 
@@ -317,7 +316,6 @@ def run_dump(cfg: DumpConfig, rank: int = 0, world_size: int = 1) -> dict:
     template = Path(cfg.chat_template).read_text(encoding="utf-8") if cfg.chat_template else None
     fps = _fingerprints(cfg, template or getattr(tokenizer, "chat_template", None) or "")
     out = Path(cfg.out)
-    cache = None
     if cfg.overwrite:
         store.remove_store(out)
     if cfg.resume and store.is_store(out):
@@ -327,12 +325,26 @@ def run_dump(cfg: DumpConfig, rank: int = 0, world_size: int = 1) -> dict:
         if diff:
             raise UserError(f"--resume: {out} was dumped with a different {', '.join(diff)}; "
                             "use --overwrite to start again or a new --out")
-    elif cfg.resume and out.exists() and any(out.iterdir()) and not store.is_store(out, partial=True):
+        return cache
+    if cfg.resume and out.exists() and any(out.iterdir()) and not store.is_store(out, partial=True):
         raise UserError(f"--resume: {out} is not a medusa-cache store")
-    if cache is None:
-        cache = prepare(cfg, fps, template, mcfg.vocab_size, mcfg.hidden_size, tokenizer)
+    return prepare(cfg, fps, template, mcfg.vocab_size, mcfg.hidden_size, tokenizer)
+
+
+def run_dump(cfg: DumpConfig, rank: int = 0, world_size: int = 1) -> dict:
+    """Dump ``cfg.data`` through ``cfg.model`` into ``cfg.out``; this process computes units k % world == rank.
+
+    Under torchrun every rank calls this: rank 0 prepares the store, then all ranks write their own units,
+    and rank 0 marks the store complete after a barrier. Returns this rank's summary.
+    """
+    t0 = time.perf_counter()
+    cache = dist.on_rank0(lambda: open_or_prepare(cfg), rank)
+    if rank != 0:
+        cache = store.Cache(cfg.out, mode="r+")
+    out = Path(cfg.out)
     if cache.complete:
-        print(f"{out}: already complete", file=sys.stderr)
+        if rank == 0:
+            print(f"{out}: already complete", file=sys.stderr)
         return summary(cache, t0, 0, 0)
     done = cache.done_units()
     todo = [k for k in range(cache.n_units) if k % world_size == rank and not done[k]]
@@ -361,17 +373,23 @@ def run_dump(cfg: DumpConfig, rank: int = 0, world_size: int = 1) -> dict:
             raise UserError(f"--out: writing unit {k} to {cache.path} failed: {e.strerror or e}; finished units "
                             "are kept: free space, then rerun with --resume") from None
 
-    with ThreadPoolExecutor(1) as pool:
-        for k in todo:
-            h = compute_unit(cache, ids, k, mp, cfg.batch_tokens)
+    error = None
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            for k in todo:
+                h = compute_unit(cache, ids, k, mp, cfg.batch_tokens)
+                if pending is not None:
+                    pending.result()
+                pending = pool.submit(write, k, h)
+                a, b = cache.unit_range(k)
+                bar.update(b - a)
             if pending is not None:
                 pending.result()
-            pending = pool.submit(write, k, h)
-            a, b = cache.unit_range(k)
-            bar.update(b - a)
-        if pending is not None:
-            pending.result()
+    except UserError as e:
+        error = str(e)
     bar.close()
+    dist.agree(error)  # every rank stops with the same message if any rank failed
+    dist.barrier()
     if nonfinite:
         print(f"warning: {nonfinite} token rows had NaN/Inf hidden states; their sequences are recorded in "
               "'bad_rows' and excluded from training (--strict makes this an error)", file=sys.stderr)

@@ -18,6 +18,7 @@ ends with the same weights on the CPU.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -307,12 +308,46 @@ def make_variant(name: str, cfg: TrainConfig, cache: Cache, total_steps: int, nu
     return Variant(name, heads, opt, sched, np.zeros((k, 3), dtype=np.int64), np.zeros(k))
 
 
+def _prepare_run(cfg: TrainConfig) -> Path:
+    """Create or check --out and write the resolved config (rank 0)."""
+    out = _prepare_out(cfg)
+    if cfg.resume:
+        old = json.loads((out / "train_config.json").read_text())
+        keys = [k for k in ("cache", "num_heads", "num_layers", "lr", "batch_size", "grad_accum", "batch_tokens",
+                            "seed", "epochs", "schedule", "warmup_ratio", "max_grad_norm", "head_loss_weights",
+                            "clip_per_head", "val_fraction", "distill", "distill_weight", "init_from_lm_head")
+                if old.get(k) != getattr(cfg, k)]
+        if keys:
+            raise UserError(f"--resume: {out} was trained with different {', '.join(keys)}")
+    (out / "train_config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+    return out
+
+
+def _clip(v: Variant, cfg: TrainConfig) -> None:
+    if cfg.max_grad_norm <= 0:
+        return
+    if cfg.clip_per_head:
+        for hd in v.heads.heads:
+            torch.nn.utils.clip_grad_norm_(hd.parameters(), cfg.max_grad_norm)
+    else:
+        torch.nn.utils.clip_grad_norm_(v.heads.parameters(), cfg.max_grad_norm)
+
+
 def train(cfg: TrainConfig, variants: list[tuple[str, int, float]] | None = None) -> dict:
     """Train heads on ``cfg.cache`` into ``cfg.out``; returns the final metrics.
 
     ``variants``: (name, num_layers, lr) triples trained side by side on the same batches, each read
     once; their heads go to ``out/variants/NAME/``. Default: one variant from ``cfg`` written to ``out/``.
+
+    Data parallel (under torchrun, ``W`` processes): an optimizer step consumes a group of ``W x grad_accum``
+    micro-batches of the epoch's order; rank r takes micro-batches r, r+W, ... of it, and DDP averages the
+    gradients. Each micro-batch's loss is scaled by W / (micro-batches in the group), so W processes with
+    accumulation A take the same steps as one process with accumulation W x A (tested with gloo).
     """
+    from . import dist
+
+    rank = torch.distributed.get_rank() if dist.active() else 0
+    world = torch.distributed.get_world_size() if dist.active() else 1
     torch.manual_seed(cfg.seed)
     cache = Cache(cfg.cache)
     cache.require_complete(cfg.allow_partial)
@@ -327,16 +362,8 @@ def train(cfg: TrainConfig, variants: list[tuple[str, int, float]] | None = None
     # everything that can refuse the run is read before --out is touched
     lm_init = draft_lm_head(cfg.init_from_lm_head, cache, "--init-from-lm-head") if cfg.init_from_lm_head else None
     teacher_w = draft_lm_head(cfg.distill, cache, "--distill").to(cfg.device) if cfg.distill else None
-    out = _prepare_out(cfg)
-    if cfg.resume:
-        old = json.loads((out / "train_config.json").read_text())
-        keys = [k for k in ("cache", "num_heads", "num_layers", "lr", "batch_size", "grad_accum", "batch_tokens",
-                            "seed", "epochs", "schedule", "warmup_ratio", "max_grad_norm", "head_loss_weights",
-                            "clip_per_head", "val_fraction", "distill", "distill_weight", "init_from_lm_head")
-                if old.get(k) != getattr(cfg, k)]
-        if keys:
-            raise UserError(f"--resume: {out} was trained with different {', '.join(keys)}")
-    (out / "train_config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+    dist.on_rank0(lambda: _prepare_run(cfg), rank)
+    out = Path(cfg.out)
 
     device = cfg.device
     fused = device.startswith("cuda")
@@ -347,80 +374,99 @@ def train(cfg: TrainConfig, variants: list[tuple[str, int, float]] | None = None
     blocks = make_blocks(train_seqs, cache.offsets, cfg.block_tokens)
     n_batches = len(make_batches(epoch_order(blocks, cfg.seed, 0, cfg.shuffle_buffer), cache.offsets,
                                  cfg.batch_size, cfg.batch_tokens))
-    steps_per_epoch = math.ceil(n_batches / cfg.grad_accum)
+    group = world * cfg.grad_accum  # micro-batches per optimizer step, all ranks together
+    steps_per_epoch = math.ceil(n_batches / group)
     total_steps = steps_per_epoch * cfg.epochs
     specs = variants or [("", cfg.num_layers, cfg.lr)]
     vs = [make_variant(name, cfg, cache, total_steps, layers, lr, lm_init) for name, layers, lr in specs]
-    step, epoch, start_batch = 0, 0, 0
+    step, epoch, start_group = 0, 0, 0
     if cfg.resume:
         ck = torch.load(out / "checkpoint.pt", map_location=device, weights_only=True)
+        if ck.get("group", group) != group:
+            raise UserError(f"--resume: {out} was trained with {ck['group']} micro-batches per step "
+                            f"(processes x --grad-accum), this run has {group}; keep the product the same")
         for v, st in zip(vs, ck["variants"], strict=True):
             v.heads.load_state_dict(st["heads"])
             v.opt.load_state_dict(st["optimizer"])
             v.sched.load_state_dict(st["scheduler"])
-        step, epoch, start_batch = ck["step"], ck["epoch"], ck["next_batch"]
+        step, epoch, start_group = ck["step"], ck["epoch"], ck["next_batch"] // group
+    models = [v.heads for v in vs]
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        models = [DDP(v.heads, device_ids=[torch.device(device).index] if fused else None) for v in vs]
 
     memory = cache.read_hidden(0, cache.n_tokens) if cfg.in_memory else None
     weights = cfg.loss_weights()
-    metrics_f = open(out / "metrics.jsonl", "a")
+    metrics_f = open(out / "metrics.jsonl", "a") if rank == 0 else None
     bar = tqdm(total=min(total_steps, cfg.max_steps or total_steps), initial=step, desc="train", unit="step",
-               disable=None)
+               disable=None if rank == 0 else True)
     window_tokens, t_window = 0, time.perf_counter()
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if fused else torch.autocast("cpu", enabled=False)
     last_val: dict = {}
 
-    def save(next_epoch: int, next_batch: int) -> None:
-        _atomic_save({"variants": [{"heads": v.heads.state_dict(), "optimizer": v.opt.state_dict(),
-                                    "scheduler": v.sched.state_dict()} for v in vs],
-                      "step": step, "epoch": next_epoch, "next_batch": next_batch}, out / "checkpoint.pt")
+    def save(next_epoch: int, next_group: int) -> None:
+        if rank == 0:
+            _atomic_save({"variants": [{"heads": v.heads.state_dict(), "optimizer": v.opt.state_dict(),
+                                        "scheduler": v.sched.state_dict()} for v in vs],
+                          "step": step, "epoch": next_epoch, "next_batch": next_group * group, "group": group},
+                         out / "checkpoint.pt")
 
     def log(rec: dict) -> None:
-        metrics_f.write(json.dumps(rec) + "\n")
-        metrics_f.flush()
+        if metrics_f is not None:
+            metrics_f.write(json.dumps(rec) + "\n")
+            metrics_f.flush()
+
+    def micro_step(b, scale: float, sync: bool) -> int:
+        h = b.hidden.to(device, non_blocking=True)
+        h = h.float() if not fused else h
+        tg = b.targets.to(device)
+        teacher = None
+        if teacher_w is not None:  # the base model's next-token distribution, from the cache alone
+            with torch.no_grad():
+                t_logp = (b.ahead.to(device).float() @ teacher_w.T).log_softmax(-1)
+            teacher = (t_logp, b.ahead_idx.to(device))
+        for v, m in zip(vs, models, strict=True):
+            with m.no_sync() if (world > 1 and not sync) else contextlib.nullcontext():  # all-reduce once per step
+                with autocast:
+                    losses, stats = head_losses(m, h, tg, teacher, cfg.distill_weight)
+                    loss = sum(w * lo for w, lo in zip(weights, losses, strict=True)) * scale
+                loss.backward()
+            for i, st in enumerate(stats):
+                v.window[i] += st
+                v.window_loss[i] += float(losses[i].detach()) * st[0]
+        return len(h)
+
+    def empty_step() -> None:  # a rank with no micro-batch in the last group still joins the all-reduce
+        for m in models:
+            sum(lo.sum() for lo in m(torch.zeros(0, cache.hidden_size, device=device))).backward()
 
     done = cfg.max_steps is not None and step >= cfg.max_steps
     while epoch < cfg.epochs and not done:
         order = epoch_order(blocks, cfg.seed, epoch, cfg.shuffle_buffer)
         batches = make_batches(order, cache.offsets, cfg.batch_size, cfg.batch_tokens)
-        stream = BatchStream(cache, labels, batches, cfg.num_heads, blocks, start_batch, cfg.prefetch, memory,
-                             lookahead=cfg.num_heads if teacher_w is not None else 0)
-        group_start = start_batch
+        mine = batches[rank::world]  # rank r: micro-batches r, r+W, ...; local group g = mine[g*A:(g+1)*A]
+        n_groups = math.ceil(len(batches) / group)
+        stream = BatchStream(cache, labels, mine, cfg.num_heads, blocks, start_group * cfg.grad_accum, cfg.prefetch,
+                             memory, lookahead=cfg.num_heads if teacher_w is not None else 0)
+        it = iter(stream)
+        g = start_group
         try:
-            for b in stream:
-                in_group = min(cfg.grad_accum, len(batches) - group_start)
-                h = b.hidden.to(device, non_blocking=True)
-                h = h.float() if not fused else h
-                tg = b.targets.to(device)
-                teacher = None
-                if teacher_w is not None:  # the base model's next-token distribution, from the cache alone
-                    with torch.no_grad():
-                        t_logp = (b.ahead.to(device).float() @ teacher_w.T).log_softmax(-1)
-                    teacher = (t_logp, b.ahead_idx.to(device))
+            for g in range(start_group, n_groups):
+                local = range(g * cfg.grad_accum, min((g + 1) * cfg.grad_accum, len(mine)))
+                scale = world / min(group, len(batches) - g * group)
+                for j, _ in enumerate(local):
+                    window_tokens += micro_step(next(it), scale, sync=j == len(local) - 1)
+                if world > 1 and len(local) == 0:
+                    empty_step()
                 for v in vs:
-                    with autocast:
-                        losses, stats = head_losses(v.heads, h, tg, teacher, cfg.distill_weight)
-                    loss = sum(w * lo for w, lo in zip(weights, losses, strict=True)) / in_group
-                    loss.backward()
-                    for i, st in enumerate(stats):
-                        v.window[i] += st
-                        v.window_loss[i] += float(losses[i].detach()) * st[0]
-                window_tokens += len(h)
-                if b.index + 1 - group_start < in_group:
-                    continue
-                for v in vs:
-                    if cfg.max_grad_norm > 0:
-                        if cfg.clip_per_head:
-                            for hd in v.heads.heads:
-                                torch.nn.utils.clip_grad_norm_(hd.parameters(), cfg.max_grad_norm)
-                        else:
-                            torch.nn.utils.clip_grad_norm_(v.heads.parameters(), cfg.max_grad_norm)
+                    _clip(v, cfg)
                     v.opt.step()
                     v.sched.step()
                     v.opt.zero_grad(set_to_none=True)
                 step += 1
-                group_start = b.index + 1
                 bar.update(1)
-                if step % cfg.log_every == 0 or group_start == len(batches):
+                if step % cfg.log_every == 0 or g + 1 == n_groups:
                     dt = time.perf_counter() - t_window
                     for v in vs:
                         n = np.maximum(v.window[:, 0], 1)
@@ -430,21 +476,21 @@ def train(cfg: TrainConfig, variants: list[tuple[str, int, float]] | None = None
                                "head_loss": (v.window_loss / n).round(4).tolist(),
                                "top1": (v.window[:, 1] / n).round(4).tolist(),
                                "top5": (v.window[:, 2] / n).round(4).tolist(),
-                               "tokens_per_s": round(window_tokens / max(dt, 1e-9), 1)}
+                               "tokens_per_s": round(world * window_tokens / max(dt, 1e-9), 1)}
                         log(rec)
                         v.window[:], v.window_loss[:] = 0, 0
                     bar.set_postfix(loss=rec["loss"], tok_s=rec["tokens_per_s"])
                     window_tokens, t_window = 0, time.perf_counter()
                 if step % cfg.checkpoint_every == 0:
-                    save(epoch, group_start)
+                    save(epoch, g + 1)
                 if cfg.max_steps is not None and step >= cfg.max_steps:
                     done = True
                     break
         finally:
             stream.close()
         if not done:
-            epoch, start_batch = epoch + 1, 0
-            if len(val_seqs) or val_cache is not None:
+            epoch, start_group = epoch + 1, 0
+            if rank == 0 and (len(val_seqs) or val_cache is not None):
                 vc = val_cache or cache
                 seqs = np.arange(vc.n_seqs) if val_cache is not None else val_seqs
                 for v in vs:
@@ -452,14 +498,18 @@ def train(cfg: TrainConfig, variants: list[tuple[str, int, float]] | None = None
                                 **evaluate(v.heads, vc, seqs, device, cfg.block_tokens)}
                     log({"split": "val", **last_val})
             save(epoch, 0)
+            dist.barrier()
         else:
-            save(epoch, group_start)
+            save(epoch, g + 1)
     bar.close()
-    metrics_f.close()
+    if metrics_f is not None:
+        metrics_f.close()
     from .export import save_heads
 
-    for v in vs:
-        d = out / "variants" / v.name if v.name else out
-        d.mkdir(parents=True, exist_ok=True)
-        save_heads(v.heads.cpu(), cache, cfg, d)
+    if rank == 0:
+        for v in vs:
+            d = out / "variants" / v.name if v.name else out
+            d.mkdir(parents=True, exist_ok=True)
+            save_heads(v.heads.cpu(), cache, cfg, d)
+    dist.barrier()
     return {"step": step, "val_seqs": val_seqs, **last_val}

@@ -1,0 +1,58 @@
+"""torch.distributed plumbing for commands launched by ``torchrun`` (``python -m medusa_cache`` works too).
+
+``setup()`` reads torchrun's RANK / WORLD_SIZE / LOCAL_RANK; with more than one process it initialises the
+default process group (NCCL for CUDA, gloo for the CPU) and pins ``cuda`` to the local GPU. A single process
+needs no process group. Errors are agreed on collectively: a UserError on any rank becomes the same error on
+every rank, so no rank is left waiting in a barrier.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch.distributed as dist
+
+from .errors import UserError
+
+
+def setup(device: str = "cpu") -> tuple[int, int, str]:
+    """(rank, world_size, device) for this process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if device == "cuda" and world > 1:
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return rank, world, device
+
+
+def active() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def barrier() -> None:
+    if active():
+        dist.barrier()
+
+
+def agree(error: str | None) -> None:
+    """Collective: raise UserError on every rank if any rank reports an error (the lowest rank's message)."""
+    if active():
+        errors: list = [None] * dist.get_world_size()
+        dist.all_gather_object(errors, error)
+        error = next((e for e in errors if e), None)
+    if error:
+        raise UserError(error)
+
+
+def on_rank0(fn, rank: int):
+    """Run ``fn`` on rank 0 only; its UserError is raised on every rank."""
+    err = None
+    result = None
+    if rank == 0:
+        try:
+            result = fn()
+        except UserError as e:
+            err = str(e)
+    agree(err)
+    return result

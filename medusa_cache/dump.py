@@ -122,11 +122,12 @@ def _check_inputs(cfg: DumpConfig) -> None:
             raise UserError(f"--data: file not found: {f}")
     if cfg.chat_template and not Path(cfg.chat_template).is_file():
         raise UserError(f"--chat-template: file not found: {cfg.chat_template}")
-    out = Path(cfg.out)
-    if out.exists() and not cfg.resume and not cfg.overwrite:
-        if out.is_dir() and not any(out.iterdir()):
-            return
+    out = cfg.out
+    if not store.is_empty(out) and not cfg.resume and not cfg.overwrite:
         raise UserError(f"--out: {out} already exists; pass --resume to continue it or --overwrite to replace it")
+    if store.is_url(out):
+        return
+    out = Path(out)
     parent = out.parent if not out.exists() else out
     if parent.exists() and not _writable(parent):
         raise UserError(f"--out: {parent} is not writable")
@@ -315,7 +316,7 @@ def open_or_prepare(cfg: DumpConfig) -> store.Cache:
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.model)
     template = Path(cfg.chat_template).read_text(encoding="utf-8") if cfg.chat_template else None
     fps = _fingerprints(cfg, template or getattr(tokenizer, "chat_template", None) or "")
-    out = Path(cfg.out)
+    out = cfg.out
     if cfg.overwrite:
         store.remove_store(out)
     if cfg.resume and store.is_store(out):
@@ -326,7 +327,7 @@ def open_or_prepare(cfg: DumpConfig) -> store.Cache:
             raise UserError(f"--resume: {out} was dumped with a different {', '.join(diff)}; "
                             "use --overwrite to start again or a new --out")
         return cache
-    if cfg.resume and out.exists() and any(out.iterdir()) and not store.is_store(out, partial=True):
+    if cfg.resume and not store.is_empty(out) and not store.is_store(out, partial=True):
         raise UserError(f"--resume: {out} is not a medusa-cache store")
     return prepare(cfg, fps, template, mcfg.vocab_size, mcfg.hidden_size, tokenizer)
 
@@ -341,7 +342,7 @@ def run_dump(cfg: DumpConfig, rank: int = 0, world_size: int = 1) -> dict:
     cache = dist.on_rank0(lambda: open_or_prepare(cfg), rank)
     if rank != 0:
         cache = store.Cache(cfg.out, mode="r+")
-    out = Path(cfg.out)
+    out = cfg.out
     if cache.complete:
         if rank == 0:
             print(f"{out}: already complete", file=sys.stderr)

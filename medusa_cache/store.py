@@ -50,28 +50,66 @@ def _blosc(typesize: int) -> BloscCodec:
     return BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle", typesize=typesize)
 
 
+def is_url(path: str | Path) -> bool:
+    """An fsspec URL (s3://, gs://, memory://, file://...) rather than a local path."""
+    return "://" in str(path)
+
+
+def _fs(path: str | Path):
+    import fsspec
+
+    return fsspec.core.url_to_fs(str(path))  # (filesystem, path inside it); credentials from its environment
+
+
+def exists(path: str | Path) -> bool:
+    if is_url(path):
+        fs, p = _fs(path)
+        return fs.exists(p)
+    return Path(path).exists()
+
+
+def is_empty(path: str | Path) -> bool:
+    """Missing, or a directory with nothing in it."""
+    if is_url(path):
+        fs, p = _fs(path)
+        return not fs.exists(p) or not fs.ls(p)
+    p = Path(path)
+    return not p.exists() or (p.is_dir() and not any(p.iterdir()))
+
+
+def _read_text(path: str) -> str | None:
+    try:
+        if is_url(path):
+            fs, p = _fs(path)
+            return fs.cat_file(p).decode()
+        return Path(path).read_text()
+    except (OSError, FileNotFoundError):
+        return None
+
+
 def is_store(path: str | Path, partial: bool = False) -> bool:
     """A medusa-cache store; with ``partial``, also one whose preparation was interrupted."""
-    p = Path(path) / "zarr.json"
-    if not p.exists():
+    text = _read_text(f"{str(path).rstrip('/')}/zarr.json")
+    if text is None:
         return False
     try:
-        attrs = json.loads(p.read_text()).get("attributes", {})
-    except (OSError, json.JSONDecodeError):
+        attrs = json.loads(text).get("attributes", {})
+    except json.JSONDecodeError:
         return False
     return "medusa_cache" in attrs or (partial and "medusa_cache_preparing" in attrs)
 
 
 def remove_store(path: str | Path) -> None:
     """--overwrite: remove an existing store, but never a directory that is not one of ours."""
-    p = Path(path)
-    if not p.exists():
+    if is_empty(path):
         return
-    if p.is_dir() and not any(p.iterdir()):
-        return
-    if not is_store(p, partial=True):
-        raise UserError(f"--overwrite: {p} exists and is not a medusa-cache store; refusing to delete it")
-    shutil.rmtree(p)
+    if not is_store(path, partial=True):
+        raise UserError(f"--overwrite: {path} exists and is not a medusa-cache store; refusing to delete it")
+    if is_url(path):
+        fs, p = _fs(path)
+        fs.rm(p, recursive=True)
+    else:
+        shutil.rmtree(path)
 
 
 def create(
@@ -136,7 +174,7 @@ class Cache:
 
     def __init__(self, path: str | Path, mode: str = "r"):
         self.path = str(path)
-        if not Path(self.path).exists():
+        if not exists(self.path):
             raise UserError(f"cache not found: {self.path}")
         try:
             self.group = zarr.open_group(self.path, mode=mode)
@@ -228,6 +266,8 @@ class Cache:
         self.attrs.update(kw)
 
     def _fsync_local(self, key: str) -> None:
+        if is_url(self.path):
+            return  # object stores publish a whole object or nothing
         p = Path(self.path) / key
         if p.exists():
             fd = os.open(p, os.O_RDONLY)
@@ -237,6 +277,9 @@ class Cache:
                 os.close(fd)
 
     def disk_bytes(self) -> int:
+        if is_url(self.path):
+            fs, p = _fs(self.path)
+            return int(fs.du(p))
         return sum(f.stat().st_size for f in Path(self.path).rglob("*") if f.is_file())
 
 

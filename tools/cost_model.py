@@ -1,0 +1,49 @@
+"""What a dump and an epoch cost, cached vs online, for the reference models (prints a markdown table).
+
+    python tools/cost_model.py [--tokens 50e6] [--epochs 10] [--compression 1.38]
+
+FLOPs per token: backbone forward = 2 x non-embedding parameters + causal attention 2 x layers x hidden x
+context (average context = half the mean length); head training (fwd + bwd) = 6 x heads x (H^2 + H x draft vocab).
+Online Medusa-1 training runs the backbone forward in every step of every epoch; the cache runs it once
+(the dump) and then reads H x 2 bytes per token per epoch (divided by the measured compression).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+MODELS = {  # params, hidden, layers, vocab, draft vocab, tied embeddings
+    "Llama-3.1-8B": (8.03e9, 4096, 32, 128256, 32000, False),
+    "Qwen2.5-7B": (7.62e9, 3584, 28, 152064, 16000, False),
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tokens", type=float, default=50e6, help="tokens in the data set (ShareGPT 68K: ~50M)")
+    ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--mean-length", type=float, default=700)
+    ap.add_argument("--compression", type=float, default=1.38, help="measured lossless ratio of bf16 states")
+    a = ap.parse_args()
+    print("| model | backbone fwd GFLOP/tok | heads train GFLOP/tok | dump PFLOP | cache size GB | "
+          f"online {a.epochs} epochs PFLOP | cached {a.epochs} epochs PFLOP (incl. dump) | each further run: "
+          "online / cached PFLOP |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, (params, h, layers, vocab, draft, tied) in MODELS.items():
+        non_embed = params - vocab * h * (1 if tied else 2)
+        fwd = 2 * non_embed + 2 * layers * h * a.mean_length / 2
+        heads = 6 * a.heads * (h * h + h * draft)
+        n = a.tokens
+        dump = fwd * n
+        online = a.epochs * (fwd + heads) * n
+        cached = dump + a.epochs * heads * n
+        size = n * 2 * h / a.compression / 1e9
+        rerun = a.epochs * heads * n
+        print(f"| {name} | {fwd / 1e9:.1f} | {heads / 1e9:.2f} | {dump / 1e15:.0f} | {size:.0f} | "
+              f"{online / 1e15:.0f} | {cached / 1e15:.0f} ({online / cached:.1f}x less) | "
+              f"{online / 1e15:.0f} / {rerun / 1e15:.0f} ({(fwd + heads) / heads:.1f}x less) |")
+
+
+if __name__ == "__main__":
+    main()

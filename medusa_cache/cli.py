@@ -39,7 +39,7 @@ def _inspect(args: argparse.Namespace) -> None:
 def _verify(args: argparse.Namespace) -> None:
     from .verify import verify
 
-    res = verify(args.store, args.deep)
+    res = verify(args.store, args.deep, args.model, args.samples)
     if args.json:
         print(json.dumps(res, indent=2))
     else:
@@ -157,6 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     vf = sub.add_parser("verify", help="check a cache: layout, labels, mapping, progress; --deep decodes all data")
     vf.add_argument("store")
     vf.add_argument("--deep", action="store_true", help="decode every chunk and look for NaN/Inf")
+    vf.add_argument("--model", help="recompute a few random sequences with this model and compare")
+    vf.add_argument("--samples", type=int, default=4, help="sequences recomputed with --model (default: 4)")
     vf.add_argument("--json", action="store_true", help="print JSON")
     vf.set_defaults(func=_verify)
 

@@ -19,7 +19,35 @@ from .store import Cache
 from .vocab import IGNORE
 
 
-def verify(path: str, deep: bool = False) -> dict[str, Any]:
+def spot_check(c: Cache, model: str, n: int = 4, seed: int = 0, device: str = "cpu") -> list[str]:
+    """Recompute ``n`` random sequences alone with the model and compare (catches pre-norm or batch bugs).
+
+    A sequence run alone must match the stored rows to kernel rounding: float32 within 1e-4 relative,
+    bf16 within 2 bf16 ulps of the row's scale.
+    """
+    from .fingerprint import model_fingerprint
+
+    if model_fingerprint(model) != c.attrs.get("fingerprints", {}).get("model"):
+        return [f"--model: {model} is not the model this cache was dumped with (fingerprint differs)"]
+    from .dump import ModelPass
+
+    mp = ModelPass(model, c.hidden_dtype, device)
+    ids = c.array("input_ids")
+    problems = []
+    rng = np.random.default_rng(seed)
+    for s in sorted(rng.choice(c.n_seqs, size=min(n, c.n_seqs), replace=False).tolist()):
+        a, b = int(c.offsets[s]), int(c.offsets[s + 1])
+        ref = mp.run(ids, [(a, b, a)])[0].float()
+        got = c.read_hidden(a, b).float()
+        tol = 1e-4 if c.hidden_dtype == "float32" else 2 ** -6
+        err = ((got - ref).abs().amax(dim=1) / ref.abs().amax(dim=1).clamp_min(1e-6)).max().item()
+        if not err <= tol:
+            problems.append(f"sequence {s}: stored hidden states differ from a fresh model run (max relative "
+                            f"error {err:.3g} > {tol:g})")
+    return problems
+
+
+def verify(path: str, deep: bool = False, model: str | None = None, samples: int = 4) -> dict[str, Any]:
     problems: list[str] = []
     c = Cache(path)  # raises on a missing group, a foreign group or a newer format
     n, s = c.n_tokens, c.n_seqs
@@ -70,6 +98,8 @@ def verify(path: str, deep: bool = False) -> dict[str, Any]:
             bad_seqs.update((np.searchsorted(off, rows, side="right") - 1).tolist())
         if nonfinite:
             problems.append(f"{nonfinite} token rows hold NaN/Inf, in sequences {sorted(bad_seqs)[:20]}")
+    if model:
+        problems += spot_check(c, model, samples)
     return {"store": c.path, "healthy": not problems, "problems": problems, "complete": c.complete,
             "units_done": f"{int(done.sum())}/{c.n_units}", "deep": deep, "nonfinite_rows": nonfinite,
             "ignore_label": IGNORE}

@@ -192,15 +192,16 @@ def test_bad_input_is_one_line_and_writes_no_complete_store(tmp_path, tiny_llama
     assert not (tmp_path / "out" / "zarr.json").exists()
 
 
-def test_existing_out_needs_resume_or_overwrite_and_nothing_is_lost(tmp_path, tiny_llama, small_chat):
+def test_existing_out_needs_resume_or_overwrite_and_nothing_is_lost(tmp_path, tiny_llama, small_chat, capsys):
+    from medusa_cache.cli import main
+
     out = tmp_path / "c"
     out.mkdir()
     (out / "precious.txt").write_text("keep me")
-    p = run_cli("dump", "--model", str(tiny_llama), "--data", str(small_chat), "--out", str(out), check=False)
-    assert p.returncode == 2 and "already exists" in p.stderr
-    p = run_cli("dump", "--model", str(tiny_llama), "--data", str(small_chat), "--out", str(out), "--overwrite",
-                check=False)
-    assert p.returncode == 2 and "not a medusa-cache store" in p.stderr
+    assert main(["dump", "--model", str(tiny_llama), "--data", str(small_chat), "--out", str(out)]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert main(["dump", "--model", str(tiny_llama), "--data", str(small_chat), "--out", str(out), "--overwrite"]) == 2
+    assert "not a medusa-cache store" in capsys.readouterr().err
     assert (out / "precious.txt").read_text() == "keep me"
 
 

@@ -172,17 +172,19 @@ def test_kill_and_resume_ends_with_the_same_weights(tmp_path, dumped):
     run_cli(*args, "--out", str(tmp_path / "ref"))
     out = tmp_path / "k"
     env = {**os.environ, "TQDM_DISABLE": "1"}
-    p = subprocess.Popen([sys.executable, "-m", "medusa_cache", *args, "--out", str(out)], env=env,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and p.poll() is None:
-        m = out / "metrics.jsonl"
-        if m.exists() and len(m.read_text().splitlines()) >= 20:
-            break
-        time.sleep(0.01)
-    assert p.poll() is None, "training finished before it could be killed"
-    p.send_signal(signal.SIGKILL)
-    p.wait()
+    for lines in (10, 30, 50):  # kill -9 three times (a checkpoint is written every step), resuming each time
+        resume = ["--resume"] if (out / "checkpoint.pt").exists() else []
+        p = subprocess.Popen([sys.executable, "-m", "medusa_cache", *args, "--out", str(out), *resume], env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 120
+        while time.time() < deadline and p.poll() is None:
+            m = out / "metrics.jsonl"
+            if m.exists() and len(m.read_text().splitlines()) >= lines:
+                break
+            time.sleep(0.01)
+        assert p.poll() is None, "training finished before it could be killed"
+        p.send_signal(signal.SIGKILL)
+        p.wait()
     assert not (out / "medusa_lm_head.safetensors").exists()
     run_cli(*args, "--out", str(out), "--resume")
     a = load_file(str(tmp_path / "ref" / "medusa_lm_head.safetensors"))

@@ -70,3 +70,19 @@ def test_complete_flag_without_all_units_and_newer_format(copy):
     with pytest.raises(UserError, match=f"format version {FORMAT_VERSION + 1} is newer"):
         verify(str(copy))
     assert torch.isfinite(torch.zeros(1)).all()
+
+
+def test_model_spot_check_catches_pre_norm_states(copy, tiny_llama):
+    from medusa_cache.verify import spot_check
+
+    assert spot_check(Cache(copy), str(tiny_llama), n=3) == []
+    # overwrite one unit with states that are not the post-norm ones (rescaled and shifted, as a pre-norm read)
+    c = Cache(copy, mode="r+")
+    a, b = c.unit_range(0)
+    h = c.read_hidden(a, b).clone()
+    c.write_unit(0, h * 3.0 + 0.5)
+    problems = spot_check(Cache(copy), str(tiny_llama), n=c.n_seqs)
+    assert problems and "differ from a fresh model run" in problems[0]
+    from conftest import STORIES
+
+    assert "is not the model this cache was dumped with" in spot_check(Cache(copy), str(STORIES))[0]

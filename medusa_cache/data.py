@@ -215,18 +215,37 @@ class Templater:
         return full, spans
 
     def encode(self, row: Row) -> Example:
-        if row.text is not None:
-            enc = self.tok(row.text, add_special_tokens=True)
-            ids = np.asarray(enc["input_ids"], dtype=np.int32)
-            mask = np.ones(len(ids), dtype=bool)
-        else:
-            assert row.messages is not None
-            text, spans = self.assistant_char_spans(row.messages, row.where)
-            enc = self.tok(text, add_special_tokens=False, return_offsets_mapping=True)
-            ids = np.asarray(enc["input_ids"], dtype=np.int32)
-            starts = np.asarray([s for s, _ in enc["offset_mapping"]], dtype=np.int64)
-            mask = np.zeros(len(ids), dtype=bool)
-            for a, b in spans:
-                mask |= (starts >= a) & (starts < b)
-        ids, mask = ids[: self.max_length], mask[: self.max_length]
-        return Example(ids, mask, row.file_index, row.row_index)
+        out = self.encode_many([row])[0]
+        if isinstance(out, RowError):
+            raise out
+        return out
+
+    def encode_many(self, rows: list[Row]) -> list[Example | RowError]:
+        """Render each row, then tokenise them in two batched calls (the Rust tokenizer runs them in parallel)."""
+        rendered: list[tuple[str, list[tuple[int, int]] | None] | RowError] = []
+        for row in rows:
+            if row.text is not None:
+                rendered.append((row.text, None))
+                continue
+            try:
+                rendered.append(self.assistant_char_spans(row.messages or [], row.where))
+            except RowError as e:
+                rendered.append(e)
+        out: list[Example | RowError | None] = [r if isinstance(r, RowError) else None for r in rendered]
+        for plain in (True, False):
+            idx = [i for i, r in enumerate(rendered) if not isinstance(r, RowError) and (r[1] is None) == plain]
+            if not idx:
+                continue
+            enc = self.tok([rendered[i][0] for i in idx], add_special_tokens=plain,  # type: ignore[index]
+                           return_offsets_mapping=not plain)
+            for j, i in enumerate(idx):
+                ids = np.asarray(enc["input_ids"][j], dtype=np.int32)
+                if plain:
+                    mask = np.ones(len(ids), dtype=bool)
+                else:
+                    starts = np.asarray([st for st, _ in enc["offset_mapping"][j]], dtype=np.int64)
+                    mask = np.zeros(len(ids), dtype=bool)
+                    for lo, hi in rendered[i][1]:  # type: ignore[index,union-attr]
+                        mask |= (starts >= lo) & (starts < hi)
+                out[i] = Example(ids[: self.max_length], mask[: self.max_length], rows[i].file_index, rows[i].row_index)
+        return out  # type: ignore[return-value]

@@ -156,25 +156,34 @@ def prepare(cfg: DumpConfig, fingerprints: dict[str, str], template: str | None,
     templater = Templater(tokenizer, template, cfg.max_length)
     examples, bad, dropped = [], [], 0
     rows_seen = 0
+    def handle(results) -> None:
+        nonlocal dropped
+        for ex in results:
+            if isinstance(ex, RowError):
+                if not cfg.skip_bad_rows:
+                    raise UserError(f"{ex} (pass --skip-bad-rows to skip such rows)")
+                bad.append(str(ex))
+            elif not ex.loss_mask.any():
+                dropped += 1
+            elif ex.input_ids.max(initial=0) >= vocab_size:
+                raise UserError(f"--tokenizer: token id {int(ex.input_ids.max())} >= model vocab size {vocab_size}")
+            else:
+                examples.append(ex)
+
     for fi, f in enumerate(cfg.data):
+        pending: list = []
         for row in tqdm(read_rows(Path(f), fi, cfg.format), desc=f"tokenise {Path(f).name}", unit="row",
                         leave=False, disable=None):
             rows_seen += 1
-            try:
-                if isinstance(row, RowError):
-                    raise row
-                ex = templater.encode(row)
-            except RowError as e:
-                if not cfg.skip_bad_rows:
-                    raise UserError(f"{e} (pass --skip-bad-rows to skip such rows)") from None
-                bad.append(str(e))
+            if isinstance(row, RowError):  # keep file order: flush what came before, then this error
+                handle(templater.encode_many(pending) + [row])
+                pending = []
                 continue
-            if not ex.loss_mask.any():
-                dropped += 1
-                continue
-            if ex.input_ids.max(initial=0) >= vocab_size:
-                raise UserError(f"--tokenizer: token id {int(ex.input_ids.max())} >= model vocab size {vocab_size}")
-            examples.append(ex)
+            pending.append(row)
+            if len(pending) == 512:
+                handle(templater.encode_many(pending))
+                pending = []
+        handle(templater.encode_many(pending))
     if not examples:
         raise UserError(f"--data: no usable conversations ({rows_seen} rows, {len(bad)} bad, {dropped} without "
                         "an assistant token)")
@@ -350,7 +359,9 @@ def run_dump(cfg: DumpConfig, rank: int = 0, world_size: int = 1) -> dict:
     done = cache.done_units()
     todo = [k for k in range(cache.n_units) if k % world_size == rank and not done[k]]
     ids = cache.array("input_ids")
+    t_prepared = time.perf_counter()
     mp = ModelPass(cfg.model, cfg.dtype, cfg.device)
+    t_loaded = time.perf_counter()
     tokens_todo = sum(cache.unit_range(k)[1] - cache.unit_range(k)[0] for k in todo)
     bar = tqdm(total=tokens_todo, desc="dump", unit="tok", unit_scale=True, disable=None)
     pending: Future | None = None
@@ -396,7 +407,9 @@ def run_dump(cfg: DumpConfig, rank: int = 0, world_size: int = 1) -> dict:
               "'bad_rows' and excluded from training (--strict makes this an error)", file=sys.stderr)
     if rank == 0 and cache.done_units().all():
         cache.set_attrs(complete=True)
-    return {**summary(cache, t0, tokens_todo, mp.computed_tokens), "nonfinite_rows": nonfinite}
+    return {**summary(cache, t0, tokens_todo, mp.computed_tokens), "nonfinite_rows": nonfinite,
+            "seconds_prepare": round(t_prepared - t0, 2), "seconds_model_load": round(t_loaded - t_prepared, 2),
+            "seconds_units": round(time.perf_counter() - t_loaded, 2)}
 
 
 def summary(cache: store.Cache, t0: float, written: int, computed: int) -> dict:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -56,7 +57,7 @@ def run_train(cache: Path, out: Path, heads: int, extra: list[str]) -> tuple[flo
             "--overwrite", *extra]
     t0 = time.perf_counter()
     p = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
-                       env={"TQDM_DISABLE": "1", "PATH": "/usr/bin:/bin"})
+                       env={**os.environ, "TQDM_DISABLE": "1"})
     if p.returncode:
         raise SystemExit(p.stderr)
     wall = time.perf_counter() - t0

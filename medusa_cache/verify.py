@@ -16,7 +16,6 @@ import numpy as np
 
 from .errors import UserError
 from .store import Cache
-from .vocab import IGNORE
 
 
 def spot_check(c: Cache, model: str, n: int = 4, seed: int = 0, device: str = "cpu") -> list[str]:
@@ -101,8 +100,7 @@ def verify(path: str, deep: bool = False, model: str | None = None, samples: int
     if model:
         problems += spot_check(c, model, samples)
     return {"store": c.path, "healthy": not problems, "problems": problems, "complete": c.complete,
-            "units_done": f"{int(done.sum())}/{c.n_units}", "deep": deep, "nonfinite_rows": nonfinite,
-            "ignore_label": IGNORE}
+            "units_done": f"{int(done.sum())}/{c.n_units}", "deep": deep, "nonfinite_rows": nonfinite}
 
 
 def torch_isfinite_rows(h) -> np.ndarray:

@@ -28,20 +28,7 @@ import torch
 from .store import Cache
 from .vocab import IGNORE
 
-Piece = tuple[int, int, int]
-M_ARENA_MAX = -8  # glibc mallopt parameter
-
-
-def limit_malloc_arenas(n: int = 2) -> None:
-    """Cap glibc's malloc arenas (as MALLOC_ARENA_MAX=2 would). The reader thread otherwise gets an arena of
-    its own that keeps growing over a long run (tools/bench_train.py: peak RSS 10x/1x cache 1.26 -> 1.16).
-    No-op where libc is not glibc."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").mallopt(M_ARENA_MAX, n)
-    except (OSError, AttributeError):
-        pass  # (sequence index, start row, stop row) in token coordinates
+Piece = tuple[int, int, int]  # (sequence index, start row, stop row) in token coordinates
 
 
 def make_blocks(seqs: np.ndarray, offsets: np.ndarray, block_tokens: int) -> list[np.ndarray]:

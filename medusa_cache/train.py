@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from .config import check, to_dict
 from .errors import UserError
 from .heads import MedusaHeads
-from .loader import BatchStream, epoch_order, limit_malloc_arenas, make_batches, make_blocks
+from .loader import BatchStream, epoch_order, make_batches, make_blocks
 from .store import Cache
 from .vocab import IGNORE
 
@@ -397,8 +397,6 @@ def train(cfg: TrainConfig, variants: list[tuple[str, int, float]] | None = None
         models = [DDP(v.heads, device_ids=[torch.device(device).index] if fused else None) for v in vs]
 
     memory = cache.read_hidden(0, cache.n_tokens) if cfg.in_memory else None
-    if memory is None:
-        limit_malloc_arenas()
     weights = cfg.loss_weights()
     metrics_f = open(out / "metrics.jsonl", "a") if rank == 0 else None
     bar = tqdm(total=min(total_steps, cfg.max_steps or total_steps), initial=step, desc="train", unit="step",

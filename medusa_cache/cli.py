@@ -7,7 +7,7 @@ import json
 import sys
 
 from .config import add_config_args, build_config
-from .errors import UserError
+from .errors import Interrupted, UserError
 
 EPILOG = """examples:
   medusa-cache dump --model MODEL --data chat.json --out cache.zarr --draft-vocab-size 32000
@@ -39,7 +39,7 @@ def _inspect(args: argparse.Namespace) -> None:
 def _verify(args: argparse.Namespace) -> None:
     from .verify import verify
 
-    res = verify(args.store, args.deep, args.model, args.samples)
+    res = verify(args.store, args.deep, args.model, args.samples, args.allow_partial)
     if args.json:
         print(json.dumps(res, indent=2))
     else:
@@ -68,7 +68,14 @@ def _train(args: argparse.Namespace) -> None:
     from . import dist
     from .train import TrainConfig, train
 
-    cfg = build_config(TrainConfig, args, args.config)
+    base = None
+    if getattr(args, "resume", False) and getattr(args, "out", None):  # --resume alone: the stored settings
+        from .rundir import stored_train_config
+
+        base = stored_train_config(args.out)
+        if base:
+            base = {k: v for k, v in base.items() if k not in ("resume", "overwrite")}
+    cfg = build_config(TrainConfig, args, args.config, base=base)
     _, _, cfg.device = dist.setup(cfg.device)
     train(cfg)
 
@@ -159,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     vf.add_argument("--deep", action="store_true", help="decode every chunk and look for NaN/Inf")
     vf.add_argument("--model", help="recompute a few random sequences with this model and compare")
     vf.add_argument("--samples", type=int, default=4, help="sequences recomputed with --model (default: 4)")
+    vf.add_argument("--allow-partial", action="store_true",
+                    help="accept an incomplete store (a dump still running or killed) as healthy")
     vf.add_argument("--json", action="store_true", help="print JSON")
     vf.set_defaults(func=_verify)
 
@@ -223,6 +232,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"medusa-cache {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except Interrupted as e:
+        print(f"medusa-cache {args.command}: {e}", file=sys.stderr)
+        return 128 + e.signum
     except KeyboardInterrupt:
         print(f"medusa-cache {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -125,11 +125,13 @@ def load_config_file(path: str | Path, cls: type) -> dict[str, Any]:
     return raw
 
 
-def build_config(cls: type, namespace: argparse.Namespace, config_file: str | None = None, **fixed: Any) -> Any:
-    values: dict[str, Any] = {}
+def build_config(cls: type, namespace: argparse.Namespace, config_file: str | None = None,
+                 base: dict[str, Any] | None = None, **fixed: Any) -> Any:
+    """``base`` (e.g. a resumed run's stored settings) < ``config_file`` < flags given < ``fixed``."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    values: dict[str, Any] = {k: v for k, v in (base or {}).items() if k in names}
     if config_file:
         values.update(load_config_file(config_file, cls))
-    names = {f.name for f in dataclasses.fields(cls)}
     values.update({k: v for k, v in vars(namespace).items() if k in names})
     values.update(fixed)
     try:

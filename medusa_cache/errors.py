@@ -3,3 +3,11 @@
 
 class UserError(Exception):
     """Bad input or a refused operation. The message names the file, line or flag at fault."""
+
+
+class Interrupted(Exception):
+    """SIGINT/SIGTERM reached a command that saved its state first; the message says how to continue."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum

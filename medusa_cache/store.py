@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,9 +27,19 @@ from zarr.codecs import BloscCodec
 from .errors import UserError
 from .vocab import VocabMapping
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 HIDDEN_DTYPES = {"bfloat16": np.uint16, "float32": np.float32}
 TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+# Fill values that cannot pass as data (format 2): zarr returns the fill value for a chunk that is not in
+# the store, so a lost chunk reads as NaN / -1 / 255, never as plausible zeros. Every chunk is written
+# (write_empty_chunks), so a chunk missing from the store's listing is always a loss.
+HIDDEN_FILL = {"bfloat16": 0x7FC0, "float32": float("nan")}  # 0x7FC0: the bf16 quiet-NaN bit pattern
+FILL = {"input_ids": -1, "loss_mask": 255, "labels": -2, "seq_offsets": -1, "seq_source": -1, "d2t": -1,
+        "token_counts": -1, "bad_rows": 255}
+ARRAYS = ("hidden", "bad_rows", "input_ids", "loss_mask", "labels", "seq_offsets", "seq_source", "d2t", "t2d",
+          "token_counts", "unit_done")
+PER_UNIT = ("hidden", "bad_rows", "unit_done")  # written unit by unit: only done units' chunks must exist
+_WRITE_ALL = {"array.write_empty_chunks": True}
 
 
 @dataclass
@@ -128,32 +139,41 @@ def create(
     attrs: dict[str, Any],
 ) -> Cache:
     n = int(offsets[-1])
-    group = zarr.open_group(str(path), mode="w", attributes={"medusa_cache_preparing": True})
-    tok = dict(chunks=(layout.chunk_tokens,), shards=(layout.shard_tokens,))
-    for name, data in (("input_ids", input_ids.astype(np.int32)), ("loss_mask", loss_mask.astype(np.uint8)),
-                       ("labels", labels.astype(np.int32))):
-        a = group.create_array(name, shape=(n,), dtype=data.dtype, compressors=[_blosc(data.itemsize)], **tok)
-        a[:] = data
-    group.create_array("seq_offsets", data=offsets.astype(np.int64), chunks=(max(1, len(offsets)),))
-    group.create_array("seq_source", data=sources.astype(np.int64), chunks=(max(1, len(sources)), 2))
-    group.create_array("d2t", data=mapping.d2t, chunks=(max(1, mapping.draft_size),))
-    group.create_array("t2d", data=mapping.t2d, chunks=(max(1, mapping.target_size),))
-    group.create_array("token_counts", data=token_counts.astype(np.int64), chunks=(max(1, len(token_counts)),))
-    np_dtype = HIDDEN_DTYPES[hidden_dtype]
-    itemsize = np.dtype(np_dtype).itemsize
-    group.create_array(
-        "hidden",
-        shape=(n, hidden_size),
-        dtype=np_dtype,
-        chunks=(layout.chunk_tokens, hidden_size),
-        shards=(layout.shard_tokens, hidden_size),
-        compressors=[_blosc(itemsize)],
-        fill_value=0,
-        attributes={"logical_dtype": hidden_dtype},
-    )
-    group.create_array("bad_rows", shape=(n,), dtype=np.uint8, compressors=[_blosc(1)], fill_value=0, **tok)
-    n_units = max(1, -(-n // layout.shard_tokens))
-    group.create_array("unit_done", shape=(n_units,), dtype=np.uint8, chunks=(1,), compressors=None, fill_value=0)
+    with zarr.config.set(_WRITE_ALL):
+        group = zarr.open_group(str(path), mode="w", attributes={"medusa_cache_preparing": True})
+        tok = dict(chunks=(layout.chunk_tokens,), shards=(layout.shard_tokens,))
+        for name, data in (("input_ids", input_ids.astype(np.int32)), ("loss_mask", loss_mask.astype(np.uint8)),
+                           ("labels", labels.astype(np.int32))):
+            a = group.create_array(name, shape=(n,), dtype=data.dtype, compressors=[_blosc(data.itemsize)],
+                                   fill_value=FILL[name], **tok)
+            a[:] = data
+        for name, data, chunks in (
+            ("seq_offsets", offsets.astype(np.int64), (max(1, len(offsets)),)),
+            ("seq_source", sources.astype(np.int64), (max(1, len(sources)), 2)),
+            ("d2t", mapping.d2t.astype(np.int64), (max(1, mapping.draft_size),)),
+            ("token_counts", token_counts.astype(np.int64), (max(1, len(token_counts)),)),
+        ):
+            a = group.create_array(name, shape=data.shape, dtype=np.int64, chunks=chunks, fill_value=FILL[name])
+            a[...] = data
+        t2d = group.create_array("t2d", shape=mapping.t2d.shape, dtype=bool, chunks=(max(1, mapping.target_size),))
+        t2d[:] = mapping.t2d
+        np_dtype = HIDDEN_DTYPES[hidden_dtype]
+        itemsize = np.dtype(np_dtype).itemsize
+        group.create_array(
+            "hidden",
+            shape=(n, hidden_size),
+            dtype=np_dtype,
+            chunks=(layout.chunk_tokens, hidden_size),
+            shards=(layout.shard_tokens, hidden_size),
+            compressors=[_blosc(itemsize)],
+            fill_value=HIDDEN_FILL[hidden_dtype],
+            attributes={"logical_dtype": hidden_dtype},
+        )
+        group.create_array("bad_rows", shape=(n,), dtype=np.uint8, compressors=[_blosc(1)],
+                           fill_value=FILL["bad_rows"], **tok)
+        n_units = max(1, -(-n // layout.shard_tokens))
+        group.create_array("unit_done", shape=(n_units,), dtype=np.uint8, chunks=(1,), compressors=None,
+                           fill_value=0)
     group.attrs.update(
         {
             "medusa_cache": FORMAT_VERSION,
@@ -203,6 +223,14 @@ class Cache:
     def complete(self) -> bool:
         return bool(self.attrs.get("complete"))
 
+    def content_fingerprint(self) -> str:
+        """What the store holds: its inputs' fingerprints and its shape (a re-dump of other data differs)."""
+        import hashlib
+
+        d = {"fingerprints": self.attrs.get("fingerprints"), "n_tokens": self.n_tokens, "n_seqs": self.n_seqs,
+             "hidden_dtype": self.hidden_dtype, "hidden_size": self.hidden_size}
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
     def mapping(self) -> VocabMapping:
         return VocabMapping(self.group["d2t"][:].astype(np.int64), self.group["t2d"][:].astype(bool))
 
@@ -215,13 +243,83 @@ class Cache:
     def done_units(self) -> np.ndarray:
         return self.group["unit_done"][:].astype(bool)
 
-    def require_complete(self, allow_partial: bool = False) -> None:
+    def require_complete(self, allow_partial: bool = False, partial_flag: str | None = "--allow-partial") -> None:
+        """Refuse an incomplete store (unless ``allow_partial``) and any store with a chunk missing."""
         if not self.complete and not allow_partial:
             done = int(self.done_units().sum())
+            hint = f", or pass {partial_flag}" if partial_flag else ""
             raise UserError(
                 f"{self.path}: cache is incomplete ({done}/{self.n_units} units dumped); finish it with "
-                "`medusa-cache dump ... --resume`, or pass --allow-partial"
+                f"`medusa-cache dump ... --resume`{hint}"
             )
+        missing = self.missing_chunks()
+        if missing:
+            more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
+            raise UserError(f"{self.path}: {'; '.join(missing[:3])}{more}; the store is damaged: "
+                            "run `medusa-cache verify` and re-dump the named units")
+
+    # ---- chunk presence ---------------------------------------------------------------------------
+    def _listing(self) -> set[str]:
+        """Every key in the store, through the store's own listing (works for local paths and fsspec URLs)."""
+        from zarr.core.sync import sync
+
+        async def collect() -> set[str]:
+            return {k async for k in self.group.store.list_prefix("")}
+
+        return sync(collect())
+
+    def expected_chunks(self, name: str) -> list[tuple[str, str]]:
+        """(key, description) of every chunk (outer shard when sharded) of array ``name`` that must exist."""
+        a = self.group[name]
+        grid = a.metadata.chunk_grid.chunk_shape
+        shape = tuple(-(-int(s) // int(c)) for s, c in zip(a.shape, grid, strict=True))
+        done = self.done_units() if name in PER_UNIT and not self.complete else None
+        out = []
+        for coords in np.ndindex(*shape) if all(shape) else []:
+            if done is not None and not done[coords[0]]:
+                continue
+            key = f"{name}/{a.metadata.encode_chunk_key(coords)}"
+            if name in ("hidden", "bad_rows"):
+                lo, hi = self.unit_range(coords[0])
+                out.append((key, f"{name}: shard {key} (unit {coords[0]}, token rows {lo}:{hi}) is missing"))
+            else:
+                out.append((key, f"{name}: chunk {key} is missing"))
+        return out
+
+    def missing_chunks(self) -> list[str]:
+        """One message per chunk that must exist and is not in the store (empty when whole).
+
+        Format 1 stores skipped chunks equal to their fill value 0 (e.g. an all-zero ``bad_rows`` shard), so
+        for them only ``hidden`` and ``unit_done`` are checked.
+        """
+        keys = self._listing()
+        names = ARRAYS if self.attrs.get("medusa_cache", 1) >= 2 else ("hidden", "unit_done")
+        problems = []
+        for name in names:
+            if name not in self.group:
+                problems.append(f"array {name} is missing")
+                continue
+            problems += [msg for key, msg in self.expected_chunks(name) if key not in keys]
+        return problems
+
+    def usable_seqs(self, allow_partial: bool = False, warn: bool = True) -> np.ndarray:
+        """The sequences any reader may use: not holding NaN/Inf rows, and (partial stores) fully dumped.
+
+        Training, validation, ``eval`` and ``ablate`` all read through this one function.
+        """
+        seqs = np.arange(self.n_seqs)
+        bad = self.bad_seqs()
+        if len(bad):
+            if warn:
+                print(f"warning: {len(bad)} sequences with NaN/Inf hidden states are excluded ({self.path})",
+                      file=sys.stderr)
+            seqs = np.setdiff1d(seqs, bad)
+        if not self.complete and allow_partial:
+            done = self.done_units()
+            a_unit = self.offsets[:-1] // self.shard_tokens
+            b_unit = (np.maximum(self.offsets[1:], 1) - 1) // self.shard_tokens
+            seqs = seqs[done[a_unit[seqs]] & done[b_unit[seqs]]]
+        return seqs
 
     # ---- hidden states --------------------------------------------------------------------------
     def read_hidden(self, start: int, stop: int) -> torch.Tensor:
@@ -244,9 +342,10 @@ class Cache:
         a, b = self.unit_range(k)
         assert hidden.shape == (b - a, self.hidden_size), (hidden.shape, a, b)
         bad = (~torch.isfinite(hidden).all(dim=1)).numpy().astype(np.uint8)
-        self.hidden[a:b] = to_stored(hidden, self.hidden_dtype)
-        if "bad_rows" in self.group:
-            self.group["bad_rows"][a:b] = bad
+        with zarr.config.set(_WRITE_ALL):
+            self.hidden[a:b] = to_stored(hidden, self.hidden_dtype)
+            if "bad_rows" in self.group:
+                self.group["bad_rows"][a:b] = bad
         self._fsync_local(f"hidden/c/{k}/0")
         return int(bad.sum())
 
@@ -254,7 +353,10 @@ class Cache:
         """Sequences with a NaN/Inf hidden row (recorded by the dump; excluded from training)."""
         if "bad_rows" not in self.group:
             return np.zeros(0, dtype=np.int64)
-        rows = np.flatnonzero(self.group["bad_rows"][:])
+        flags = self.group["bad_rows"][:]
+        if not self.complete:  # rows of units not dumped yet read as the fill value
+            flags = np.where(np.repeat(self.done_units(), self.shard_tokens)[: self.n_tokens], flags, 0)
+        rows = np.flatnonzero(flags)
         return np.unique(np.searchsorted(self.offsets, rows, side="right") - 1)
 
     def mark_done(self, k: int) -> None:

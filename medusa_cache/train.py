@@ -21,9 +21,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
-import shutil
-import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -34,8 +31,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from . import rundir
 from .config import check, to_dict
-from .errors import UserError
+from .errors import Interrupted, UserError
 from .heads import MedusaHeads
 from .loader import BatchStream, epoch_order, make_batches, make_blocks
 from .store import Cache
@@ -118,6 +116,10 @@ class TrainConfig:
     """Optimizer steps between metrics.jsonl records."""
     checkpoint_every: int = 200
     """Optimizer steps between checkpoints (also one at each epoch end)."""
+    checkpoint_minutes: float = 0.0
+    """Also checkpoint when this many minutes have passed since the last one (0: off)."""
+    eval_tokens: int = 2048
+    """Positions per validation batch: bounds validation memory (every head's logits for this many rows)."""
 
     def __post_init__(self) -> None:
         check(self.cache is not None, "cache", "is required")
@@ -138,7 +140,8 @@ class TrainConfig:
         check(self.max_grad_norm >= 0, "max_grad_norm", f"must be >= 0, got {self.max_grad_norm}")
         check(0 <= self.val_fraction < 1, "val_fraction", f"must be in [0, 1), got {self.val_fraction}")
         check(not (self.resume and self.overwrite), "resume", "--resume and --overwrite exclude each other")
-        for name in ("shuffle_buffer", "block_tokens", "prefetch", "log_every", "checkpoint_every"):
+        check(self.checkpoint_minutes >= 0, "checkpoint_minutes", f"must be >= 0, got {self.checkpoint_minutes}")
+        for name in ("shuffle_buffer", "block_tokens", "prefetch", "log_every", "checkpoint_every", "eval_tokens"):
             check(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
         w = self.head_loss_weights
         if w is not None:
@@ -155,17 +158,7 @@ class TrainConfig:
 
 # --------------------------------------------------------------------------------------------------
 def split(cache: Cache, cfg: TrainConfig) -> tuple[np.ndarray, np.ndarray]:
-    seqs = np.arange(cache.n_seqs)
-    bad = cache.bad_seqs()
-    if len(bad):
-        print(f"warning: {len(bad)} sequences with NaN/Inf hidden states are excluded ({cache.path})",
-              file=sys.stderr)
-        seqs = np.setdiff1d(seqs, bad)
-    if not cache.complete and cfg.allow_partial:  # only sequences whose every unit is done
-        done = cache.done_units()
-        a_unit = cache.offsets[:-1] // cache.shard_tokens
-        b_unit = (np.maximum(cache.offsets[1:], 1) - 1) // cache.shard_tokens
-        seqs = seqs[done[a_unit] & done[b_unit]]
+    seqs = cache.usable_seqs(cfg.allow_partial)
     if cfg.val_cache or cfg.val_fraction == 0 or len(seqs) < 2:
         return seqs, np.array([], dtype=np.int64)
     n_val = max(1, int(round(cfg.val_fraction * len(seqs))))
@@ -210,14 +203,20 @@ def head_losses(heads: MedusaHeads, hidden: torch.Tensor, targets: torch.Tensor,
 
 
 @torch.no_grad()
-def evaluate(heads: MedusaHeads, cache: Cache, seqs: np.ndarray, device: str, block_tokens: int) -> dict:
+def evaluate(heads: MedusaHeads, cache: Cache, seqs: np.ndarray, device: str, block_tokens: int,
+             eval_tokens: int = 2048) -> dict:
+    """Validation loss/top-1/top-5 per head over ``seqs``.
+
+    Reads in blocks of ``block_tokens`` but computes ``eval_tokens`` positions at a time, so at most
+    heads x eval_tokens x draft-vocab logits are alive (a training step's worth), whatever --block-tokens is.
+    """
     heads.eval()
     num = len(heads.heads)
     labels = cache.array("labels")
     tot = np.zeros((num, 3), dtype=np.int64)
     loss_sum = np.zeros(num)
     blocks = make_blocks(seqs, cache.offsets, block_tokens)
-    batches = make_batches(np.concatenate(blocks) if blocks else seqs, cache.offsets, 1, block_tokens)
+    batches = make_batches(np.concatenate(blocks) if blocks else seqs, cache.offsets, 1, eval_tokens)
     stream = BatchStream(cache, labels, batches, num, blocks)
     for b in stream:
         h = b.hidden.to(device).float()
@@ -231,30 +230,9 @@ def evaluate(heads: MedusaHeads, cache: Cache, seqs: np.ndarray, device: str, bl
             "val_top1": (tot[:, 1] / n).round(4).tolist(), "val_top5": (tot[:, 2] / n).round(4).tolist()}
 
 
-def _atomic_save(obj, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _prepare_out(cfg: TrainConfig) -> Path:
-    out = Path(cfg.out)
-    if out.exists() and any(out.iterdir()):
-        if cfg.overwrite:
-            if not (out / "train_config.json").exists():
-                raise UserError(f"--overwrite: {out} is not a medusa-cache train directory; refusing to delete it")
-            shutil.rmtree(out)
-        elif not cfg.resume:
-            raise UserError(f"--out: {out} already exists; pass --resume to continue it or --overwrite to replace it")
-    if cfg.resume and not (out / "checkpoint.pt").exists():
-        raise UserError(f"--resume: no checkpoint in {out}")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"--out: cannot create {out}: {e.strerror}") from None
-    return out
+def _inputs(cfg: TrainConfig) -> dict:
+    return {"--cache": cfg.cache, "--val-cache": cfg.val_cache, "--init-from-lm-head": cfg.init_from_lm_head,
+            "--distill": cfg.distill}
 
 
 def check_cache_against(cache: Cache, cfg: TrainConfig) -> None:
@@ -308,19 +286,26 @@ def make_variant(name: str, cfg: TrainConfig, cache: Cache, total_steps: int, nu
     return Variant(name, heads, opt, sched, np.zeros((k, 3), dtype=np.int64), np.zeros(k))
 
 
-def _prepare_run(cfg: TrainConfig) -> Path:
-    """Create or check --out and write the resolved config (rank 0)."""
-    out = _prepare_out(cfg)
-    if cfg.resume:
-        old = json.loads((out / "train_config.json").read_text())
-        keys = [k for k in ("cache", "num_heads", "num_layers", "lr", "batch_size", "grad_accum", "batch_tokens",
-                            "seed", "epochs", "schedule", "warmup_ratio", "max_grad_norm", "head_loss_weights",
-                            "clip_per_head", "val_fraction", "distill", "distill_weight", "init_from_lm_head")
-                if old.get(k) != getattr(cfg, k)]
-        if keys:
-            raise UserError(f"--resume: {out} was trained with different {', '.join(keys)}")
-    (out / "train_config.json").write_text(json.dumps(to_dict(cfg), indent=2))
-    return out
+def _prepare_run(cfg: TrainConfig, settings: dict, group: int) -> dict | None:
+    """Claim --out (rank 0). Fresh: write the resolved config. Resume: check the contract, return the checkpoint."""
+    if cfg.resume and not (Path(cfg.out) / "checkpoint.pt").exists():
+        raise UserError(f"--resume: no checkpoint in {cfg.out}")
+    out = rundir.claim(cfg.out, kind="train", overwrite=cfg.overwrite, resume=cfg.resume, inputs=_inputs(cfg))
+    if not cfg.resume:
+        (out / "train_config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+        return None
+    ck = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)
+    if ck.get("group", group) != group:
+        raise UserError(f"--resume: {out} was trained with {ck['group']} micro-batches per step "
+                        f"(processes x --grad-accum), this run has {group}; keep the product the same")
+    stored = ck.get("settings")
+    if stored is None:  # a checkpoint from before the contract: compare the config it was started with
+        old = rundir.stored_train_config(out) or {}
+        stored = {k: old.get(k) for k in rundir.RESUME_FIXED}
+        settings = {k: settings[k] for k in rundir.RESUME_FIXED}
+    rundir.check_resume(stored, settings, out)
+    rundir.trim_metrics(out / "metrics.jsonl", ck["step"], ck["epoch"])
+    return ck
 
 
 def _clip(v: Variant, cfg: TrainConfig) -> None:
@@ -331,6 +316,42 @@ def _clip(v: Variant, cfg: TrainConfig) -> None:
             torch.nn.utils.clip_grad_norm_(hd.parameters(), cfg.max_grad_norm)
     else:
         torch.nn.utils.clip_grad_norm_(v.heads.parameters(), cfg.max_grad_norm)
+
+
+class _StopSignals:
+    """SIGINT/SIGTERM set a flag instead of killing the run; the loop checks it after each optimizer step.
+
+    Under torchrun every rank must stop at the same step, so the flag is agreed with an all-reduce (MAX).
+    """
+
+    def __init__(self) -> None:
+        import signal
+        import threading
+
+        self.signum: int | None = None
+        self.previous: dict = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.signum = signum
+
+    def agreed(self) -> bool:
+        from . import dist
+
+        if dist.active():
+            t = torch.tensor([self.signum or 0])
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+            self.signum = int(t.item()) or None
+        return self.signum is not None
+
+    def restore(self) -> None:
+        import signal
+
+        for sig, h in self.previous.items():
+            signal.signal(sig, h)
+        self.previous = {}
 
 
 def train(cfg: TrainConfig, variants: list[tuple[str, int, float]] | None = None) -> dict:
@@ -359,10 +380,16 @@ def train(cfg: TrainConfig, variants: list[tuple[str, int, float]] | None = None
             raise UserError(f"--val-cache: {cfg.val_cache} uses a different draft vocabulary than {cfg.cache}")
         if val_cache.attrs["fingerprints"]["model"] != cache.attrs["fingerprints"]["model"]:
             raise UserError(f"--val-cache: {cfg.val_cache} was dumped with a different model than {cfg.cache}")
+        if val_cache.content_fingerprint() == cache.content_fingerprint():
+            raise UserError(f"--val-cache: {cfg.val_cache} holds the same data as --cache {cfg.cache}; validating "
+                            "on training data measures nothing: dump a held-out file, or drop --val-cache to hold "
+                            "out --val-fraction of the sequences")
     # everything that can refuse the run is read before --out is touched
     lm_init = draft_lm_head(cfg.init_from_lm_head, cache, "--init-from-lm-head") if cfg.init_from_lm_head else None
     teacher_w = draft_lm_head(cfg.distill, cache, "--distill").to(cfg.device) if cfg.distill else None
-    dist.on_rank0(lambda: _prepare_run(cfg), rank)
+    settings = rundir.resume_settings(cfg, cache.content_fingerprint(),
+                                      val_cache.content_fingerprint() if val_cache is not None else None)
+    dist.on_rank0(lambda: _prepare_run(cfg, settings, world * cfg.grad_accum), rank)
     out = Path(cfg.out)
 
     device = cfg.device
@@ -382,9 +409,6 @@ def train(cfg: TrainConfig, variants: list[tuple[str, int, float]] | None = None
     step, epoch, start_group = 0, 0, 0
     if cfg.resume:
         ck = torch.load(out / "checkpoint.pt", map_location=device, weights_only=True)
-        if ck.get("group", group) != group:
-            raise UserError(f"--resume: {out} was trained with {ck['group']} micro-batches per step "
-                            f"(processes x --grad-accum), this run has {group}; keep the product the same")
         for v, st in zip(vs, ck["variants"], strict=True):
             v.heads.load_state_dict(st["heads"])
             v.opt.load_state_dict(st["optimizer"])
@@ -405,12 +429,18 @@ def train(cfg: TrainConfig, variants: list[tuple[str, int, float]] | None = None
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if fused else torch.autocast("cpu", enabled=False)
     last_val: dict = {}
 
+    last_save = time.monotonic()
+
     def save(next_epoch: int, next_group: int) -> None:
+        nonlocal last_save
+        last_save = time.monotonic()
         if rank == 0:
-            _atomic_save({"variants": [{"heads": v.heads.state_dict(), "optimizer": v.opt.state_dict(),
-                                        "scheduler": v.sched.state_dict()} for v in vs],
-                          "step": step, "epoch": next_epoch, "next_batch": next_group * group, "group": group},
-                         out / "checkpoint.pt")
+            rundir.atomic_save({"variants": [{"heads": v.heads.state_dict(), "optimizer": v.opt.state_dict(),
+                                              "scheduler": v.sched.state_dict()} for v in vs],
+                                "step": step, "epoch": next_epoch, "next_batch": next_group * group, "group": group,
+                                "settings": settings}, out / "checkpoint.pt")
+
+    stop = _StopSignals()
 
     def log(rec: dict) -> None:
         if metrics_f is not None:
@@ -481,7 +511,14 @@ def train(cfg: TrainConfig, variants: list[tuple[str, int, float]] | None = None
                         v.window[:], v.window_loss[:] = 0, 0
                     bar.set_postfix(loss=rec["loss"], tok_s=rec["tokens_per_s"])
                     window_tokens, t_window = 0, time.perf_counter()
-                if step % cfg.checkpoint_every == 0:
+                if stop.agreed():  # SIGINT/SIGTERM: this step is finished; keep it and leave
+                    save(epoch, g + 1)
+                    stop.restore()
+                    bar.close()
+                    raise Interrupted(f"interrupted at step {step}; checkpoint written to {out / 'checkpoint.pt'}; "
+                                      "rerun with --resume", stop.signum)
+                if step % cfg.checkpoint_every == 0 or (
+                        cfg.checkpoint_minutes and time.monotonic() - last_save >= 60 * cfg.checkpoint_minutes):
                     save(epoch, g + 1)
                 if cfg.max_steps is not None and step >= cfg.max_steps:
                     done = True
@@ -492,15 +529,16 @@ def train(cfg: TrainConfig, variants: list[tuple[str, int, float]] | None = None
             epoch, start_group = epoch + 1, 0
             if rank == 0 and (len(val_seqs) or val_cache is not None):
                 vc = val_cache or cache
-                seqs = np.arange(vc.n_seqs) if val_cache is not None else val_seqs
+                seqs = vc.usable_seqs(cfg.allow_partial, warn=False) if val_cache is not None else val_seqs
                 for v in vs:
                     last_val = {"epoch": epoch - 1, "step": step, **({"variant": v.name} if v.name else {}),
-                                **evaluate(v.heads, vc, seqs, device, cfg.block_tokens)}
+                                **evaluate(v.heads, vc, seqs, device, cfg.block_tokens, cfg.eval_tokens)}
                     log({"split": "val", **last_val})
             save(epoch, 0)
             dist.barrier()
         else:
             save(epoch, g + 1)
+    stop.restore()
     bar.close()
     if metrics_f is not None:
         metrics_f.close()

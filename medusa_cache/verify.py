@@ -46,9 +46,19 @@ def spot_check(c: Cache, model: str, n: int = 4, seed: int = 0, device: str = "c
     return problems
 
 
-def verify(path: str, deep: bool = False, model: str | None = None, samples: int = 4) -> dict[str, Any]:
+def verify(path: str, deep: bool = False, model: str | None = None, samples: int = 4,
+           allow_partial: bool = False) -> dict[str, Any]:
     problems: list[str] = []
     c = Cache(path)  # raises on a missing group, a foreign group or a newer format
+    if not c.complete and not allow_partial:
+        done = c.done_units()
+        problems.append(f"incomplete: {int(done.sum())}/{c.n_units} units dumped (missing units "
+                        f"{np.flatnonzero(~done)[:10].tolist()}); finish it with `medusa-cache dump ... --resume`, "
+                        "or pass --allow-partial to accept a partial store")
+    try:
+        problems += c.missing_chunks()  # through the store's own listing: local and s3:// alike
+    except Exception as e:  # noqa: BLE001
+        problems.append(f"cannot list the store's chunks: {e}")
     n, s = c.n_tokens, c.n_seqs
     off = c.offsets
     if off[0] != 0 or (np.diff(off) <= 0).any():

@@ -1,8 +1,14 @@
-"""Tiny models built from configs, the real fixtures beside the repo, and small chat files."""
+"""Tiny models built from configs, the real fixtures vendored in tests/fixtures/, and small chat files.
+
+Nothing here reads outside the repository: a bare clone runs the whole suite (``.ci/run`` proves it by
+testing a clone with nothing beside it). ``MEDUSA_CACHE_FIXTURES`` may point at another fixture tree.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import lzma
 import os
 import shutil
 import subprocess
@@ -17,11 +23,40 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 REPO = Path(__file__).resolve().parents[1]
-FIXTURES = Path(os.environ.get("MEDUSA_CACHE_FIXTURES", REPO.parent / "shared" / "fixtures"))
+FIXTURES = Path(os.environ.get("MEDUSA_CACHE_FIXTURES", REPO / "tests" / "fixtures"))
 CHAT = FIXTURES / "chat"
-LLAMA3_TOK = FIXTURES / "tokenizers" / "llama3"
-QWEN2_TOK = FIXTURES / "tokenizers" / "qwen2"
-STORIES = FIXTURES / "models" / "stories260K"
+STORIES = REPO / "medusa_cache" / "demo" / "stories260K"  # the pretrained model the package ships (MIT)
+TOKENIZER_SHA256 = {
+    "llama3": "82f3ae94c30ecff2dbd54ee0faf6cb061149620937486e272cc136cb6acb213b",
+    "qwen2": "a648544f79f4c2b4b9a34d1eef5b457b94bf6967962170a1bf4bb15f5356b5e2",
+}
+
+
+def _tokenizer_dir(name: str) -> Path:
+    """A tokenizer directory; a vendored ``tokenizer.json.xz`` is unpacked once into ``.unpacked/``."""
+    src = FIXTURES / "tokenizers" / name
+    if (src / "tokenizer.json").exists():
+        return src
+    dst = FIXTURES / ".unpacked" / name
+    if not (dst / "tokenizer.json").exists():
+        tmp = dst.with_name(f"{name}.tmp{os.getpid()}")
+        tmp.mkdir(parents=True, exist_ok=True)
+        for f in src.iterdir():
+            if f.name == "tokenizer.json.xz":
+                data = lzma.decompress(f.read_bytes())
+                assert hashlib.sha256(data).hexdigest() == TOKENIZER_SHA256[name], f"{f}: checksum differs"
+                (tmp / "tokenizer.json").write_bytes(data)
+            else:
+                shutil.copy(f, tmp / f.name)
+        try:
+            tmp.rename(dst)
+        except OSError:  # another process unpacked it first
+            shutil.rmtree(tmp)
+    return dst
+
+
+LLAMA3_TOK = _tokenizer_dir("llama3")
+QWEN2_TOK = _tokenizer_dir("qwen2")
 
 
 def _tiny(path: Path, kind: str) -> Path:

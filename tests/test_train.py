@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import zarr
 from conftest import REPO, STORIES, run_cli, write_jsonl
 from safetensors.torch import load_file
 
@@ -166,30 +168,85 @@ def test_lm_head_from_another_model_is_refused(tmp_path, dumped):
 
 
 # ---- resume -----------------------------------------------------------------------------------------
-def test_kill_and_resume_ends_with_the_same_weights(tmp_path, dumped):
+def _wait_lines(p, path: Path, lines: int) -> None:
+    deadline = time.time() + 120
+    while time.time() < deadline and p.poll() is None:
+        if path.exists() and len(path.read_text().splitlines()) >= lines:
+            return
+        time.sleep(0.01)
+    assert p.poll() is None, "training finished before it could be stopped"
+
+
+def test_kill_signals_and_resume_end_with_the_same_weights(tmp_path, dumped):
+    """SIGINT, kill -9 and SIGTERM at three moments; `--resume` alone continues; no step is logged twice."""
     args = ["train", "--cache", str(dumped), "--num-heads", "2", "--epochs", "3", "--grad-accum", "2",
-            "--lr", "1e-3", "--checkpoint-every", "1", "--log-every", "1"]
+            "--lr", "1e-3", "--log-every", "1"]
     run_cli(*args, "--out", str(tmp_path / "ref"))
     out = tmp_path / "k"
+    metrics = out / "metrics.jsonl"
     env = {**os.environ, "TQDM_DISABLE": "1"}
-    for lines in (10, 30, 50):  # kill -9 three times (a checkpoint is written every step), resuming each time
-        resume = ["--resume"] if (out / "checkpoint.pt").exists() else []
-        p = subprocess.Popen([sys.executable, "-m", "medusa_cache", *args, "--out", str(out), *resume], env=env,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.time() + 120
-        while time.time() < deadline and p.poll() is None:
-            m = out / "metrics.jsonl"
-            if m.exists() and len(m.read_text().splitlines()) >= lines:
-                break
-            time.sleep(0.01)
-        assert p.poll() is None, "training finished before it could be killed"
-        p.send_signal(signal.SIGKILL)
-        p.wait()
+    runs = [(args + ["--out", str(out), "--checkpoint-every", "1000"], 10, signal.SIGINT),  # no checkpoint yet
+            # kill -9 long after the last checkpoint: the steps logged since then must not be logged twice
+            (["train", "--out", str(out), "--resume", "--checkpoint-every", "1000"], 30, signal.SIGKILL),
+            (["train", "--out", str(out), "--resume", "--checkpoint-every", "1000"], 50, signal.SIGTERM)]
+    for argv, lines, sig in runs:
+        p = subprocess.Popen([sys.executable, "-m", "medusa_cache", *argv], env=env, text=True,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        _wait_lines(p, metrics, lines)
+        p.send_signal(sig)
+        err = p.communicate(timeout=60)[1]
+        if sig == signal.SIGKILL:
+            continue
+        assert p.returncode == 128 + sig, err
+        step = torch.load(out / "checkpoint.pt", weights_only=True)["step"]
+        assert f"interrupted at step {step}; checkpoint written to" in err and "rerun with --resume" in err
+        assert step >= lines - 1  # the steps done before the signal were kept
     assert not (out / "medusa_lm_head.safetensors").exists()
-    run_cli(*args, "--out", str(out), "--resume")
+    run_cli("train", "--out", str(out), "--resume")
     a = load_file(str(tmp_path / "ref" / "medusa_lm_head.safetensors"))
     b = load_file(str(out / "medusa_lm_head.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+    recs = [json.loads(x) for x in metrics.read_text().splitlines()]
+    steps = [r["step"] for r in recs if r.get("split") != "val"]
+    assert steps == sorted(set(steps)) and steps == list(range(1, len(steps) + 1))
+    ref = [json.loads(x) for x in (tmp_path / "ref" / "metrics.jsonl").read_text().splitlines()]
+    assert [r.get("split") for r in recs] == [r.get("split") for r in ref]
+
+
+@pytest.mark.parametrize("change", [{"block_tokens": 4096}, {"shuffle_buffer": 8}, {"allow_partial": True},
+                                    {"seed": 1}, {"lr": 2e-3}, {"batch_tokens": 256}, {"num_heads": 3},
+                                    {"val_fraction": 0.1}])
+def test_resume_refuses_any_setting_that_changes_the_run(tmp_path, dumped, change):
+    base = dict(cache=str(dumped), out=str(tmp_path / "h"), num_heads=2, lr=1e-3, grad_accum=1, max_steps=2,
+                checkpoint_every=1, batch_tokens=512)
+    train(TrainConfig(**base))
+    saved = (tmp_path / "h" / "train_config.json").read_text()
+    (name, value), = change.items()
+    old = base.get(name, getattr(TrainConfig, name))
+    with pytest.raises(UserError, match=rf"--{name.replace('_', '-')}: checkpoint {old!r}, now {value!r}"):
+        train(TrainConfig(**{**base, "max_steps": 4, "resume": True, **change}))
+    assert (tmp_path / "h" / "train_config.json").read_text() == saved
+
+
+def test_resume_refuses_a_changed_cache_and_a_val_cache(tmp_path, dumped):
+    base = dict(cache=str(dumped), out=str(tmp_path / "h"), num_heads=2, grad_accum=1, max_steps=2, batch_tokens=512)
+    train(TrainConfig(**base))
+    other = tmp_path / "other"
+    shutil.copytree(dumped, other)
+    g = zarr.open_group(str(other), mode="r+")
+    g.attrs["fingerprints"] = {**g.attrs["fingerprints"], "data": "something else"}
+    with pytest.raises(UserError, match=r"--cache \(fingerprint\): checkpoint '[0-9a-f]+', now '[0-9a-f]+'"):
+        train(TrainConfig(**{**base, "cache": str(other), "max_steps": 3, "resume": True}))
+    # a copy of the same cache elsewhere is the same run
+    shutil.rmtree(other)
+    shutil.copytree(dumped, other)
+    train(TrainConfig(**{**base, "cache": str(other), "max_steps": 3, "resume": True}))
+
+
+def test_val_cache_equal_to_cache_is_refused(tmp_path, dumped):
+    with pytest.raises(UserError, match="--val-cache: .* holds the same data as --cache"):
+        train(TrainConfig(cache=str(dumped), val_cache=str(dumped), out=str(tmp_path / "h")))
+    assert not (tmp_path / "h").exists()
 
 
 # ---- export -----------------------------------------------------------------------------------------

@@ -1,0 +1,132 @@
+"""Output directories: the one policy that decides when ``--out`` may be created, continued or replaced.
+
+Every directory medusa-cache writes (a heads directory from ``train``/``ablate``, an ``export``) holds a
+marker file, ``.medusa-cache``; a cache store is recognised by its own format attribute. ``--overwrite``
+replaces a directory only if it is one of ours *and* is not one of the command's inputs, nor inside one,
+nor holding one. Anything else is a clear error, never a deletion.
+
+Also here: atomic checkpoint files and the resume contract of ``train`` (every setting that fixes the data
+order or the model is stored in the checkpoint; a resumed run must match it exactly).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import store
+from .config import flag
+from .errors import UserError
+
+MARKER = ".medusa-cache"
+
+
+def _ours(path: Path) -> bool:
+    return (path / MARKER).exists() or store.is_store(path, partial=True) or (path / "train_config.json").exists()
+
+
+def _related(out: Path, inp: Path) -> bool:
+    """``out`` is ``inp``, lies inside it, or holds it."""
+    out, inp = out.resolve(), inp.resolve()
+    return out == inp or out in inp.parents or inp in out.parents
+
+
+def claim(out: str | Path, *, kind: str, overwrite: bool = False, resume: bool = False,
+          inputs: dict[str, str | Path | None] | None = None, out_flag: str = "--out") -> Path:
+    """Make ``out`` ready for a ``kind`` run (e.g. "train") and mark it as ours; returns its path.
+
+    ``inputs``: flag -> path of everything the command reads; ``out`` may not be, hold or lie inside any.
+    """
+    out = Path(out)
+    for name, inp in (inputs or {}).items():
+        if inp and not store.is_url(inp) and _related(out, Path(inp)):
+            raise UserError(f"{out_flag}: {out} is, holds or lies inside the input {name} {inp}; "
+                            "choose an output directory apart from the inputs")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out_flag}: {out} exists and is not a directory")
+    if out.exists() and any(out.iterdir()):
+        if overwrite:
+            if not _ours(out):
+                raise UserError(f"--overwrite: {out} was not written by medusa-cache (no {MARKER} marker); "
+                                "refusing to delete it")
+            shutil.rmtree(out)
+        elif not resume:
+            hint = "pass --resume to continue it or --overwrite to replace it" if kind == "train" else \
+                "pass --overwrite to replace it"
+            raise UserError(f"{out_flag}: {out} already exists; {hint}")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / MARKER).write_text(json.dumps({"written_by": f"medusa-cache {kind}"}) + "\n")
+    except OSError as e:
+        raise UserError(f"{out_flag}: cannot create {out}: {e.strerror}") from None
+    return out
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    """torch.save to a temporary file, fsync, then rename: a reader sees the old file or the new one."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+# ---- the resume contract ---------------------------------------------------------------------------
+# Settings that fix the data order or the model: a resumed run must have exactly these values.
+# (--grad-accum is checked as processes x --grad-accum, the micro-batches per optimizer step.)
+RESUME_FIXED = ("num_heads", "num_layers", "epochs", "lr", "weight_decay", "batch_size", "batch_tokens",
+                "warmup_ratio", "schedule", "max_grad_norm", "clip_per_head", "head_loss_weights",
+                "init_from_lm_head", "distill", "distill_weight", "seed", "val_fraction", "allow_partial",
+                "shuffle_buffer", "block_tokens")
+
+
+def resume_settings(cfg: Any, cache_fp: str, val_fp: str | None) -> dict[str, Any]:
+    s = {k: getattr(cfg, k) for k in RESUME_FIXED}
+    s["cache (fingerprint)"] = cache_fp
+    s["val_cache (fingerprint)"] = val_fp
+    return s
+
+
+def check_resume(stored: dict[str, Any], now: dict[str, Any], out: Path) -> None:
+    diff = [k for k in stored if stored[k] != now.get(k)]
+    if diff:
+        parts = [f"{flag(k.split(' ')[0])}{' ' + k.split(' ', 1)[1] if ' ' in k else ''}: checkpoint "
+                 f"{stored[k]!r}, now {now.get(k)!r}" for k in diff]
+        raise UserError(f"--resume: {out} cannot continue with changed settings (the run would differ from an "
+                        f"uninterrupted one): {'; '.join(parts)}. Give the stored values, or just --resume")
+
+
+def trim_metrics(path: Path, step: int, epoch: int) -> None:
+    """Drop records written after the checkpoint (train steps > ``step``, validations of epochs >= ``epoch``)."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line torn by the kill
+        if rec.get("split") == "val" and rec.get("epoch", -1) >= epoch:
+            continue
+        if rec.get("split") != "val" and rec.get("step", 0) > step:
+            continue
+        keep.append(line + "\n")
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(keep))
+    os.replace(tmp, path)
+
+
+def stored_train_config(out: str | Path) -> dict[str, Any] | None:
+    """The settings a train directory was started with (what ``--resume`` alone continues with)."""
+    p = Path(out) / "train_config.json"
+    if not p.exists():
+        return None
+    try:
+        return json.loads(p.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"--resume: cannot read {p}: {e}") from None

@@ -17,7 +17,6 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -44,6 +43,19 @@ def run_ablate(cfg: TrainConfig, heads: list[int], layers: list[int], lrs: list[
         raise UserError(f"--tree-budget: budgets must be >= 1, got {budgets}")
     if cfg.val_fraction <= 0 and not cfg.val_cache:
         raise UserError("--val-fraction: ablate needs held-out data (a fraction > 0, or --val-cache)")
+    # check before training that there is something to hold out (else it would fail only after training)
+    if cfg.val_cache:
+        vc = Cache(cfg.val_cache)
+        vc.require_complete(cfg.allow_partial)
+        if len(vc.usable_seqs(cfg.allow_partial, warn=False)) == 0:
+            raise UserError(f"--val-cache: {cfg.val_cache} has no usable sequences to evaluate on")
+    else:
+        c = Cache(cfg.cache)
+        c.require_complete(cfg.allow_partial)
+        n = len(c.usable_seqs(cfg.allow_partial, warn=False))
+        if n < 2:
+            raise UserError(f"--val-fraction: {cfg.cache} has {n} usable sequences; holding out {cfg.val_fraction} "
+                            "of them leaves none to evaluate on: give a larger --val-fraction or a --val-cache")
     kmax = max(heads)
     cfg = replace(cfg, num_heads=kmax, clip_per_head=True)
     specs = [(variant_name(la, lr), la, lr) for la in layers for lr in lrs]
@@ -54,7 +66,7 @@ def run_ablate(cfg: TrainConfig, heads: list[int], layers: list[int], lrs: list[
         return {}  # under torchrun the ranks train together; rank 0 evaluates and reports
     out = Path(cfg.out)
     cache = Cache(cfg.val_cache) if cfg.val_cache else Cache(cfg.cache)
-    val = np.arange(cache.n_seqs) if cfg.val_cache else result["val_seqs"]
+    val = cache.usable_seqs(cfg.allow_partial, warn=False) if cfg.val_cache else result["val_seqs"]
     rows = []
     for name, _, _ in tqdm(specs, desc="ablate: evaluate", unit="variant", disable=None):
         hv, _, _ = load_heads(out / "variants" / name)

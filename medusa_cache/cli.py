@@ -83,8 +83,8 @@ def _train(args: argparse.Namespace) -> None:
 def _export(args: argparse.Namespace) -> None:
     from .export import export
 
-    export(args.dir, args.format, args.out, overwrite=args.overwrite)
-    print(f"wrote {args.format} heads to {args.out}")
+    base = export(args.dir, args.format, args.out, overwrite=args.overwrite, base_model=args.base_model)
+    print(f"wrote {args.format} heads to {args.out} (base_model_name_or_path: {base})")
 
 
 def _comma_list(kind: type, what: str):
@@ -92,9 +92,12 @@ def _comma_list(kind: type, what: str):
 
     def parse(s: str) -> list:
         try:
-            return [kind(x) for x in s.split(",") if x]
+            out = [kind(x) for x in s.split(",") if x.strip()]
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected comma-separated {what}, got {s!r}") from None
+        if not out:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {what}, got {s!r}")
+        return out
 
     return parse
 
@@ -130,10 +133,21 @@ def _ablate(args: argparse.Namespace) -> None:
     from .ablate import run_ablate
     from .train import TrainConfig
 
-    cfg = build_config(TrainConfig, args, args.config, num_heads=max(args.heads), num_layers=max(args.layers),
-                       lr=max(args.lr))
+    # ablate's own --heads/--layers/--lr are lists; --layers/--lr default to the config file's values
+    rest = argparse.Namespace(**{k: v for k, v in vars(args).items() if k not in ("heads", "layers", "lr")})
+    cfg = build_config(TrainConfig, rest, args.config)
+    layers, lrs = args.layers or [cfg.num_layers], args.lr or [cfg.lr]
+    cfg = build_config(TrainConfig, rest, args.config, num_heads=max(args.heads), num_layers=max(layers),
+                       lr=max(lrs))
     _, _, cfg.device = dist.setup(cfg.device)
-    run_ablate(cfg, args.heads, args.layers, args.lr, args.tree_budget, args.topk)
+    run_ablate(cfg, args.heads, layers, lrs, args.tree_budget, args.topk)
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line naming the flag (``-h`` still shows the full usage)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} -h)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -141,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .generate import GenerateConfig
     from .train import TrainConfig
 
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="medusa-cache",
         description="Run the backbone once into a Zarr cache of hidden states, then train Medusa heads from it.",
         epilog=EPILOG,
@@ -198,8 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
                               "--layers 1,2 --tree-budget 16,32,64 --epochs 2",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     a.add_argument("--heads", type=_ints, default=[1, 2, 3, 4, 5], help="head counts (default: 1,2,3,4,5)")
-    a.add_argument("--layers", type=_ints, default=[1], help="ResBlocks per head (default: 1)")
-    a.add_argument("--lr", type=_floats, default=[1e-4], help="learning rates (default: 1e-4)")
+    a.add_argument("--layers", type=_ints, help="ResBlocks per head (default: the config's num_layers, else 1)")
+    a.add_argument("--lr", type=_floats, help="learning rates (default: the config's lr, else 1e-4)")
     a.add_argument("--tree-budget", type=_ints, default=[16, 32, 64], help="tree sizes (default: 16,32,64)")
     a.add_argument("--topk", type=int, default=10)
     a.add_argument("--config", help="JSON train config; explicit flags override it")
@@ -219,7 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("dir", help="output directory of `medusa-cache train`")
     e.add_argument("--format", choices=["vllm", "medusa"], required=True)
     e.add_argument("--out", required=True)
-    e.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    e.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out (only a directory medusa-cache wrote, never an input)")
+    e.add_argument("--base-model", help="base_model_name_or_path to write (default: the model path used at dump time)")
     e.set_defaults(func=_export)
     return p
 
@@ -232,6 +248,12 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"medusa-cache {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `medusa-cache inspect STORE | head`: the reader left; stop quietly
+        import os
+
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
     except Interrupted as e:
         print(f"medusa-cache {args.command}: {e}", file=sys.stderr)
         return 128 + e.signum

@@ -96,8 +96,9 @@ def add_config_args(parser: argparse.ArgumentParser, cls: type, skip: tuple[str,
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
             kwargs["type"] = inner if inner in (int, float) else str
-            if is_list:
+            if is_list:  # `--data a b` and `--data a --data b` both give [a, b]
                 kwargs["nargs"] = "+"
+                kwargs["action"] = "extend"
             choices = _choices(tp)
             if choices:
                 kwargs["choices"] = choices
@@ -122,7 +123,47 @@ def load_config_file(path: str | Path, cls: type) -> dict[str, Any]:
     unknown = sorted(set(raw) - names)
     if unknown:
         raise UserError(f"--config: {path}: unknown key(s) {', '.join(unknown)} for {cls.__name__}")
+    hints = typing.get_type_hints(cls)
+    for key, value in raw.items():
+        problem = type_problem(hints[key], value)
+        if problem:
+            raise UserError(f"--config: {path}: key {key!r} must be {problem}, got {json.dumps(value)} "
+                            f"({type(value).__name__})")
     return raw
+
+
+def type_problem(tp: Any, value: Any) -> str | None:
+    """None if ``value`` (from JSON) fits the field type ``tp``, else the expected type in words."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        problems = [type_problem(a, value) for a in args if a is not type(None)]
+        return None if any(p is None for p in problems) else " or ".join(problems) + \
+            (" or null" if type(None) in args else "")
+    if origin is typing.Literal:
+        choices = typing.get_args(tp)
+        return None if value in choices else "one of " + ", ".join(json.dumps(c) for c in choices)
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            return f"a list of {_words(inner)}"
+        bad = [type_problem(inner, v) for v in value]
+        return None if not any(bad) else f"a list of {_words(inner)}"
+    if tp is bool:
+        return None if isinstance(value, bool) else "true or false"
+    if tp is int:
+        return None if isinstance(value, int) and not isinstance(value, bool) else "an integer"
+    if tp is float:
+        return None if isinstance(value, (int, float)) and not isinstance(value, bool) else "a number"
+    if tp is str:
+        return None if isinstance(value, str) else "a string"
+    return None
+
+
+def _words(tp: Any) -> str:
+    return {int: "integers", float: "numbers", str: "strings", bool: "booleans"}.get(tp, str(tp))
 
 
 def build_config(cls: type, namespace: argparse.Namespace, config_file: str | None = None,

@@ -78,6 +78,9 @@ def read_rows(path: Path, file_index: int, fmt: str = "auto") -> Iterator[Row | 
     if not path.exists():
         raise UserError(f"--data: file not found: {path}")
     raw = path.read_bytes()
+    if raw.startswith(b"\xef\xbb\xbf"):
+        raise UserError(f"{path}:1: the file starts with a UTF-8 byte-order mark (BOM); JSON does not allow one: "
+                        "save it as UTF-8 without BOM (e.g. `sed -i '1s/^\\xEF\\xBB\\xBF//' FILE`)")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -96,6 +99,8 @@ def read_rows(path: Path, file_index: int, fmt: str = "auto") -> Iterator[Row | 
         where_kind = "row"
     else:
         where_kind = "line"
+        if text is not None and stripped[:1] in ("[", "{"):
+            _refuse_json_in_jsonl(path, text, stripped)
         for lineno, line_bytes in enumerate(raw.split(b"\n"), start=1):
             if not line_bytes.strip():
                 continue
@@ -120,6 +125,25 @@ def read_rows(path: Path, file_index: int, fmt: str = "auto") -> Iterator[Row | 
             yield normalise(rec, file_fmt, Row(file_index, n, where))
         except RowError as e:
             yield e
+
+
+def _refuse_json_in_jsonl(path: Path, text: str, stripped: str) -> None:
+    """A .jsonl file that holds one JSON document (an array, or a pretty-printed object) rather than lines."""
+    first = stripped.splitlines()[0].strip()
+    try:
+        json.loads(first)
+        return  # the first line is a JSON value on its own: JSON Lines
+    except json.JSONDecodeError:
+        pass
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError:
+        return  # genuinely malformed lines: reported line by line
+    kind = "a JSON array" if isinstance(doc, list) else "one pretty-printed JSON object"
+    fix = "rename it to .json (a JSON array of rows is read as such)" if isinstance(doc, list) else \
+        "wrap it in [...] and name it .json"
+    raise UserError(f"{path}:1: this file holds {kind} spread over several lines, not one JSON value per "
+                    f"line (JSON Lines); {fix}, or write one row per line")
 
 
 def detect_format(rec: Any, where: str) -> str:

@@ -17,13 +17,39 @@ from .errors import UserError
 
 def setup(device: str = "cpu") -> tuple[int, int, str]:
     """(rank, world_size, device) for this process."""
+    check_device(device)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device == "cuda" and world > 1:
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        device = f"cuda:{local_rank}"
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.set_device(torch.device(device))  # as torch's examples: collectives use this rank's GPU
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+        if device.startswith("cuda"):
+            import torch
+
+            dist.init_process_group("nccl", device_id=torch.device(device))
+        else:
+            dist.init_process_group("gloo")
     return rank, world, device
+
+
+def check_device(device: str) -> None:
+    """Refuse a device this machine does not have, before anything is read or written."""
+    import torch
+
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {device}: CUDA is not available here (torch {torch.__version__}"
+                            f"{', a CPU-only build' if torch.version.cuda is None else ''}); use --device cpu")
+        index = torch.device(device).index
+        if index is not None and index >= torch.cuda.device_count():
+            raise UserError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif device != "cpu" and not device.startswith(("mps", "xpu")):
+        raise UserError(f"--device: unknown device {device!r} (cpu, cuda or cuda:N)")
 
 
 def active() -> bool:

@@ -123,6 +123,10 @@ def _check_inputs(cfg: DumpConfig) -> None:
     if cfg.chat_template and not Path(cfg.chat_template).is_file():
         raise UserError(f"--chat-template: file not found: {cfg.chat_template}")
     out = cfg.out
+    from .rundir import check_apart
+
+    check_apart(out, {"--model": cfg.model, "--data": cfg.data, "--tokenizer": cfg.tokenizer,
+                      "--chat-template": cfg.chat_template, "--vocab-mapping": cfg.vocab_mapping})
     if not store.is_empty(out) and not cfg.resume and not cfg.overwrite:
         raise UserError(f"--out: {out} already exists; pass --resume to continue it or --overwrite to replace it")
     if store.is_url(out):
@@ -151,7 +155,7 @@ def load_tokenizer(path: str):
 
 
 def prepare(cfg: DumpConfig, fingerprints: dict[str, str], template: str | None, vocab_size: int,
-            hidden_size: int, tokenizer) -> store.Cache:
+            hidden_size: int, tokenizer, max_positions: int | None = None) -> store.Cache:
     """Tokenise everything, build the vocabulary, and create the store (all but the hidden states)."""
     templater = Templater(tokenizer, template, cfg.max_length)
     examples, bad, dropped = [], [], 0
@@ -187,11 +191,26 @@ def prepare(cfg: DumpConfig, fingerprints: dict[str, str], template: str | None,
     if not examples:
         raise UserError(f"--data: no usable conversations ({rows_seen} rows, {len(bad)} bad, {dropped} without "
                         "an assistant token)")
+    longest = max(examples, key=lambda e: len(e.input_ids))
+    if max_positions and len(longest.input_ids) > max_positions:
+        f, r = cfg.data[longest.file_index], longest.row_index + 1
+        raise UserError(f"--max-length {cfg.max_length}: {f} row {r} has {len(longest.input_ids)} tokens, beyond the "
+                        f"model's max_position_embeddings {max_positions}; pass --max-length {max_positions} or less")
     counts = count_tokens(examples, vocab_size)
+    unseen_filled = 0
     if cfg.vocab_mapping:
         mapping = load_mapping(cfg.vocab_mapping, vocab_size)
     else:
+        if cfg.draft_vocab_size and cfg.draft_vocab_size > vocab_size:
+            raise UserError(f"--draft-vocab-size {cfg.draft_vocab_size} is larger than the model's vocabulary "
+                            f"({vocab_size}); give at most {vocab_size}, or leave it out for the full vocabulary")
         mapping = build_mapping(counts, cfg.draft_vocab_size or vocab_size)
+        seen = int((counts > 0).sum())
+        if cfg.draft_vocab_size and cfg.draft_vocab_size < vocab_size and cfg.draft_vocab_size > seen:
+            unseen_filled = cfg.draft_vocab_size - seen
+            print(f"warning: --draft-vocab-size {cfg.draft_vocab_size} exceeds the {seen} distinct assistant tokens in "
+                  f"the data; {unseen_filled} never-seen ids (lowest first, as SpecForge) fill the draft vocabulary",
+                  file=sys.stderr)
     lengths = np.array([len(e.input_ids) for e in examples], dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(lengths)])
     ids = np.concatenate([e.input_ids for e in examples])
@@ -215,9 +234,10 @@ def prepare(cfg: DumpConfig, fingerprints: dict[str, str], template: str | None,
         "tokens": int(offsets[-1]),
         "assistant_tokens": assistant,
         "assistant_tokens_in_draft_vocab": int((labels != -100).sum()),
-        "bad_rows": len(bad),
+        "skipped_input_rows": len(bad),
         "dropped_no_assistant": dropped,
         "truncated": int(sum(1 for e in examples if len(e.input_ids) == cfg.max_length)),
+        "draft_vocab_unseen_filled": unseen_filled,
     }
     return store.create(
         cfg.out,
@@ -338,7 +358,8 @@ def open_or_prepare(cfg: DumpConfig) -> store.Cache:
         return cache
     if cfg.resume and not store.is_empty(out) and not store.is_store(out, partial=True):
         raise UserError(f"--resume: {out} is not a medusa-cache store")
-    return prepare(cfg, fps, template, mcfg.vocab_size, mcfg.hidden_size, tokenizer)
+    return prepare(cfg, fps, template, mcfg.vocab_size, mcfg.hidden_size, tokenizer,
+                   getattr(mcfg, "max_position_embeddings", None))
 
 
 def run_dump(cfg: DumpConfig, rank: int = 0, world_size: int = 1) -> dict:
@@ -348,7 +369,28 @@ def run_dump(cfg: DumpConfig, rank: int = 0, world_size: int = 1) -> dict:
     and rank 0 marks the store complete after a barrier. Returns this rank's summary.
     """
     t0 = time.perf_counter()
-    cache = dist.on_rank0(lambda: open_or_prepare(cfg), rank)
+    lock: store.WriterLock | None = None
+
+    def rank0() -> store.Cache:
+        nonlocal lock
+        _check_inputs(cfg)
+        lock = store.WriterLock(cfg.out)
+        try:
+            return open_or_prepare(cfg)
+        except BaseException:
+            lock.release(failed=True)
+            raise
+
+    try:
+        cache = dist.on_rank0(rank0, rank)
+        return _run_units(cfg, cache, rank, world_size, t0)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run_units(cfg: DumpConfig, cache: store.Cache | None, rank: int, world_size: int, t0: float) -> dict:
+    """The unit loop of every rank (the store exists: prepared or opened by rank 0)."""
     if rank != 0:
         cache = store.Cache(cfg.out, mode="r+")
     out = cfg.out

@@ -220,8 +220,13 @@ def run_eval(heads_dir: str, cache_path: str, topk: int = 10, tree_file: str | N
     from .export import load_heads
 
     heads, mapping, config = load_heads(heads_dir)
+    from .dist import check_device
+
+    check_device(device)
+    if any(b < 1 for b in budgets or []):
+        raise UserError(f"--tree-budget: tree sizes must be >= 1, got {budgets}")
     cache = Cache(cache_path)
-    cache.require_complete()
+    cache.require_complete(partial_flag=None)  # eval scores whole caches only
     if mapping.fingerprint() != cache.mapping().fingerprint():
         raise UserError(f"--cache: {cache_path} uses a different draft vocabulary than the heads in {heads_dir}")
     if cache.hidden_size != heads.hidden_size:
@@ -237,7 +242,7 @@ def run_eval(heads_dir: str, cache_path: str, topk: int = 10, tree_file: str | N
         from .lm_head import read_lm_head
 
         base = read_lm_head(base_model, None, cache.attrs["fingerprints"]["model"], flag="--targets base").float()
-    r = head_ranks(heads, cache, np.arange(cache.n_seqs), topk, device, base_lm_head=base)
+    r = head_ranks(heads, cache, cache.usable_seqs(), topk, device, base_lm_head=base)
     res = evaluate_ranks(r, heads.num_heads, topk, budgets or [], tree)
     if trees_out:
         write_trees(res, Path(trees_out))

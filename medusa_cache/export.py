@@ -22,7 +22,6 @@ cost is measured by ``full_vocab_agreement``; README "Export" gives the measured
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -66,14 +65,21 @@ def load_heads(d: str | Path) -> tuple[MedusaHeads, VocabMapping, dict]:
     return heads, mapping, config
 
 
-def export(src: str | Path, fmt: str, out: str | Path, overwrite: bool = False) -> None:
+def export(src: str | Path, fmt: str, out: str | Path, overwrite: bool = False,
+           base_model: str | None = None) -> str | None:
+    """Write ``src``'s heads in ``fmt`` layout to ``out``; returns the base_model_name_or_path written."""
+    from .rundir import claim
+
     heads, mapping, config = load_heads(src)
-    out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise UserError(f"--out: {out} already exists; pass --overwrite to replace it")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+    if fmt == "medusa" and heads.num_layers > 1:
+        raise UserError(f"--format medusa: the heads in {src} have {heads.num_layers} ResBlocks each, but the Medusa "
+                        "reference builds one shared ResBlock module repeated per layer ([ResBlock(H)] * L), so it "
+                        "cannot hold them; use --format vllm (one module per layer)")
+    if fmt not in ("vllm", "medusa"):
+        raise UserError(f"--format: unknown format {fmt!r} (vllm or medusa)")
+    if base_model:
+        config = {**config, "base_model_name_or_path": base_model}
+    out = claim(out, kind="export", overwrite=overwrite, inputs={"heads directory": src})
     token_map = torch.from_numpy(mapping.draft_to_target)
     sd = heads.reference_state_dict()
     H, L, K = heads.hidden_size, heads.num_layers, heads.num_heads
@@ -112,9 +118,10 @@ def export(src: str | Path, fmt: str, out: str | Path, overwrite: bool = False) 
             "vocab_size": mapping.target_size,
         }
         save_file(tensors, str(out / "medusa_lm_head.safetensors"))
-    else:
-        raise UserError(f"--format: unknown format {fmt!r} (vllm or medusa)")
+        # The reference's loader (MedusaModel.from_pretrained) opens only medusa_lm_head.pt: a plain state dict
+        torch.save({k: v.contiguous() for k, v in tensors.items()}, out / "medusa_lm_head.pt")
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    return config.get("base_model_name_or_path")
 
 
 @torch.no_grad()

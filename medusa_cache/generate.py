@@ -70,7 +70,14 @@ def _complete_lines(path: Path) -> int:
 def generate(cfg: GenerateConfig) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .dist import check_device
+    from .rundir import check_apart
+
+    check_device(cfg.device)
     out = Path(cfg.out)
+    check_apart(out, {"--prompts": cfg.prompts, "--model": cfg.model})
+    if out.exists() and not out.is_file():
+        raise UserError(f"--out: {out} exists and is not a file (generate writes one JSONL file)")
     if out.exists() and not (cfg.resume or cfg.overwrite):
         raise UserError(f"--out: {out} already exists; pass --resume to continue it or --overwrite to replace it")
     rows = [r for r in read_rows(Path(cfg.prompts), 0)]

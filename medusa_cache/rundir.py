@@ -1,9 +1,9 @@
 """Output directories: the one policy that decides when ``--out`` may be created, continued or replaced.
 
 Every directory medusa-cache writes (a heads directory from ``train``/``ablate``, an ``export``) holds a
-marker file, ``.medusa-cache``; a cache store is recognised by its own format attribute. ``--overwrite``
-replaces a directory only if it is one of ours *and* is not one of the command's inputs, nor inside one,
-nor holding one. Anything else is a clear error, never a deletion.
+marker file, ``.medusa-cache``, naming the command; a cache store is recognised by its own format attribute.
+``--overwrite`` replaces a directory only if the same command wrote it *and* it is not one of the command's inputs, nor
+inside one, nor holding one. Anything else is a clear error, never a deletion.
 
 Also here: atomic checkpoint files and the resume contract of ``train`` (every setting that fixes the data
 order or the model is stored in the checkpoint; a resumed run must match it exactly).
@@ -26,14 +26,34 @@ from .errors import UserError
 MARKER = ".medusa-cache"
 
 
-def _ours(path: Path) -> bool:
-    return (path / MARKER).exists() or store.is_store(path, partial=True) or (path / "train_config.json").exists()
+def written_by(path: Path) -> str | None:
+    """Which medusa-cache command wrote ``path`` ("train", "export", "ablate", "dump"), or None."""
+    try:
+        return json.loads((path / MARKER).read_text())["written_by"].split()[-1]
+    except (OSError, ValueError, KeyError, IndexError, AttributeError):
+        pass
+    if store.is_store(path, partial=True):
+        return "dump"
+    if (path / "train_config.json").exists():  # a train directory from before the marker
+        return "train"
+    return None
 
 
 def _related(out: Path, inp: Path) -> bool:
     """``out`` is ``inp``, lies inside it, or holds it."""
     out, inp = out.resolve(), inp.resolve()
     return out == inp or out in inp.parents or inp in out.parents
+
+
+def check_apart(out: str | Path, inputs: dict[str, str | Path | None] | None, out_flag: str = "--out") -> None:
+    """Refuse an output that is, holds or lies inside one of the inputs (flag -> path)."""
+    if store.is_url(out):
+        return
+    for name, inp in (inputs or {}).items():
+        for one in ([inp] if isinstance(inp, (str, Path)) else inp or []):
+            if one and not store.is_url(one) and _related(Path(out), Path(one)):
+                raise UserError(f"{out_flag}: {out} is, holds or lies inside the input {name} {one}; "
+                                "choose an output apart from the inputs")
 
 
 def claim(out: str | Path, *, kind: str, overwrite: bool = False, resume: bool = False,
@@ -43,16 +63,17 @@ def claim(out: str | Path, *, kind: str, overwrite: bool = False, resume: bool =
     ``inputs``: flag -> path of everything the command reads; ``out`` may not be, hold or lie inside any.
     """
     out = Path(out)
-    for name, inp in (inputs or {}).items():
-        if inp and not store.is_url(inp) and _related(out, Path(inp)):
-            raise UserError(f"{out_flag}: {out} is, holds or lies inside the input {name} {inp}; "
-                            "choose an output directory apart from the inputs")
+    check_apart(out, inputs, out_flag)
     if out.exists() and not out.is_dir():
         raise UserError(f"{out_flag}: {out} exists and is not a directory")
     if out.exists() and any(out.iterdir()):
         if overwrite:
-            if not _ours(out):
+            by = written_by(out)
+            if by is None:
                 raise UserError(f"--overwrite: {out} was not written by medusa-cache (no {MARKER} marker); "
+                                "refusing to delete it")
+            if by != kind:
+                raise UserError(f"--overwrite: {out} holds the output of `medusa-cache {by}`, not of {kind}; "
                                 "refusing to delete it")
             shutil.rmtree(out)
         elif not resume:

@@ -110,6 +110,45 @@ def is_store(path: str | Path, partial: bool = False) -> bool:
     return "medusa_cache" in attrs or (partial and "medusa_cache_preparing" in attrs)
 
 
+class WriterLock:
+    """One dump at a time per local store: an exclusive ``flock`` on the store directory itself.
+
+    Held by rank 0 for the whole dump; a second dump into the same ``--out`` is refused at once. (Object
+    stores have no locks: there, do not start two dumps into one URL.) A directory created only to be
+    locked is removed again if the dump refuses before writing.
+    """
+
+    def __init__(self, path: str | Path):
+        self.fd: int | None = None
+        self.created = False
+        self.path = Path(path)
+        if is_url(path):
+            return
+        import fcntl
+
+        if not self.path.exists():
+            try:
+                self.path.mkdir(parents=True)
+            except OSError as e:
+                raise UserError(f"--out: cannot create {path}: {e.strerror}") from None
+            self.created = True
+        self.fd = os.open(self.path, os.O_RDONLY)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self.fd)
+            self.fd = None
+            raise UserError(f"--out: another medusa-cache dump is writing {path} right now; wait for it to finish "
+                            "(or stop it), then use --resume") from None
+
+    def release(self, failed: bool = False) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+        if failed and self.created and self.path.exists() and not any(self.path.iterdir()):
+            self.path.rmdir()
+
+
 def remove_store(path: str | Path) -> None:
     """--overwrite: remove an existing store, but never a directory that is not one of ours."""
     if is_empty(path):
@@ -119,8 +158,9 @@ def remove_store(path: str | Path) -> None:
     if is_url(path):
         fs, p = _fs(path)
         fs.rm(p, recursive=True)
-    else:
-        shutil.rmtree(path)
+    else:  # empty the directory but keep it: the dump's WriterLock is held on it
+        for child in Path(path).iterdir():
+            shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
 
 
 def create(

@@ -290,10 +290,11 @@ def _prepare_run(cfg: TrainConfig, settings: dict, group: int) -> dict | None:
     """Claim --out (rank 0). Fresh: write the resolved config. Resume: check the contract, return the checkpoint."""
     if cfg.resume and not (Path(cfg.out) / "checkpoint.pt").exists():
         raise UserError(f"--resume: no checkpoint in {cfg.out}")
-    out = rundir.claim(cfg.out, kind="train", overwrite=cfg.overwrite, resume=cfg.resume, inputs=_inputs(cfg))
     if not cfg.resume:
+        out = rundir.claim(cfg.out, kind="train", overwrite=cfg.overwrite, inputs=_inputs(cfg))
         (out / "train_config.json").write_text(json.dumps(to_dict(cfg), indent=2))
         return None
+    out = Path(cfg.out)
     ck = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)
     if ck.get("group", group) != group:
         raise UserError(f"--resume: {out} was trained with {ck['group']} micro-batches per step "
@@ -304,6 +305,7 @@ def _prepare_run(cfg: TrainConfig, settings: dict, group: int) -> dict | None:
         stored = {k: old.get(k) for k in rundir.RESUME_FIXED}
         settings = {k: settings[k] for k in rundir.RESUME_FIXED}
     rundir.check_resume(stored, settings, out)
+    rundir.claim(out, kind="train", resume=True, inputs=_inputs(cfg))
     rundir.trim_metrics(out / "metrics.jsonl", ck["step"], ck["epoch"])
     return ck
 

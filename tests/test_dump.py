@@ -214,7 +214,7 @@ def test_bad_rows_stop_the_dump_or_are_skipped_and_counted(tmp_path, tiny_llama)
         run_dump(DumpConfig(model=str(tiny_llama), data=[str(data)], out=str(tmp_path / "a")))
     run_dump(DumpConfig(model=str(tiny_llama), data=[str(data)], out=str(tmp_path / "b"), skip_bad_rows=True))
     counts = Cache(tmp_path / "b").attrs["counts"]
-    assert counts["bad_rows"] == 1 and counts["dropped_no_assistant"] == 1 and counts["sequences"] == 1
+    assert counts["skipped_input_rows"] == 1 and counts["dropped_no_assistant"] == 1 and counts["sequences"] == 1
 
 
 def test_no_chat_template_is_refused(tmp_path, small_chat):

@@ -106,6 +106,52 @@ CASES = [
      "--max-new-tokens: must be >= 1, got 0", 2),
     ("verify-newer-format", "verify", lambda t, e: ["verify", e.partial(t, version=99)],
      "cache format version 99 is newer than this medusa-cache reads", 2),
+    ("config-string-for-number", "train", lambda t, e: ["train", "--cache", e.cache, "--out", str(t / "o"),
+                                                        "--config", _w(t / "c.json", '{"lr": "1e-4"}')],
+     "c.json: key 'lr' must be a number, got \"1e-4\" (str)", 2),
+    ("config-float-for-int", "train", lambda t, e: ["train", "--cache", e.cache, "--out", str(t / "o"),
+                                                    "--config", _w(t / "c.json", '{"num_heads": 2.5}')],
+     "c.json: key 'num_heads' must be an integer, got 2.5 (float)", 2),
+    ("ablate-empty-heads", "ablate", lambda t, e: ["ablate", "--cache", e.cache, "--out", str(t / "o"),
+                                                   "--heads", ","],
+     "argument --heads: expected comma-separated integers, got ','", 2),
+    ("dump-jsonl-holds-array", "dump", lambda t, e: e.dump(_w(t / "d.jsonl", json.dumps([GOOD, GOOD], indent=1))),
+     "d.jsonl:1: this file holds a JSON array spread over several lines", 2),
+    ("dump-jsonl-pretty-object", "dump", lambda t, e: e.dump(_w(t / "d.jsonl", json.dumps(GOOD, indent=2))),
+     "d.jsonl:1: this file holds one pretty-printed JSON object spread over several lines", 2),
+    ("dump-utf8-bom", "dump", lambda t, e: e.dump(_w(t / "d.jsonl", b"\xef\xbb\xbf" + json.dumps(GOOD).encode())),
+     "d.jsonl:1: the file starts with a UTF-8 byte-order mark (BOM)", 2),
+    ("dump-concurrent-out", "dump", lambda t, e: e.dump(_jsonl(t / "d.jsonl", GOOD), e.locked(t)),
+     "another medusa-cache dump is writing", 2),
+    ("dump-draft-vocab-too-large", "dump", lambda t, e: e.dump(_jsonl(t / "d.jsonl", GOOD), None,
+                                                               "--draft-vocab-size", "200000"),
+     "--draft-vocab-size 200000 is larger than the model's vocabulary (128256)", 2),
+    ("dump-beyond-max-positions", "dump", lambda t, e: e.dump(_jsonl(t / "d.jsonl", {"messages": [
+        {"role": "user", "content": "hi"}, {"role": "assistant", "content": "word " * 4200}]}), None,
+        "--max-length", "8192"), "beyond the model's max_position_embeddings 4096; pass --max-length 4096", 2),
+    ("train-device-without-cuda", "train", lambda t, e: ["train", "--cache", e.cache, "--out", str(t / "o"),
+                                                         "--device", "cuda"],
+     "--device cuda: CUDA is not available here", 2),
+    ("train-val-cache-is-cache", "train", lambda t, e: ["train", "--cache", e.cache, "--val-cache", e.cache,
+                                                        "--out", str(t / "o")],
+     "holds the same data as --cache", 2),
+    ("train-resume-changed-setting", "train", lambda t, e: ["train", "--out", e.heads, "--resume",
+                                                            "--block-tokens", "4096"],
+     "--block-tokens: checkpoint 16384, now 4096", 2),
+    ("train-out-inside-cache", "train", lambda t, e: ["train", "--cache", e.cache, "--out", e.cache + "/heads"],
+     "lies inside the input --cache", 2),
+    ("export-over-its-input", "export", lambda t, e: ["export", e.heads, "--format", "vllm", "--out", e.heads,
+                                                      "--overwrite"], "lies inside the input heads directory", 2),
+    ("export-overwrite-foreign", "export", lambda t, e: ["export", e.heads, "--format", "vllm", "--out",
+                                                         e.existing(t), "--overwrite"],
+     "was not written by medusa-cache (no .medusa-cache marker); refusing to delete it", 2),
+    ("eval-tree-budget-0", "eval", lambda t, e: ["eval", "--heads", e.heads, "--cache", e.cache, "--tree-budget",
+                                                 "0"], "--tree-budget: tree sizes must be >= 1, got [0]", 2),
+    ("eval-incomplete-cache", "eval", lambda t, e: ["eval", "--heads", e.heads, "--cache", e.partial(t)],
+     "units dumped); finish it with `medusa-cache dump ... --resume`", 2),
+    ("ablate-nothing-to-hold-out", "ablate", lambda t, e: ["ablate", "--cache", e.one_sequence(t), "--out",
+                                                           str(t / "o")],
+     "has 1 usable sequences; holding out 0.02 of them leaves none", 2),
 ]
 
 
@@ -123,6 +169,22 @@ class Env:
         d.mkdir()
         (d / "mine.txt").write_text("precious")
         return str(d)
+
+    @staticmethod
+    def locked(t: Path) -> str:
+        """An --out that another dump holds (its WriterLock), as while a dump runs."""
+        from medusa_cache.store import WriterLock
+
+        Env._held = WriterLock(t / "busy")  # kept alive until the next case
+        return str(t / "busy")
+
+    @staticmethod
+    def one_sequence(t: Path) -> str:
+        import torch
+        from test_train import make_cache
+
+        make_cache(t / "one", [0, 100], [3] * 100, torch.randn(100, 32), draft=30)
+        return str(t / "one")
 
     @staticmethod
     def small_mapping(t: Path) -> str:
@@ -186,6 +248,8 @@ def test_bad_input(case, tmp_path, env, capsys):
     assert rc == code, err
     assert expected in err, err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    if case[0] == "eval-incomplete-cache":
+        assert "--allow-partial" not in err  # eval has no such flag: never suggest it
     assert _snapshot(*roots) == before, "something was written or changed"
     if os.environ.get("MEDUSA_CACHE_ERRORS_LOG"):  # used to regenerate docs/errors.md
         with open(os.environ["MEDUSA_CACHE_ERRORS_LOG"], "a") as f:

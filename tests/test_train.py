@@ -279,10 +279,16 @@ def test_export_vllm_loads_by_vllms_rules(tmp_path, trained, dumped):
         assert torch.equal(full.argmax(-1), torch.from_numpy(mapping.draft_to_target)[ours[h].argmax(-1)])
 
 
-def test_export_medusa_reference_layout(tmp_path, trained, dumped):
-    export(trained, "medusa", tmp_path / "m")
+def test_export_medusa_reference_layout_loads_as_the_reference_loads(tmp_path, dumped):
+    """Follows FasterDecoding/Medusa's loader: it opens medusa_lm_head.pt, builds per head
+    ``Sequential(*([ResBlock(H)] * L), Linear(H, V, bias=False))`` and loads with strict=False."""
+    train(TrainConfig(cache=str(dumped), out=str(tmp_path / "h1"), num_heads=3, num_layers=1, epochs=1,
+                      lr=1e-2, batch_tokens=512, grad_accum=1))
+    export(tmp_path / "h1", "medusa", tmp_path / "m", base_model="org/base-model")
     cfg = json.loads((tmp_path / "m" / "config.json").read_text())
-    sd = load_file(str(tmp_path / "m" / "medusa_lm_head.safetensors"))
+    assert cfg["base_model_name_or_path"] == "org/base-model"
+    sd = torch.load(tmp_path / "m" / "medusa_lm_head.pt", map_location="cpu", weights_only=True)
+    assert set(sd) == set(load_file(str(tmp_path / "m" / "medusa_lm_head.safetensors")))
     K, L, H, V = cfg["medusa_num_heads"], cfg["medusa_num_layers"], cfg["hidden_size"], cfg["vocab_size"]
 
     class RefResBlock(torch.nn.Module):  # FasterDecoding/Medusa's ResBlock, re-stated
@@ -294,10 +300,11 @@ def test_export_medusa_reference_layout(tmp_path, trained, dumped):
         def forward(self, x):
             return x + self.act(self.linear(x))
 
-    ref = torch.nn.ModuleList([torch.nn.Sequential(*[RefResBlock() for _ in range(L)],
-                                                   torch.nn.Linear(H, V, bias=False)) for _ in range(K)])
-    ref.load_state_dict(sd, strict=True)
-    heads, mapping, _ = load_heads(trained)
+    ref = torch.nn.ModuleList([torch.nn.Sequential(*([RefResBlock()] * L), torch.nn.Linear(H, V, bias=False))
+                               for _ in range(K)])
+    res = ref.load_state_dict(sd, strict=False)
+    assert not res.missing_keys and not res.unexpected_keys  # every key consumed, none left out
+    heads, mapping, _ = load_heads(tmp_path / "h1")
     x = store.Cache(dumped).read_hidden(0, 50)
     tm = torch.from_numpy(mapping.draft_to_target)
     with torch.no_grad():
@@ -307,6 +314,30 @@ def test_export_medusa_reference_layout(tmp_path, trained, dumped):
             others = torch.ones(V, dtype=torch.bool)
             others[tm] = False
             assert (full[:, others] == 0).all()
+
+
+def test_export_medusa_refuses_multi_layer_heads(tmp_path, trained):
+    with pytest.raises(UserError, match=r"--format medusa: .* 2 ResBlocks .* use --format vllm"):
+        export(trained, "medusa", tmp_path / "m")
+    assert not (tmp_path / "m").exists()
+
+
+def test_overwrite_never_deletes_an_input_or_a_foreign_directory(tmp_path, trained, dumped):
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("a user's file")
+    with pytest.raises(UserError, match="not written by medusa-cache"):
+        export(trained, "vllm", foreign, overwrite=True)
+    assert (foreign / "notes.txt").exists()
+    for target in (trained, trained / "sub", dumped):  # the input, inside it, a cache store
+        with pytest.raises(UserError, match="input|not written by medusa-cache|not of export"):
+            export(trained, "vllm", target, overwrite=True)
+    assert (trained / "checkpoint.pt").exists() and (dumped / "zarr.json").exists()
+    with pytest.raises(UserError, match="holds or lies inside the input --cache"):
+        train(TrainConfig(cache=str(dumped), out=str(dumped), overwrite=True))
+    assert (dumped / "zarr.json").exists()
+    export(trained, "vllm", tmp_path / "v")
+    export(trained, "vllm", tmp_path / "v", overwrite=True)  # ours, not an input: replaced
 
 
 # ---- configs and bad input --------------------------------------------------------------------------

@@ -260,6 +260,20 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"medusa-cache {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        from . import dist
+
+        if not dist.active():
+            raise
+        # one failed rank must not leave the others waiting in a collective: leave now, without teardown
+        import os
+        import traceback
+
+        traceback.print_exc()
+        print(f"medusa-cache {args.command}: error: rank {dist.rank()}: {type(e).__name__}: {e}", file=sys.stderr,
+              flush=True)
+        sys.stdout.flush()
+        os._exit(1)
     finally:
         import torch.distributed as tdist
 

@@ -2,8 +2,10 @@
 
 ``setup()`` reads torchrun's RANK / WORLD_SIZE / LOCAL_RANK; with more than one process it initialises the
 default process group (NCCL for CUDA, gloo for the CPU) and pins ``cuda`` to the local GPU. A single process
-needs no process group. Errors are agreed on collectively: a UserError on any rank becomes the same error on
-every rank, so no rank is left waiting in a barrier.
+needs no process group. Errors are agreed on collectively where ranks meet (rank 0's preparation, the end of
+the dump's unit loop): any exception on one rank becomes the same UserError on every rank. Elsewhere (inside
+a training step) a rank that fails exits at once (``cli.main``: ``os._exit(1)``, no collective teardown); the
+others' collectives then fail (gloo) and they exit too, and torchrun stops the group.
 """
 
 from __future__ import annotations
@@ -78,7 +80,13 @@ def on_rank0(fn, rank: int):
     if rank == 0:
         try:
             result = fn()
-        except UserError as e:
-            err = str(e)
+        except Exception as e:  # noqa: BLE001 - agreed on, so the other ranks do not wait forever
+            if not active() and not isinstance(e, UserError):
+                raise
+            err = str(e) if isinstance(e, UserError) else f"rank 0: {type(e).__name__}: {e}"
     agree(err)
     return result
+
+
+def rank() -> int:
+    return dist.get_rank() if active() else 0

@@ -439,8 +439,10 @@ def _run_units(cfg: DumpConfig, cache: store.Cache | None, rank: int, world_size
                 bar.update(b - a)
             if pending is not None:
                 pending.result()
-    except UserError as e:
-        error = str(e)
+    except Exception as e:  # noqa: BLE001 - any failure is agreed, so no rank waits in a collective forever
+        if not dist.active() and not isinstance(e, UserError):
+            raise
+        error = str(e) if isinstance(e, UserError) else f"rank {rank}: {type(e).__name__}: {e}"
     bar.close()
     dist.agree(error)  # every rank stops with the same message if any rank failed
     dist.barrier()

@@ -128,6 +128,25 @@ def test_evaluate_ranks_reports_held_out_trees():
     rank = np.where(rng.random((400, 3)) < 0.6, 0, rng.integers(-1, 4, (400, 3)))
     r = {"rank": rank, "has_target": np.ones_like(rank, bool), "seq": np.arange(400) // 10}
     res = evaluate_ranks(r, 3, 10, [4, 16])
-    assert res["trees"]["16"]["acceptance"] >= res["trees"]["4"]["acceptance"] - 0.05
-    assert res["trees"]["16"]["acceptance"] >= res["chain_acceptance"] - 0.05
+    t4, t16 = ({tuple(p) for p in res["trees"][n]["tree"]} for n in ("4", "16"))
+    assert {(0,), (0, 0), (0, 0, 0)} <= t16 and t4 <= t16  # the chain and the smaller tree are inside
+    # a tree that contains another accepts at least as much on every row, so no tolerance is needed
+    assert res["trees"]["16"]["acceptance"] >= res["trees"]["4"]["acceptance"]
+    assert res["trees"]["16"]["acceptance"] >= res["chain_acceptance"]
     assert res["trees"]["4"]["nodes"] == 4
+
+
+def test_ablate_takes_lr_and_layers_from_its_config_file(tmp_path, monkeypatch):
+    import medusa_cache.ablate as ab
+    from medusa_cache.cli import main
+
+    seen = {}
+    monkeypatch.setattr(ab, "run_ablate", lambda cfg, heads, layers, lrs, *a: seen.update(cfg=cfg, layers=layers,
+                                                                                            lrs=lrs))
+    conf = tmp_path / "c.json"
+    conf.write_text(json.dumps({"lr": 3e-3, "num_layers": 2, "epochs": 2}))
+    assert main(["ablate", "--cache", "c.zarr", "--out", str(tmp_path / "o"), "--config", str(conf)]) == 0
+    assert seen["lrs"] == [3e-3] and seen["layers"] == [2] and seen["cfg"].lr == 3e-3 and seen["cfg"].epochs == 2
+    assert main(["ablate", "--cache", "c.zarr", "--out", str(tmp_path / "o"), "--config", str(conf),
+                 "--lr", "1e-3,2e-3"]) == 0
+    assert seen["lrs"] == [1e-3, 2e-3] and seen["cfg"].lr == 2e-3

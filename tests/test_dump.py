@@ -94,7 +94,7 @@ def test_plan_batches_covers_each_row_once_and_splits_at_unit_edges():
         kept = sorted(r for batch in batches for (_, e, keep) in batch for r in range(keep, e))
         assert kept == list(range(a, b))
         for batch in batches:
-            assert max(e - s0 for s0, e, _ in batch) * len(batch) <= 20 or len(batch) == 1
+            assert max(e - s0 for s0, e, _ in batch) * len(batch) <= 20  # every piece here fits alone
 
 
 def _dump_args(model, data, out, *extra):
@@ -230,3 +230,20 @@ def test_inspect_reports_counts_and_progress(dumped):
     c = Cache(dumped)
     assert info["complete"] and info["tokens"] == c.n_tokens and info["units_done"] == f"{c.n_units}/{c.n_units}"
     assert 0 < info["assistant_in_draft_vocab"] <= 1 and info["bytes_per_token"] > 0
+
+
+def test_repeated_data_flags_are_all_used_and_an_oversized_draft_vocab_is_reported(tmp_path, tiny_llama, capsys):
+    from medusa_cache.cli import main
+
+    a = write_jsonl(tmp_path / "a.jsonl", sharegpt_slice(3))
+    b = write_jsonl(tmp_path / "b.jsonl", sharegpt_slice(3, start=50))
+    assert main(["dump", "--model", str(tiny_llama), "--data", str(a), "--data", str(b), "--out",
+                 str(tmp_path / "c"), "--draft-vocab-size", "100000", "--dtype", "float32"]) == 0
+    cap = capsys.readouterr()
+    from medusa_cache import store
+
+    c = store.Cache(tmp_path / "c")
+    assert c.attrs["data_files"] == ["a.jsonl", "b.jsonl"] and set(c.array("seq_source")[:, 0]) == {0, 1}
+    filled = c.attrs["counts"]["draft_vocab_unseen_filled"]
+    assert filled == 100000 - int((c.array("token_counts") > 0).sum()) > 0
+    assert f"{filled} never-seen ids" in cap.err and f'"draft_vocab_unseen_filled": {filled}' in cap.out

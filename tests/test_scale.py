@@ -95,3 +95,62 @@ def test_data_parallel_training_matches_one_process(tmp_path, one_process):
     torchrun(2, *common, "--grad-accum", "2", "--out", str(tmp_path / "other"))
     c = load_file(str(tmp_path / "other" / "medusa_lm_head.safetensors"))
     assert any(not torch.allclose(a[k], c[k], atol=1e-5, rtol=1e-4) for k in a)
+
+
+FAULT = '''
+import os, sys
+import torch
+import medusa_cache.dump as d
+from medusa_cache.cli import main
+
+if int(os.environ["RANK"]) == 1:  # rank 1 fails mid-run with an error that is not a UserError
+    calls = [0]
+    if sys.argv[1] == "dump":
+        orig = d.compute_unit
+
+        def compute_unit(*a, **k):
+            calls[0] += 1
+            if calls[0] == 2:
+                raise RuntimeError("injected fault")
+            return orig(*a, **k)
+        d.compute_unit = compute_unit
+    else:
+        orig = torch.optim.AdamW.step
+
+        def step(self, *a, **k):
+            calls[0] += 1
+            if calls[0] == 3:
+                raise RuntimeError("injected fault")
+            return orig(self, *a, **k)
+        torch.optim.AdamW.step = step
+sys.exit(main(sys.argv[1:]))
+'''
+
+
+def _torchrun_script(script: Path, *args: str) -> tuple[subprocess.CompletedProcess, float]:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script), *args]
+    t0 = time.time()
+    p = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=120)
+    return p, time.time() - t0
+
+
+def test_a_runtime_error_on_one_rank_stops_every_rank_and_the_dump_stays_resumable(tmp_path, tiny_llama):
+    script = tmp_path / "fault.py"
+    script.write_text(FAULT)
+    data = write_jsonl(tmp_path / "chat.jsonl", sharegpt_slice(120))
+    out = tmp_path / "c"
+    p, dt = _torchrun_script(script, *dump_args(tiny_llama, data, out))
+    assert p.returncode != 0 and dt < 60, (p.returncode, dt, p.stderr[-2000:])
+    # the failure is agreed: both ranks stop with the same one-line message, not only the failing one
+    assert p.stderr.count("medusa-cache dump: error: rank 1: RuntimeError: injected fault") == 2, p.stderr[-3000:]
+    g = zarr.open_group(str(out), mode="r")
+    assert not g.attrs["complete"]
+    p = subprocess.run([sys.executable, "-m", "medusa_cache", *dump_args(tiny_llama, data, out), "--resume"],
+                       env=ENV, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-2000:]
+    from medusa_cache.verify import verify
+
+    assert verify(str(out), deep=True)["healthy"]
+    p, dt = _torchrun_script(script, "train", "--cache", str(out), "--out", str(tmp_path / "h"), "--num-heads", "2",
+                             "--grad-accum", "1", "--batch-tokens", "256", "--epochs", "2")
+    assert p.returncode != 0 and "injected fault" in p.stderr and dt < 60, (p.returncode, dt, p.stderr[-2000:])

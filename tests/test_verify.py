@@ -126,3 +126,24 @@ def test_an_incomplete_store_is_not_healthy_unless_partial_is_allowed(copy, caps
         main(["verify", str(copy)])
     assert verify(str(copy), allow_partial=True)["healthy"]
     assert main(["verify", str(copy), "--allow-partial"]) == 0
+
+
+def test_sequences_with_nan_rows_are_left_out_of_validation_eval_and_training(tmp_path):
+    from test_train import make_cache
+
+    from medusa_cache.evaluate import run_eval
+
+    torch.manual_seed(0)
+    make_cache(tmp_path / "train", [0, 100, 300], np.arange(300) % 30, torch.randn(300, 32), draft=30)
+    val_h = torch.randn(200, 32)
+    val_h[60, 5] = float("nan")  # sequence 1 of the validation cache (rows 50..119)
+    make_cache(tmp_path / "val", [0, 50, 120, 200], np.arange(200) % 30, val_h, draft=30)
+    res = train(TrainConfig(cache=str(tmp_path / "train"), val_cache=str(tmp_path / "val"), out=str(tmp_path / "h"),
+                            num_heads=2, epochs=1, grad_accum=1, batch_tokens=64))
+    assert all(np.isfinite(res["val_loss"])), res
+    assert res["val_tokens"][0] == (50 - 2) + (80 - 2)  # sequences 0 and 2 only; head 0 has len-2 targets each
+    ev = run_eval(str(tmp_path / "h"), str(tmp_path / "val"))
+    keep = torch.cat([val_h[:50], val_h[120:]])  # the same cache without the NaN sequence
+    make_cache(tmp_path / "val2", [0, 50, 130], np.r_[np.arange(50), np.arange(120, 200)] % 30, keep, draft=30)
+    ev2 = run_eval(str(tmp_path / "h"), str(tmp_path / "val2"))
+    assert ev["positions"] == ev2["positions"] and ev["top1"] == ev2["top1"] and np.isfinite(ev["top1"]).all()

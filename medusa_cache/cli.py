@@ -87,6 +87,16 @@ def _export(args: argparse.Namespace) -> None:
     print(f"wrote {args.format} heads to {args.out} (base_model_name_or_path: {base})")
 
 
+def _speculate(args: argparse.Namespace) -> None:
+    from .speculate import SpeculateConfig, render, run_speculate
+
+    cfg = build_config(SpeculateConfig, args)
+    res = run_speculate(cfg)
+    print(json.dumps(res, indent=2) if cfg.json else render(res))
+    if cfg.out:
+        print(f"results: {cfg.out}/results.json, {cfg.out}/report.md")
+
+
 def _comma_list(kind: type, what: str):
     """argparse type for comma-separated values, e.g. ``--heads 1,2,3``."""
 
@@ -219,6 +229,15 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--config", help="JSON train config; explicit flags override it")
     add_config_args(a, TrainConfig, skip=("num_heads", "num_layers", "lr", "clip_per_head"))
     a.set_defaults(func=_ablate)
+
+    sp = sub.add_parser("speculate", help="real Medusa decoding with trained heads, checked against greedy decoding",
+                        epilog="example:\n  medusa-cache speculate --model M --heads heads --prompts p.jsonl "
+                               "--tree trees/tree_32.json --max-new-tokens 128 --out spec",
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    from .speculate import SpeculateConfig
+
+    add_config_args(sp, SpeculateConfig)
+    sp.set_defaults(func=_speculate)
 
     gn = sub.add_parser("generate", help="self-distilled data: the base model's own continuations / assistant turns")
     add_config_args(gn, GenerateConfig)

@@ -1,0 +1,283 @@
+"""``medusa-cache speculate``: real Medusa-1 decoding with trained heads, checked against greedy decoding.
+
+One decoding step (greedy verification, batch size 1):
+1. The pending token ``x0`` (the base model's own greedy choice, not yet in the KV cache) is the tree's root.
+   The heads read the hidden state that produced ``x0``; head i's top-k tokens fill depth i+1 of the tree
+   (``--tree``: a ``medusa_choices`` list of top-k index paths, as ``eval --trees-out`` writes; ``--chain``:
+   top-1 of every head, what vLLM's Medusa proposer does).
+2. The plain Hugging Face model scores root + nodes in **one** forward over its KV cache, with a 4-D attention
+   mask (each node sees the cached prefix, its ancestors and itself) and position ids = prefix length + depth.
+3. From the root, follow the child whose token equals the base model's greedy choice at its parent, as deep as
+   it goes; those tokens are accepted, and the greedy choice at the last accepted node becomes the next ``x0``.
+4. The KV cache keeps exactly the prefix plus root and accepted nodes (the rows of the other nodes are dropped).
+
+So every emitted token is the base model's greedy choice given the tokens before it: the output equals greedy
+decoding, up to kernel rounding at numerical near-ties (a tree forward batches positions that greedy decoding
+computes one by one). ``run_speculate`` checks it against ``model.generate`` on every prompt.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from .config import check
+from .errors import UserError
+
+
+@dataclass
+class SpeculateConfig:
+    model: str | None = None
+    """Local base-model directory (the model the heads were trained for)."""
+    heads: str | None = None
+    """Heads directory written by `medusa-cache train` (or ablate's best/)."""
+    prompts: str | None = None
+    """JSON/JSONL prompts: {"text": ...} rows are continued; chat rows get the chat template's generation prompt."""
+    tree: str | None = None
+    """medusa_choices JSON (a list of top-k index paths), e.g. from `eval --trees-out`."""
+    chain: bool = False
+    """Use the chain (top-1 of every head) instead of a tree."""
+    max_new_tokens: int = 256
+    """Tokens generated per prompt (fewer when an end-of-sequence token comes first)."""
+    max_prompts: int | None = None
+    """Use only the first N prompts."""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """Model dtype for both greedy and Medusa decoding."""
+    device: str = "cpu"
+    """cpu, cuda or cuda:N."""
+    out: str | None = None
+    """Directory for results.json and report.md (optional)."""
+    json: bool = False
+    """Print the results as JSON."""
+
+    def __post_init__(self) -> None:
+        check(self.model is not None, "model", "is required")
+        check(self.heads is not None, "heads", "is required")
+        check(self.prompts is not None, "prompts", "is required")
+        check(bool(self.tree) != self.chain, "tree", "give exactly one of --tree FILE or --chain")
+        check(self.max_new_tokens >= 1, "max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
+        check(self.max_prompts is None or self.max_prompts >= 1, "max_prompts", "must be >= 1")
+
+
+class Tree:
+    """Root (index 0) plus the nodes of ``paths`` sorted by depth; parent, depth and ancestor mask per node."""
+
+    def __init__(self, paths: list[tuple[int, ...]]):
+        self.paths = [()] + sorted(set(paths), key=lambda p: (len(p), p))
+        index = {p: i for i, p in enumerate(self.paths)}
+        self.parent = [-1] + [index[p[:-1]] for p in self.paths[1:]]
+        self.depth = torch.tensor([len(p) for p in self.paths])
+        n = len(self.paths)
+        self.sees = torch.zeros(n, n, dtype=torch.bool)  # node i attends to node j (j is i or an ancestor)
+        for i in range(n):
+            j = i
+            while j >= 0:
+                self.sees[i, j] = True
+                j = self.parent[j]
+        self.children: list[list[int]] = [[] for _ in range(n)]
+        for i in range(1, n):
+            self.children[self.parent[i]].append(i)
+        self.topk = max((max(p) for p in self.paths[1:]), default=0) + 1
+        self.max_depth = int(self.depth.max())
+
+
+def _mask(tree: Tree, past: int, dtype: torch.dtype, device) -> torch.Tensor:
+    allowed = torch.cat([torch.ones(len(tree.paths), past, dtype=torch.bool), tree.sees], dim=1)
+    m = torch.zeros(allowed.shape, dtype=dtype)
+    m[~allowed] = torch.finfo(dtype).min
+    return m[None, None].to(device)
+
+
+def _keep_rows(cache, rows: torch.Tensor) -> None:
+    """Keep only these sequence positions of every layer's keys and values (the accepted path)."""
+    for layer in cache.layers:
+        layer.keys = layer.keys.index_select(-2, rows)
+        layer.values = layer.values.index_select(-2, rows)
+
+
+class MedusaDecoder:
+    def __init__(self, model, heads, draft_to_target: torch.Tensor, tree: Tree):
+        self.model, self.heads, self.tree = model, heads, tree
+        self.d2t = draft_to_target.to(model.device)
+        self.device = model.device
+
+    def _forward(self, ids: torch.Tensor, cache, position_ids=None, mask=None):
+        out = self.model.model(input_ids=ids, cache=cache, position_ids=position_ids, attention_mask=mask,
+                               use_cache=True)
+        h = out.last_hidden_state  # after the final norm: what the lm_head and the heads read
+        return h, self.model.lm_head(h)
+
+    def _propose(self, h: torch.Tensor) -> torch.Tensor:
+        """Token ids of the tree nodes below the root, from the heads at hidden state ``h`` [H]."""
+        t = self.tree
+        logits = self.heads(h[None].float())
+        top = [self.d2t[lg[0].topk(min(t.topk, lg.shape[-1])).indices] for lg in logits[: t.max_depth]]
+        return torch.stack([top[len(p) - 1][p[-1]] for p in t.paths[1:]]) if len(t.paths) > 1 else \
+            torch.zeros(0, dtype=torch.long, device=self.device)
+
+    @torch.inference_mode()
+    def generate(self, prompt: torch.Tensor, max_new: int, stop: set[int]) -> tuple[list[int], int]:
+        """(new token ids, base-model forwards including the prefill) for one prompt [L]."""
+        from transformers import DynamicCache
+
+        cache = DynamicCache()
+        h, logits = self._forward(prompt[None], cache)
+        x0, h_last = int(logits[0, -1].argmax()), h[0, -1]
+        out, steps, t = [x0], 1, self.tree
+        while len(out) < max_new and x0 not in stop:
+            past = cache.get_seq_length()
+            nodes = self._propose(h_last)
+            ids = torch.cat([torch.tensor([x0], device=self.device), nodes])[None]
+            pos = (past + t.depth).to(self.device)[None]
+            h, logits = self._forward(ids, cache, pos, _mask(t, past, logits.dtype, self.device))
+            steps += 1
+            greedy = logits[0].argmax(-1).tolist()
+            tokens = ids[0].tolist()
+            path, cur = [0], 0
+            while True:
+                nxt = next((c for c in t.children[cur] if tokens[c] == greedy[cur]), None)
+                if nxt is None:
+                    break
+                path.append(nxt)
+                cur = nxt
+            _keep_rows(cache, torch.cat([torch.arange(past), past + torch.tensor(path)]).to(self.device))
+            accepted = [tokens[i] for i in path[1:]] + [greedy[cur]]
+            for tok in accepted:
+                out.append(tok)
+                if tok in stop or len(out) >= max_new:
+                    break
+            x0, h_last = out[-1], h[0, cur]
+        return out[:max_new], steps
+
+
+def stop_ids(tok, model) -> set[int]:
+    ids = set()
+    for src in (tok.eos_token_id, getattr(model.generation_config, "eos_token_id", None)):
+        ids.update([src] if isinstance(src, int) else (src or []))
+    return ids
+
+
+def prompt_ids(tok, path: str, limit: int | None) -> list[torch.Tensor]:
+    from .data import RowError, read_rows
+
+    out = []
+    for row in read_rows(Path(path), 0):
+        if isinstance(row, RowError):
+            raise UserError(str(row))
+        if row.text is not None:
+            ids = tok(row.text, return_tensors="pt")["input_ids"][0]
+        else:
+            if not getattr(tok, "chat_template", None):
+                raise UserError("--prompts: chat rows need a tokenizer with a chat template")
+            msgs = list(row.messages)
+            while msgs and msgs[-1]["role"] == "assistant":
+                msgs.pop()
+            ids = torch.tensor(tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True,
+                                                       return_dict=True)["input_ids"])
+        out.append(ids)
+        if limit and len(out) >= limit:
+            break
+    return out
+
+
+@torch.inference_mode()
+def greedy(model, prompt: torch.Tensor, max_new: int, stop: set[int]) -> list[int]:
+    gen = model.generate(prompt[None].to(model.device), attention_mask=torch.ones_like(prompt[None]).to(model.device),
+                         do_sample=False, max_new_tokens=max_new, eos_token_id=sorted(stop) or None,
+                         pad_token_id=sorted(stop)[0] if stop else 0)
+    return gen[0, len(prompt):].tolist()
+
+
+def first_difference(a: list[int], b: list[int]) -> int | None:
+    for i, (x, y) in enumerate(zip(a, b, strict=False)):
+        if x != y:
+            return i
+    return None if len(a) == len(b) else min(len(a), len(b))
+
+
+def run_speculate(cfg: SpeculateConfig) -> dict:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .dist import check_device
+    from .evaluate import validate_tree
+    from .export import load_heads
+
+    check_device(cfg.device)
+    heads, mapping, hcfg = load_heads(cfg.heads)
+    if cfg.chain:
+        paths = [(0,) * d for d in range(1, heads.num_heads + 1)]
+    else:
+        try:
+            paths = validate_tree(json.loads(Path(cfg.tree).read_text()), heads.num_heads, f"--tree {cfg.tree}")
+        except (OSError, json.JSONDecodeError) as e:
+            raise UserError(f"--tree: cannot read {cfg.tree}: {e}") from None
+    dtype = torch.float32 if cfg.dtype == "float32" else torch.bfloat16
+    try:
+        model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=dtype).to(cfg.device).eval()
+        tok = AutoTokenizer.from_pretrained(cfg.model)
+    except Exception as e:  # noqa: BLE001
+        raise UserError(f"--model: cannot load {cfg.model}: {e}") from None
+    if model.config.hidden_size != heads.hidden_size or model.config.vocab_size != mapping.target_size:
+        mc = model.config
+        raise UserError(f"--heads: {cfg.heads} were trained for hidden size {heads.hidden_size} and vocabulary "
+                        f"{mapping.target_size}, the model has {mc.hidden_size} and {mc.vocab_size}")
+    heads = heads.to(cfg.device).eval()
+    dec = MedusaDecoder(model, heads, torch.from_numpy(mapping.draft_to_target), Tree(paths))
+    stop = stop_ids(tok, model)
+    prompts = prompt_ids(tok, cfg.prompts, cfg.max_prompts)
+    from tqdm.auto import tqdm
+
+    greedy(model, prompts[0], 4, stop)  # warm-up
+    dec.generate(prompts[0].to(cfg.device), 4, stop)
+    rows, mismatches = [], []
+    for i, p in enumerate(tqdm(prompts, desc="speculate", unit="prompt", disable=None)):
+        p = p.to(cfg.device)
+        t0 = time.perf_counter()
+        ref = greedy(model, p, cfg.max_new_tokens, stop)
+        t1 = time.perf_counter()
+        got, steps = dec.generate(p, cfg.max_new_tokens, stop)
+        t2 = time.perf_counter()
+        d = first_difference(ref, got)
+        if d is not None:
+            with torch.inference_mode():
+                seq = torch.tensor(ref[:d], dtype=torch.long, device=cfg.device)
+                lg = model(torch.cat([p, seq])[None]).logits[0, -1].float()
+                gap = float(lg.topk(2).values[0] - lg.topk(2).values[1])
+            mismatches.append({"prompt": i, "position": d, "top2_gap": gap})
+        rows.append({"prompt": i, "tokens": len(got), "steps": steps, "tokens_per_step": len(got) / steps,
+                     "greedy_s": t1 - t0, "medusa_s": t2 - t1, "identical": d is None})
+    tokens, steps = sum(r["tokens"] for r in rows), sum(r["steps"] for r in rows)
+    g_s, m_s = sum(r["greedy_s"] for r in rows), sum(r["medusa_s"] for r in rows)
+    res = {"model": cfg.model, "heads": cfg.heads, "tree": "chain" if cfg.chain else cfg.tree, "nodes": len(paths),
+           "dtype": cfg.dtype, "prompts": len(rows), "tokens": tokens, "steps": steps,
+           "tokens_per_step": round(tokens / steps, 4), "greedy_s": round(g_s, 3), "medusa_s": round(m_s, 3),
+           "speedup": round(g_s / m_s, 3) if m_s else None, "identical_to_greedy": not mismatches,
+           "mismatches": mismatches, "per_prompt": rows}
+    if cfg.out:
+        out = Path(cfg.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.json").write_text(json.dumps(res, indent=2))
+        (out / "report.md").write_text(render(res) + "\n")
+    bad = [m for m in mismatches if cfg.dtype == "float32" and m["top2_gap"] > 1e-4]
+    if bad:
+        m = bad[0]
+        raise UserError(f"Medusa output differs from greedy decoding at prompt {m['prompt']}, position "
+                        f"{m['position']} (top-2 logit gap {m['top2_gap']:.3g}, not a near-tie): this is a bug")
+    return res
+
+
+def render(res: dict) -> str:
+    return "\n".join([
+        "| tree | nodes | prompts | tokens | steps | tokens/step | greedy s | medusa s | speedup "
+        "| identical to greedy |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+        f"| {res['tree']} | {res['nodes']} | {res['prompts']} | {res['tokens']} | {res['steps']} | "
+        f"{res['tokens_per_step']:.3f} | {res['greedy_s']:.2f} | {res['medusa_s']:.2f} | {res['speedup']} | "
+        f"{'yes' if res['identical_to_greedy'] else 'no: ' + str(len(res['mismatches'])) + ' prompts'} |",
+    ])
+

@@ -3,7 +3,9 @@
 stories260K (shipped in ``medusa_cache/demo/``) continues 120 story openings greedily (self-distilled
 data, as the Medusa authors recommend when the base model's training data is not at hand), the stories
 are dumped into a cache, and heads are ablated over 1..5 heads with lm_head initialisation. The
-acceptance table is printed and written to ``OUT/ablate/report.md``. Rerunning reuses finished steps.
+acceptance table is printed and written to ``OUT/ablate/report.md``. Finally the best heads and their
+fitted 16-node tree decode 8 held-out openings for real (``speculate``): measured tokens per step, the
+speedup on this CPU, and whether the output is identical to greedy decoding. Rerunning reuses finished steps.
 """
 
 from __future__ import annotations
@@ -24,14 +26,27 @@ def run_demo(out: str = "medusa-cache-demo", epochs: int = 4, max_new_tokens: in
     o.mkdir(parents=True, exist_ok=True)
     model = str(DEMO / "stories260K")
     stories = o / "stories.jsonl"
-    print(f"[1/3] generate: stories260K continues {DEMO / 'prompts.jsonl'} -> {stories}")
+    print(f"[1/4] generate: stories260K continues {DEMO / 'prompts.jsonl'} -> {stories}")
     generate(GenerateConfig(model=model, prompts=str(DEMO / "prompts.jsonl"), out=str(stories),
                             max_new_tokens=max_new_tokens, batch_size=40, resume=stories.exists()))
     cache = o / "cache.zarr"
-    print(f"[2/3] dump: hidden states after the final norm -> {cache}")
+    print(f"[2/4] dump: hidden states after the final norm -> {cache}")
     run_dump(DumpConfig(model=model, data=[str(stories)], out=str(cache), dtype="float32", max_length=512,
                         resume=is_store(cache, partial=True)))
-    print(f"[3/3] ablate: 1..5 heads, lm_head init, {epochs} epochs -> {o / 'ablate'}")
+    print(f"[3/4] ablate: 1..5 heads, lm_head init, {epochs} epochs -> {o / 'ablate'}")
     cfg = TrainConfig(cache=str(cache), out=str(o / "ablate"), epochs=epochs, lr=3e-3, batch_tokens=1024,
                       grad_accum=1, val_fraction=0.1, init_from_lm_head=model, overwrite=(o / "ablate").exists())
-    return run_ablate(cfg, heads=[1, 2, 3, 4, 5], layers=[1], lrs=[3e-3], budgets=[16, 32, 64])
+    summary = run_ablate(cfg, heads=[1, 2, 3, 4, 5], layers=[1], lrs=[3e-3], budgets=[16, 32, 64])
+    from .speculate import SpeculateConfig, render, run_speculate
+
+    best = summary["best"]
+    tree = o / "ablate" / "trees" / f"{best['variant']}_heads{best['num_heads']}_tree_16.json"
+    print(f"[4/4] speculate: best heads ({best['num_heads']}) + {tree.name} decode {DEMO / 'heldout_prompts.jsonl'}")
+    spec = run_speculate(SpeculateConfig(model=model, heads=str(o / "ablate" / "best"), prompts=str(
+        DEMO / "heldout_prompts.jsonl"), tree=str(tree), max_new_tokens=128, out=str(o / "speculate")))
+    print(render(spec))
+    print(f"measured: {spec['tokens_per_step']:.2f} tokens per step, speedup {spec['speedup']:.2f}x on this CPU, "
+          f"identical to greedy: {'yes' if spec['identical_to_greedy'] else 'no'}")
+    print(f"outputs: {o / 'ablate' / 'report.md'}, {o / 'ablate' / 'results.json'}, {o / 'ablate' / 'acceptance.png'}, "
+          f"{o / 'ablate' / 'best'}, {o / 'speculate' / 'report.md'}")
+    return {**summary, "speculate": spec}

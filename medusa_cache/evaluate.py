@@ -126,19 +126,41 @@ def validate_tree(tree: list, num_heads: int, where: str = "--tree") -> list[tup
     return sorted(s, key=lambda p: (len(p), p))
 
 
-def tree_acceptance(rank: np.ndarray, tree: list[tuple[int, ...]]) -> float:
+def accepted_lengths(rank: np.ndarray, tree: list[tuple[int, ...]]) -> np.ndarray:
+    """Per row: the depth of the longest tree path whose every top-k index matches ``rank`` (draft tokens accepted)."""
+    length = np.zeros(len(rank), dtype=np.int64)
     if not tree:
-        return 1.0
+        return length
     depth = max(len(p) for p in tree)
     base = max(max(p) for p in tree) + 2
     codes = _codes(rank[:, :depth], base)
-    length = np.zeros(len(rank), dtype=np.int64)
     alive = np.ones(len(rank), dtype=bool)
-    for d in range(depth):
+    for d in range(min(depth, rank.shape[1])):
         in_tree = np.isin(codes[d], [_path_code(p, base) for p in tree if len(p) == d + 1])
         alive &= in_tree
         length += alive
-    return float(1 + length.mean())
+    return length
+
+
+def tree_acceptance(rank: np.ndarray, tree: list[tuple[int, ...]]) -> float:
+    return float(1 + accepted_lengths(rank, tree).mean())
+
+
+def decoding_walk(rank: np.ndarray, tree: list[tuple[int, ...]], max_new: int) -> tuple[int, int]:
+    """(tokens, base forwards) that real decoding takes over one sequence's rows, from teacher-forced ranks.
+
+    Row 0 is the last prompt token. The prefill yields one token; each verification step at row t yields
+    1 + L(t) tokens and moves to row t + 1 + L(t). Position-averaged acceptance (``tree_acceptance``) weighs
+    every row; decoding visits only the rows it lands on, so the two differ; this walk is what ``speculate``
+    measures on the same text (tested).
+    """
+    lengths = accepted_lengths(rank, tree)
+    tokens, steps, t = 1, 1, 0
+    while tokens < max_new and t < len(rank):
+        tokens += 1 + int(lengths[t])
+        steps += 1
+        t += 1 + int(lengths[t])
+    return min(tokens, max_new), steps
 
 
 def fit_tree(rank: np.ndarray, budget: int, topk: int) -> list[tuple[int, ...]]:

@@ -21,7 +21,7 @@ def _dump(args: argparse.Namespace) -> None:
     from . import dist
     from .dump import DumpConfig, print_summary, run_dump
 
-    cfg = build_config(DumpConfig, args)
+    cfg = build_config(DumpConfig, args, args.config)
     rank, world, device = dist.setup(cfg.device)
     cfg.device = device
     s = run_dump(cfg, rank, world)
@@ -177,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog="example:\n  medusa-cache dump --model M --data a.json b.jsonl --out c.zarr "
                               "--draft-vocab-size 32000 --dtype bfloat16",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    d.add_argument("--config", help="JSON config file mirroring the dump flags; explicit flags override it")
     add_config_args(d, DumpConfig)
     d.set_defaults(func=_dump)
 

@@ -63,6 +63,7 @@ class Row:
     where: str  # "file:line" for messages
     messages: list[dict[str, str]] | None = None
     text: str | None = None
+    dropped_turns: int = 0  # --pipeline specforge: ShareGPT turns its conversion drops
 
 
 @dataclass
@@ -73,8 +74,13 @@ class Example:
     row_index: int
 
 
-def read_rows(path: Path, file_index: int, fmt: str = "auto") -> Iterator[Row | RowError]:
-    """Yield normalised rows of one JSON/JSONL file; per-row problems are yielded as RowError values."""
+def read_rows(path: Path, file_index: int, fmt: str = "auto", pipeline: str = "medusa-cache"
+              ) -> Iterator[Row | RowError]:
+    """Yield normalised rows of one JSON/JSONL file; per-row problems are yielded as RowError values.
+
+    ``pipeline="specforge"``: chat turns are converted as SpecForge converts them (``specforge_pipeline``)
+    instead of by ``ROLE_MAP``.
+    """
     if not path.exists():
         raise UserError(f"--data: file not found: {path}")
     raw = path.read_bytes()
@@ -122,7 +128,10 @@ def read_rows(path: Path, file_index: int, fmt: str = "auto") -> Iterator[Row | 
         if file_fmt == "auto":
             file_fmt = detect_format(rec, where)
         try:
-            yield normalise(rec, file_fmt, Row(file_index, n, where))
+            if pipeline == "specforge" and file_fmt != "text":
+                yield _specforge_row(rec, file_fmt, Row(file_index, n, where))
+            else:
+                yield normalise(rec, file_fmt, Row(file_index, n, where))
         except RowError as e:
             yield e
 
@@ -203,6 +212,17 @@ def normalise(rec: Any, fmt: str, row: Row) -> Row:
     return row
 
 
+def _specforge_row(rec: Any, fmt: str, row: Row) -> Row:
+    from .specforge_pipeline import convert_turns
+
+    key = "messages" if fmt == "messages" else "conversations"
+    turns = rec.get(key) if isinstance(rec, dict) else None
+    if not isinstance(turns, list) or not turns or not all(isinstance(t, dict) for t in turns):
+        raise RowError(f"{row.where}: missing or empty '{key}' for format {fmt}")
+    row.messages, row.dropped_turns = convert_turns(turns, fmt)
+    return row
+
+
 class Templater:
     """Renders conversations with a chat template and finds the assistant token mask."""
 
@@ -224,7 +244,14 @@ class Templater:
     def assistant_char_spans(self, messages: list[dict[str, str]], where: str) -> tuple[str, list[tuple[int, int]]]:
         full = self.render(messages, add_generation_prompt=False)
         spans = []
+        prev = ""
         for i, m in enumerate(messages):
+            upto = self.render(messages[: i + 1], add_generation_prompt=False)
+            if upto.startswith(prev) and m["content"].strip() not in upto[len(prev):]:
+                raise RowError(f"{where}: the chat template drops the text of turn {i} (role {m['role']}): it "
+                               "renders to nothing or without its content; use a template that has this role, or "
+                               "--skip-bad-rows to skip such rows")
+            prev = upto
             if m["role"] != "assistant":
                 continue
             before = self.render(messages[:i], add_generation_prompt=True) if i else ""
@@ -234,8 +261,11 @@ class Templater:
                     f"{where}: the chat template is not prefix-stable (rendering turn {i} changes earlier "
                     "text), so assistant spans cannot be found by prefix rendering"
                 )
-            if len(after) > len(before):
-                spans.append((len(before), len(after)))
+            start = len(before)
+            if i == 0:  # assistant-first: the template's preamble (BOS, header, default prompt) is not the turn's
+                start = after.find(m["content"].strip())
+            if len(after) > start:
+                spans.append((start, len(after)))
         return full, spans
 
     def encode(self, row: Row) -> Example:

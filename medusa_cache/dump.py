@@ -54,6 +54,13 @@ class DumpConfig:
     """Jinja chat template file to use instead of the tokenizer's own."""
     format: Literal["auto", "sharegpt", "specforge", "messages", "text"] = "auto"
     """Data format; 'auto' detects it per file from the first row."""
+    pipeline: Literal["medusa-cache", "specforge"] = "medusa-cache"
+    """How chats become ids and masks: ours (tool calls trained, no inserted prompt) or exactly SpecForge's
+    Eagle3 preprocessing (docs/data-pipeline.md)."""
+    system_prompt: str | None = None
+    """--pipeline specforge: replace the template's default system prompt with this text ('none': no prompt)."""
+    specforge_template: Literal["llama3", "qwen"] | None = None
+    """--pipeline specforge: SpecForge template name (default: detected from the tokenizer's chat template)."""
     max_length: int = 2048
     """Truncate each tokenised conversation to this many tokens."""
     draft_vocab_size: int | None = None
@@ -111,6 +118,8 @@ def _fingerprints(cfg: DumpConfig, template: str) -> dict[str, str]:
         "dtype": cfg.dtype,
         "format": cfg.format,
         "skip_bad_rows": str(cfg.skip_bad_rows),
+        "pipeline": cfg.pipeline if cfg.pipeline == "medusa-cache" else
+        f"specforge:{cfg.specforge_template or 'auto'}:{fp.sha(cfg.system_prompt or '')}",
     }
 
 
@@ -157,7 +166,15 @@ def load_tokenizer(path: str):
 def prepare(cfg: DumpConfig, fingerprints: dict[str, str], template: str | None, vocab_size: int,
             hidden_size: int, tokenizer, max_positions: int | None = None) -> store.Cache:
     """Tokenise everything, build the vocabulary, and create the store (all but the hidden states)."""
-    templater = Templater(tokenizer, template, cfg.max_length)
+    if cfg.pipeline == "specforge":
+        from .specforge_pipeline import SpecForgeTemplater, detect_template
+
+        if template:
+            tokenizer.chat_template = template
+        templater = SpecForgeTemplater(tokenizer, detect_template(tokenizer, cfg.specforge_template), cfg.max_length,
+                                       cfg.system_prompt)
+    else:
+        templater = Templater(tokenizer, template, cfg.max_length)
     examples, bad, dropped = [], [], 0
     rows_seen = 0
     def handle(results) -> None:
@@ -176,7 +193,7 @@ def prepare(cfg: DumpConfig, fingerprints: dict[str, str], template: str | None,
 
     for fi, f in enumerate(cfg.data):
         pending: list = []
-        for row in tqdm(read_rows(Path(f), fi, cfg.format), desc=f"tokenise {Path(f).name}", unit="row",
+        for row in tqdm(read_rows(Path(f), fi, cfg.format, cfg.pipeline), desc=f"tokenise {Path(f).name}", unit="row",
                         leave=False, disable=None):
             rows_seen += 1
             if isinstance(row, RowError):  # keep file order: flush what came before, then this error
@@ -255,6 +272,7 @@ def prepare(cfg: DumpConfig, fingerprints: dict[str, str], template: str | None,
             "vocab_size": vocab_size,
             "draft_vocab_size": mapping.draft_size,
             "data_files": [str(Path(f).name) for f in cfg.data],
+            "pipeline": cfg.pipeline,
             "fingerprints": {**fingerprints, "vocab": mapping.fingerprint()},
             "dump_args": to_dict(cfg),
             "counts": counts_attr,

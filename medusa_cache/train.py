@@ -92,6 +92,8 @@ class TrainConfig:
     """Expected target vocabulary size (checked against the cache)."""
     draft_vocab_size: int | None = None
     """Expected draft vocabulary size (checked against the cache)."""
+    data_pipeline: Literal["medusa-cache", "specforge"] | None = None
+    """Expected `dump --pipeline` of the cache (checked; the reference configs require SpecForge's)."""
     base_model_name_or_path: str | None = None
     """Written into config.json for serving (default: the dumped model path)."""
     seed: int = 0
@@ -241,6 +243,11 @@ def check_cache_against(cache: Cache, cfg: TrainConfig) -> None:
         want = getattr(cfg, name)
         if want is not None and want != have:
             raise UserError(f"--{name.replace('_', '-')}: config says {want} but the cache {cache.path} has {have}")
+    have = cache.attrs.get("pipeline", "medusa-cache")
+    if cfg.data_pipeline and cfg.data_pipeline != have:
+        raise UserError(f"--data-pipeline: the config expects a cache dumped with --pipeline {cfg.data_pipeline}, but "
+                        f"{cache.path} was dumped with --pipeline {have} (for the Eagle3 comparison, dump with "
+                        "--pipeline specforge)")
 
 
 def draft_lm_head(model_dir: str, cache: Cache, flag: str) -> torch.Tensor:

@@ -149,3 +149,34 @@ def test_template_missing_is_a_clear_error():
     tok = AutoTokenizer.from_pretrained(STORIES)
     with pytest.raises(UserError, match="no chat template"):
         Templater(tok).encode(_row(CONV))
+
+
+def test_a_template_that_renders_a_turn_to_nothing_is_an_error_naming_row_and_role(qwen_tok):
+    """The fixture Qwen2 template has no tool role: a tool turn would vanish and glue the next reply on."""
+    from conftest import CHAT
+
+    from medusa_cache.data import RowError, Templater
+
+    rows = [r for r in read_rows(CHAT / "glaive_toolcall_sharegpt.json", 0)
+            if any(m["role"] == "tool" for m in r.messages)][:3]
+    out = Templater(qwen_tok).encode_many(rows)
+    assert all(isinstance(e, RowError) for e in out)
+    assert "glaive_toolcall_sharegpt.json" in str(out[0]) and "(role tool)" in str(out[0])
+    assert "drops the text of turn" in str(out[0])
+
+
+@pytest.mark.parametrize("which", ["llama", "qwen"])
+def test_an_assistant_first_conversation_trains_only_the_assistant_turn(which, llama_tok, qwen_tok):
+    tok = llama_tok if which == "llama" else qwen_tok
+    from medusa_cache.data import Row
+
+    row = Row(0, 0, "f:1", messages=[{"role": "assistant", "content": "Hello! How can I help?"},
+                                     {"role": "user", "content": "Tell me a joke."},
+                                     {"role": "assistant", "content": "Why did the chicken cross the road?"}])
+    ex = Templater(tok).encode(row)
+    first = np.flatnonzero(ex.loss_mask)[0]
+    trained = tok.decode(ex.input_ids[ex.loss_mask])
+    assert tok.decode(ex.input_ids[:first]).endswith(("assistant<|end_header_id|>\n\n", "<|im_end|>\n"))
+    assert trained.startswith("Hello! How can I help?") and "system" not in trained and "<|begin_of_text|>" not in \
+        trained
+    assert "Why did the chicken cross the road?" in trained and "Tell me a joke" not in trained

@@ -344,10 +344,15 @@ def test_overwrite_never_deletes_an_input_or_a_foreign_directory(tmp_path, train
 @pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.json")), ids=lambda p: p.name)
 def test_every_config_file_loads_and_validates(path):
     from medusa_cache.config import load_config_file
+    from medusa_cache.dump import DumpConfig
 
     raw = json.loads(path.read_text())
-    assert list(raw)[0] == "command" and raw["command"].startswith(f"medusa-cache train --config configs/{path.name}")
-    TrainConfig(cache="x", out="y", **load_config_file(path, TrainConfig))
+    cmd = "dump" if path.name.endswith("-dump.json") else "train"
+    assert list(raw)[0] == "command" and raw["command"].startswith(f"medusa-cache {cmd} --config configs/{path.name}")
+    if cmd == "train":
+        TrainConfig(cache="x", out="y", **load_config_file(path, TrainConfig))
+    else:
+        DumpConfig(model="m", data=["d"], out="o", **load_config_file(path, DumpConfig))
 
 
 @pytest.mark.parametrize("name, hidden, vocab, draft", [("llama3-8B-medusa.json", 4096, 128256, 32000),
@@ -360,6 +365,12 @@ def test_reference_configs_hold_the_reference_settings(name, hidden, vocab, draf
     assert (c.lr, c.batch_size, c.grad_accum, c.epochs) == (1e-4, 1, 4, 10)
     assert (c.warmup_ratio, c.max_grad_norm, c.schedule, c.batch_tokens) == (0.015, 0.5, "cosine", None)
     assert (c.hidden_size, c.vocab_size, c.draft_vocab_size) == (hidden, vocab, draft)
+    # the Eagle3 comparison: SpecForge's exact preprocessing, required of the cache and selected by the dump config
+    from medusa_cache.dump import DumpConfig
+
+    d = DumpConfig(model="m", data=["x"], out="o",
+                   **load_config_file(REPO / "configs" / name.replace("-medusa", "-dump"), DumpConfig))
+    assert c.data_pipeline == d.pipeline == "specforge" and d.draft_vocab_size == draft and d.max_length == 2048
 
 
 def _err(capsys, *argv) -> str:

@@ -1,0 +1,94 @@
+"""Golden files from SpecForge's own code: token ids and loss mask per fixture conversation.
+
+Runs SpecForge itself, never a re-reading of it: its ShareGPT conversion (``process_sharegpt_row`` from
+``scripts/prepare_data.py`` of a SpecForge checkout) and its parser (``specforge.data.parse.GeneralParser`` with
+``TEMPLATE_REGISTRY``, from the installed package), in a throwaway virtual environment where SpecForge is installed
+with ``--no-deps`` (so it cannot replace torch) next to the same transformers/tokenizers versions as the project.
+
+    python3 -m venv /tmp/sfenv && . /tmp/sfenv/bin/activate
+    pip install torch==2.13.0 && pip install transformers==X tokenizers==Y pydantic datasets tqdm numpy
+    pip download specforge --no-deps -d /tmp/sf && pip install --no-deps /tmp/sf/specforge-*.whl
+    git -C SPECFORGE_CHECKOUT show HEAD:scripts/prepare_data.py > /tmp/prepare_data.py
+    python tools/specforge_golden.py --prepare-data /tmp/prepare_data.py --commit SPECFORGE_COMMIT
+
+Writes ``tests/fixtures/specforge/{llama3,qwen2}.npz`` (ids, mask, offsets, file and row of each conversation)
+and ``tests/fixtures/specforge/provenance.json``. The project never imports SpecForge.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib.metadata as md
+import importlib.util
+import json
+import lzma
+import shutil
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+FIX = REPO / "tests" / "fixtures"
+FILES = ["fastchat_dummy_sharegpt.json", "glaive_toolcall_sharegpt.json"]
+TOKENIZERS = {"llama3": "llama3", "qwen2": "qwen"}  # fixture tokenizer -> SpecForge template name
+
+
+def tokenizer_dir(name: str) -> Path:
+    src = FIX / "tokenizers" / name
+    d = Path(tempfile.mkdtemp()) / name
+    d.mkdir()
+    for f in src.iterdir():
+        if f.name.endswith(".xz"):
+            (d / f.name[:-3]).write_bytes(lzma.decompress(f.read_bytes()))
+        else:
+            shutil.copy(f, d / f.name)
+    return d
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--prepare-data", required=True, help="SpecForge's scripts/prepare_data.py")
+    ap.add_argument("--commit", required=True, help="the SpecForge commit prepare_data.py came from")
+    ap.add_argument("--max-length", type=int, default=2048)
+    args = ap.parse_args()
+    from specforge.data.parse import GeneralParser
+    from specforge.data.template import TEMPLATE_REGISTRY
+    from transformers import AutoTokenizer
+
+    spec = importlib.util.spec_from_file_location("prepare_data", args.prepare_data)
+    prepare = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(prepare)
+    out = FIX / "specforge"
+    out.mkdir(exist_ok=True)
+    warnings.simplefilter("ignore")
+    for tok_name, template in TOKENIZERS.items():
+        tok = AutoTokenizer.from_pretrained(tokenizer_dir(tok_name))
+        parser = GeneralParser(tok, TEMPLATE_REGISTRY.get(template))
+        ids, masks, offsets, where = [], [], [0], []
+        for fi, name in enumerate(FILES):
+            for ri, row in enumerate(json.loads((FIX / "chat" / name).read_text())):
+                conv, _ = prepare.process_sharegpt_row({**row, "id": row.get("id", str(ri))})
+                i, m = parser.parse(conv["conversations"], args.max_length, tool=[])
+                ids.append(i.numpy().astype(np.int32))
+                masks.append(m.numpy().astype(np.uint8))
+                offsets.append(offsets[-1] + len(i))
+                where.append((fi, ri))
+        np.savez_compressed(out / f"{tok_name}.npz", ids=np.concatenate(ids), mask=np.concatenate(masks),
+                            offsets=np.array(offsets, np.int64), where=np.array(where, np.int64))
+        print(f"{tok_name}: {len(where)} conversations, {offsets[-1]} tokens")
+    prov = {
+        "specforge_version": md.version("specforge"), "specforge_commit": args.commit,
+        "prepare_data_sha256": hashlib.sha256(Path(args.prepare_data).read_bytes()).hexdigest(),
+        "transformers": md.version("transformers"), "tokenizers": md.version("tokenizers"),
+        "python": sys.version.split()[0], "max_length": args.max_length, "files": FILES,
+        "templates": TOKENIZERS, "tools": "tools/specforge_golden.py",
+    }
+    (out / "provenance.json").write_text(json.dumps(prov, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

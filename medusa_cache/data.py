@@ -22,6 +22,7 @@ give the same mask through transformers' ``return_assistant_tokens_mask`` (teste
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -64,6 +65,7 @@ class Row:
     messages: list[dict[str, str]] | None = None
     text: str | None = None
     dropped_turns: int = 0  # --pipeline specforge: ShareGPT turns its conversion drops
+    tools: list | None = None  # the row's tool specs, rendered through the chat template's `tools`
 
 
 @dataclass
@@ -191,8 +193,14 @@ def normalise(rec: Any, fmt: str, row: Row) -> Row:
     if not isinstance(turns, list) or not turns:
         raise RowError(f"{row.where}: missing or empty '{key}' for format {fmt}")
     messages = []
+    system = rec.get("system")  # ShareGPT's top-level system prompt
+    if system is not None:
+        if not isinstance(system, str):
+            raise RowError(f"{row.where}: field 'system' must be a string, got {type(system).__name__}")
+        if system.strip():
+            messages.append({"role": "system", "content": system})
     for j, turn in enumerate(turns):
-        if not isinstance(turn, dict) or role_key not in turn or content_key not in turn:
+        if not isinstance(turn, dict) or role_key not in turn or (content_key not in turn and "tool_calls" not in turn):
             raise RowError(f"{row.where}: turn {j} lacks '{role_key}'/'{content_key}' (format {fmt})")
         role = ROLE_MAP.get(str(turn[role_key]).lower())
         if role is None:
@@ -200,16 +208,48 @@ def normalise(rec: Any, fmt: str, row: Row) -> Row:
                 f"{row.where}: turn {j} has unknown role {turn[role_key]!r} "
                 f"(known: {', '.join(sorted(ROLE_MAP))})"
             )
-        content = turn[content_key]
-        if not isinstance(content, str) or not content.strip():
+        content = _content_text(turn.get(content_key), f"{row.where}: turn {j} field '{content_key}'")
+        tool_calls = turn.get("tool_calls")
+        if not content.strip() and not tool_calls:
             raise RowError(f"{row.where}: turn {j} ({turn[role_key]}) has empty content")
-        if messages and messages[-1]["role"] == role == "assistant":
+        if messages and messages[-1]["role"] == role == "assistant" and not tool_calls and \
+                "tool_calls" not in messages[-1]:
             # function_call right after a gpt turn: one assistant turn, as the model generates it
             messages[-1]["content"] += "\n" + content
             continue
-        messages.append({"role": role, "content": content})
+        messages.append({"role": role, "content": content, **({"tool_calls": tool_calls} if tool_calls else {})})
+    if messages and messages[0]["role"] == "system" and system and len(messages) > 1 and \
+            messages[1]["role"] == "system":
+        raise RowError(f"{row.where}: both a top-level 'system' field and a system turn; keep one")
+    tools = rec.get("tools")
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools) if tools.strip() else None
+        except json.JSONDecodeError:
+            raise RowError(f"{row.where}: field 'tools' is a string that is not JSON") from None
+    if tools is not None and not isinstance(tools, list):
+        raise RowError(f"{row.where}: field 'tools' must be a list of tool specs, got {type(tools).__name__}")
+    row.tools = tools or None
     row.messages = messages
     return row
+
+
+def _content_text(content: Any, where: str) -> str:
+    """A message's text: a string, or OpenAI content parts whose text parts are joined (as templates join them)."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts = []
+        for k, part in enumerate(content):
+            if isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str):
+                texts.append(part["text"])
+            else:
+                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                raise RowError(f"{where}: content part {k} is of type {kind!r}; only text parts can be trained on")
+        return "".join(texts)
+    raise RowError(f"{where}: expected a string or a list of content parts, got {type(content).__name__}")
 
 
 def _specforge_row(rec: Any, fmt: str, row: Row) -> Row:
@@ -231,22 +271,35 @@ class Templater:
         self.template = chat_template or getattr(tokenizer, "chat_template", None)
         self.max_length = max_length
 
-    def render(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+    def render(self, messages: list[dict[str, str]], add_generation_prompt: bool, tools: list | None = None) -> str:
         if not self.template:
             raise UserError(
                 "the tokenizer has no chat template; pass --chat-template FILE (a Jinja template), "
                 "or use rows of format 'text'"
             )
         return self.tok.apply_chat_template(
-            messages, chat_template=self.template, tokenize=False, add_generation_prompt=add_generation_prompt
+            messages, chat_template=self.template, tokenize=False, add_generation_prompt=add_generation_prompt,
+            **({"tools": tools} if tools else {}),
         )
 
-    def assistant_char_spans(self, messages: list[dict[str, str]], where: str) -> tuple[str, list[tuple[int, int]]]:
-        full = self.render(messages, add_generation_prompt=False)
+    def check_fields(self, row: Row) -> None:
+        """A field the template would not render is an error, never a silent drop."""
+        if row.tools and "tools" not in self.template:
+            raise RowError(f"{row.where}: field 'tools' is set but the chat template does not render tools (they "
+                           "would be dropped); use a template that renders them (--chat-template), remove the "
+                           "field, or --skip-bad-rows")
+        if any("tool_calls" in m for m in row.messages or []) and "tool_calls" not in self.template:
+            raise RowError(f"{row.where}: an assistant turn has 'tool_calls' but the chat template does not render "
+                           "them (they would be dropped); use a template that does (--chat-template)")
+
+    def assistant_char_spans(self, messages: list[dict[str, str]], where: str, tools: list | None = None
+                             ) -> tuple[str, list[tuple[int, int]]]:
+        render = functools.partial(self.render, tools=tools)
+        full = render(messages, add_generation_prompt=False)
         spans = []
         prev = ""
         for i, m in enumerate(messages):
-            upto = self.render(messages[: i + 1], add_generation_prompt=False)
+            upto = render(messages[: i + 1], add_generation_prompt=False)
             if upto.startswith(prev) and m["content"].strip() not in upto[len(prev):]:
                 raise RowError(f"{where}: the chat template drops the text of turn {i} (role {m['role']}): it "
                                "renders to nothing or without its content; use a template that has this role, or "
@@ -254,8 +307,8 @@ class Templater:
             prev = upto
             if m["role"] != "assistant":
                 continue
-            before = self.render(messages[:i], add_generation_prompt=True) if i else ""
-            after = self.render(messages[: i + 1], add_generation_prompt=False)
+            before = render(messages[:i], add_generation_prompt=True) if i else ""
+            after = render(messages[: i + 1], add_generation_prompt=False)
             if not (full.startswith(after) and after.startswith(before)):
                 raise RowError(
                     f"{where}: the chat template is not prefix-stable (rendering turn {i} changes earlier "
@@ -282,7 +335,8 @@ class Templater:
                 rendered.append((row.text, None))
                 continue
             try:
-                rendered.append(self.assistant_char_spans(row.messages or [], row.where))
+                self.check_fields(row)
+                rendered.append(self.assistant_char_spans(row.messages or [], row.where, row.tools))
             except RowError as e:
                 rendered.append(e)
         out: list[Example | RowError | None] = [r if isinstance(r, RowError) else None for r in rendered]

@@ -64,9 +64,11 @@ class DumpConfig:
     max_length: int = 2048
     """Truncate each tokenised conversation to this many tokens."""
     draft_vocab_size: int | None = None
-    """Draft vocabulary size (Eagle3 top-N by assistant-token frequency). Default: the full vocabulary."""
+    """Draft vocabulary size (Eagle3 top-N by assistant-token frequency). Default: the full vocabulary.
+    With --vocab-mapping: checked against the mapping's size."""
     vocab_mapping: str | None = None
-    """Use this mapping unchanged instead of building one: ours (.safetensors) or SpecForge's vocab_mapping.pt."""
+    """Use this mapping unchanged instead of building one: ours (.safetensors), SpecForge's vocab_mapping.pt, a
+    cache store or a heads directory (a held-out dump reuses the training cache's vocabulary this way)."""
     batch_tokens: int = 16384
     """Padded tokens per forward batch (sequences are length-bucketed)."""
     dtype: Literal["bfloat16", "float32"] = "bfloat16"
@@ -93,8 +95,6 @@ class DumpConfig:
         check(1 <= self.max_length <= 1 << 20, "max_length", f"must be in 1..{1 << 20}, got {self.max_length}")
         check(self.draft_vocab_size is None or self.draft_vocab_size >= 1, "draft_vocab_size",
               f"must be >= 1, got {self.draft_vocab_size}")
-        check(not (self.draft_vocab_size and self.vocab_mapping), "vocab_mapping",
-              "give either --draft-vocab-size or --vocab-mapping, not both")
         check(self.batch_tokens >= 1, "batch_tokens", f"must be >= 1, got {self.batch_tokens}")
         check(not (self.resume and self.overwrite), "resume", "--resume and --overwrite exclude each other")
         check(self.format in FORMATS, "format", f"must be one of {FORMATS}")
@@ -107,7 +107,7 @@ class DumpConfig:
 
 # --------------------------------------------------------------------------------------------------
 def _fingerprints(cfg: DumpConfig, template: str) -> dict[str, str]:
-    vocab = f"mapping:{fp.file_hash(Path(cfg.vocab_mapping))}" if cfg.vocab_mapping else f"top:{cfg.draft_vocab_size}"
+    vocab = f"mapping:{_mapping_hash(cfg.vocab_mapping)}" if cfg.vocab_mapping else f"top:{cfg.draft_vocab_size}"
     return {
         "model": fp.model_fingerprint(cfg.model),
         "tokenizer": fp.tokenizer_fingerprint(cfg.tokenizer or cfg.model),
@@ -121,6 +121,16 @@ def _fingerprints(cfg: DumpConfig, template: str) -> dict[str, str]:
         "pipeline": cfg.pipeline if cfg.pipeline == "medusa-cache" else
         f"specforge:{cfg.specforge_template or 'auto'}:{fp.sha(cfg.system_prompt or '')}",
     }
+
+
+def _mapping_hash(path: str) -> str:
+    """Fingerprint of --vocab-mapping: a file's bytes, a heads directory's mapping file, or a store's d2t/t2d."""
+    p = Path(path)
+    if p.is_dir() and store.is_store(p):
+        return store.Cache(p).mapping().fingerprint()
+    if p.is_dir():
+        p = p / "vocab_mapping.safetensors"
+    return fp.file_hash(p) if p.is_file() else "missing"
 
 
 def _check_inputs(cfg: DumpConfig) -> None:
@@ -217,6 +227,9 @@ def prepare(cfg: DumpConfig, fingerprints: dict[str, str], template: str | None,
     unseen_filled = 0
     if cfg.vocab_mapping:
         mapping = load_mapping(cfg.vocab_mapping, vocab_size)
+        if cfg.draft_vocab_size and cfg.draft_vocab_size != mapping.draft_size:
+            raise UserError(f"--vocab-mapping: {cfg.vocab_mapping} has a draft vocabulary of {mapping.draft_size}, "
+                            f"but --draft-vocab-size is {cfg.draft_vocab_size}")
     else:
         if cfg.draft_vocab_size and cfg.draft_vocab_size > vocab_size:
             raise UserError(f"--draft-vocab-size {cfg.draft_vocab_size} is larger than the model's vocabulary "

@@ -90,10 +90,24 @@ def build_mapping(counts: np.ndarray, draft_vocab_size: int) -> VocabMapping:
 
 
 def load_mapping(path: str | Path, vocab_size: int) -> VocabMapping:
-    """Our ``vocab_mapping.safetensors`` or SpecForge's ``vocab_mapping.pt`` (loaded with weights_only)."""
+    """Our ``vocab_mapping.safetensors``, SpecForge's ``vocab_mapping.pt`` (loaded with weights_only), a cache
+    store (its d2t/t2d) or a heads directory (its ``vocab_mapping.safetensors``): what a held-out dump reuses."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"--vocab-mapping: file not found: {path}")
+    if path.is_dir():
+        from . import store
+
+        if store.is_store(path):
+            m = store.Cache(path).mapping()
+            if m.target_size != vocab_size:
+                raise UserError(f"--vocab-mapping: the store {path} covers a vocabulary of {m.target_size} tokens, "
+                                f"the model has {vocab_size}")
+            return m
+        if (path / "vocab_mapping.safetensors").is_file():
+            return load_mapping(path / "vocab_mapping.safetensors", vocab_size)
+        raise UserError(f"--vocab-mapping: {path} is a directory but neither a medusa-cache store nor a heads "
+                        "directory (no vocab_mapping.safetensors)")
     try:
         if path.suffix == ".safetensors":
             from safetensors.numpy import load_file

@@ -108,12 +108,46 @@ def test_tool_roles_are_handled_deliberately(tmp_path):
 
 
 def test_real_toolcall_file_reads_without_errors(llama_tok):
-    from conftest import CHAT
+    from conftest import CHAT, FIXTURES
 
     rows = list(read_rows(CHAT / "glaive_toolcall_sharegpt.json", 0))
     assert len(rows) == 300 and not any(isinstance(r, RowError) for r in rows)
-    ex = Templater(llama_tok).encode(rows[0])
-    assert ex.loss_mask.any()
+    assert rows[0].tools and rows[0].tools[0]["name"] == "search_recipes"  # the row's `tools` field is kept
+    with pytest.raises(RowError, match="field 'tools' is set but the chat template does not render tools"):
+        Templater(llama_tok).encode(rows[0])  # the fixture Llama-3 template has no tools: refused, not dropped
+    template = (FIXTURES / "templates" / "llama3_tools.jinja").read_text()
+    ex = Templater(llama_tok, template).encode(rows[0])
+    assert ex.loss_mask.any() and "search_recipes" in llama_tok.decode(ex.input_ids[~ex.loss_mask])
+
+
+def test_no_field_of_a_row_is_silently_dropped(tmp_path, llama_tok):
+    from conftest import FIXTURES
+
+    template = (FIXTURES / "templates" / "llama3_tools.jinja").read_text()
+    call = [{"type": "function", "function": {"name": "get_time", "arguments": {"tz": "UTC"}}}]
+    rows = [{"system": "Be brief.",
+             "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]},
+            {"messages": [{"role": "user", "content": [{"type": "text", "text": "Hello "},
+                                                       {"type": "text", "text": "there"}]},
+                          {"role": "assistant", "content": None, "tool_calls": call},
+                          {"role": "tool", "content": "12:00"}, {"role": "assistant", "content": "Noon."}]},
+            {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]},
+                          {"role": "assistant", "content": "ok"}]}]
+    a, b, c = [next(read_rows(_one(tmp_path, r), 0)) for r in rows]
+    assert a.messages[0] == {"role": "system", "content": "Be brief."}
+    assert b.messages[0]["content"] == "Hello there" and b.messages[1]["tool_calls"] == call
+    assert isinstance(c, RowError) and "content part 0 is of type 'image_url'" in str(c)
+    ex = Templater(llama_tok, template).encode(b)
+    text = llama_tok.decode(ex.input_ids[ex.loss_mask])
+    assert "get_time" in text and "Noon." in text  # the tool call is the assistant's text: trained
+    with pytest.raises(RowError, match="'tool_calls' but the chat template does not render them"):
+        Templater(llama_tok).encode(b)
+
+
+def _one(tmp_path, row):
+    p = tmp_path / f"r{abs(hash(json.dumps(row)))}.jsonl"
+    p.write_text(json.dumps(row) + "\n")
+    return p
 
 
 @pytest.mark.parametrize(
@@ -159,6 +193,8 @@ def test_a_template_that_renders_a_turn_to_nothing_is_an_error_naming_row_and_ro
 
     rows = [r for r in read_rows(CHAT / "glaive_toolcall_sharegpt.json", 0)
             if any(m["role"] == "tool" for m in r.messages)][:3]
+    for r in rows:
+        r.tools = None  # (the fixture template cannot render tools either: that is refused first)
     out = Templater(qwen_tok).encode_many(rows)
     assert all(isinstance(e, RowError) for e in out)
     assert "glaive_toolcall_sharegpt.json" in str(out[0]) and "(role tool)" in str(out[0])

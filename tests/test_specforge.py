@@ -36,10 +36,10 @@ def test_default_pipeline_differs_from_specforge_where_documented(llama_tok):
     """Our own pipeline: no inserted system prompt, function_call trained, observations kept untrained."""
     from medusa_cache.data import Templater
 
-    rows = list(read_rows(CHAT / "glaive_toolcall_sharegpt.json", 0))[:20]
+    rows = list(read_rows(CHAT / "fastchat_dummy_sharegpt.json", 0))[:20]
     ours = Templater(llama_tok).encode_many(rows)
     sf = SpecForgeTemplater(llama_tok, detect_template(llama_tok, None), 2048).encode_many(
-        list(read_rows(CHAT / "glaive_toolcall_sharegpt.json", 0, pipeline="specforge"))[:20])
+        list(read_rows(CHAT / "fastchat_dummy_sharegpt.json", 0, pipeline="specforge"))[:20])
     assert all(len(a.input_ids) != len(b.input_ids) for a, b in zip(ours, sf, strict=True))
     text = llama_tok.decode(sf[0].input_ids)
     assert "You are a helpful, respectful and honest assistant" in text and "honest assistant" not in \
@@ -68,6 +68,7 @@ def test_dump_with_the_specforge_pipeline_stores_specforges_tokens(tmp_path, tin
         assert np.array_equal(ids[a:b], g["ids"][g["offsets"][k]:g["offsets"][k + 1]])
         assert np.array_equal(mask[a:b], g["mask"][g["offsets"][k]:g["offsets"][k + 1]] == 1)
     train(TrainConfig(cache=str(tmp_path / "c"), out=str(tmp_path / "h"), data_pipeline="specforge", max_steps=1))
-    run_dump(DumpConfig(model=str(tiny_llama), data=[str(data)], out=str(tmp_path / "own"), dtype="float32"))
+    plain = write_jsonl(tmp_path / "plain.jsonl", [{"conversations": r["conversations"]} for r in rows])
+    run_dump(DumpConfig(model=str(tiny_llama), data=[str(plain)], out=str(tmp_path / "own"), dtype="float32"))
     with pytest.raises(UserError, match="--data-pipeline: the config expects a cache dumped with --pipeline specforge"):
         train(TrainConfig(cache=str(tmp_path / "own"), out=str(tmp_path / "h2"), data_pipeline="specforge"))

@@ -5,6 +5,8 @@ Formats (detected per file from the first row, or forced with ``--format``):
 - ``specforge``: ``{"id", "conversations": [{"role", "content"}]}`` (SpecForge's preformatted rows)
 - ``messages``:  ``{"messages": [{"role", "content"}]}`` (OpenAI)
 - ``text``:      ``{"text": ...}``: the whole row is trained (no chat template).
+- ``tokens``:    ``{"input_ids": [...], "trained": [0/1 ...]}`` (what ``generate`` writes, any extra ``text`` is
+  ignored): stored verbatim, no tokeniser involved; ``trained`` (or ``loss_mask``) marks the trained tokens.
 
 Roles are normalised to system / user / assistant / tool (table ``ROLE_MAP``). Deliberate choices:
 ShareGPT ``function_call`` is text the assistant generates, so it becomes an *assistant* turn and is
@@ -33,7 +35,7 @@ import numpy as np
 
 from .errors import UserError
 
-FORMATS = ("auto", "sharegpt", "specforge", "messages", "text")
+FORMATS = ("auto", "sharegpt", "specforge", "messages", "text", "tokens")
 
 ROLE_MAP = {
     "system": "system",
@@ -66,6 +68,8 @@ class Row:
     text: str | None = None
     dropped_turns: int = 0  # --pipeline specforge: ShareGPT turns its conversion drops
     tools: list | None = None  # the row's tool specs, rendered through the chat template's `tools`
+    token_ids: list[int] | None = None  # format "tokens": ids and trained mask, used verbatim
+    token_mask: list[int] | None = None
 
 
 @dataclass
@@ -130,7 +134,7 @@ def read_rows(path: Path, file_index: int, fmt: str = "auto", pipeline: str = "m
         if file_fmt == "auto":
             file_fmt = detect_format(rec, where)
         try:
-            if pipeline == "specforge" and file_fmt != "text":
+            if pipeline == "specforge" and file_fmt not in ("text", "tokens"):
                 yield _specforge_row(rec, file_fmt, Row(file_index, n, where))
             else:
                 yield normalise(rec, file_fmt, Row(file_index, n, where))
@@ -159,6 +163,8 @@ def _refuse_json_in_jsonl(path: Path, text: str, stripped: str) -> None:
 
 def detect_format(rec: Any, where: str) -> str:
     if isinstance(rec, dict):
+        if "input_ids" in rec:
+            return "tokens"
         if isinstance(rec.get("conversations"), list) and rec["conversations"]:
             first = rec["conversations"][0]
             if isinstance(first, dict) and "from" in first:
@@ -178,6 +184,14 @@ def detect_format(rec: Any, where: str) -> str:
 def normalise(rec: Any, fmt: str, row: Row) -> Row:
     if not isinstance(rec, dict):
         raise RowError(f"{row.where}: expected a JSON object, got {type(rec).__name__}")
+    if fmt == "tokens":
+        ids, mask = rec.get("input_ids"), rec.get("trained", rec.get("loss_mask"))
+        if not isinstance(ids, list) or not ids or not all(isinstance(t, int) and t >= 0 for t in ids):
+            raise RowError(f"{row.where}: 'input_ids' must be a non-empty list of token ids (non-negative integers)")
+        if not isinstance(mask, list) or len(mask) != len(ids) or any(m not in (0, 1) for m in mask):
+            raise RowError(f"{row.where}: 'trained' must be a list of 0/1, one per input id ({len(ids)})")
+        row.token_ids, row.token_mask = ids, mask
+        return row
     if fmt == "text":
         text = rec.get("text")
         if not isinstance(text, str) or not text.strip():
@@ -263,6 +277,11 @@ def _specforge_row(rec: Any, fmt: str, row: Row) -> Row:
     return row
 
 
+def tokens_example(row: Row, max_length: int) -> Example:
+    ids = np.asarray(row.token_ids, dtype=np.int32)[:max_length]
+    return Example(ids, np.asarray(row.token_mask, dtype=bool)[:max_length], row.file_index, row.row_index)
+
+
 class Templater:
     """Renders conversations with a chat template and finds the assistant token mask."""
 
@@ -329,8 +348,11 @@ class Templater:
 
     def encode_many(self, rows: list[Row]) -> list[Example | RowError]:
         """Render each row, then tokenise them in two batched calls (the Rust tokenizer runs them in parallel)."""
-        rendered: list[tuple[str, list[tuple[int, int]] | None] | RowError] = []
+        rendered: list[tuple[str, list[tuple[int, int]] | None] | RowError | None] = []
         for row in rows:
+            if row.token_ids is not None:
+                rendered.append(None)  # used verbatim below
+                continue
             if row.text is not None:
                 rendered.append((row.text, None))
                 continue
@@ -340,8 +362,12 @@ class Templater:
             except RowError as e:
                 rendered.append(e)
         out: list[Example | RowError | None] = [r if isinstance(r, RowError) else None for r in rendered]
+        for i, row in enumerate(rows):
+            if row.token_ids is not None:
+                out[i] = tokens_example(row, self.max_length)
         for plain in (True, False):
-            idx = [i for i, r in enumerate(rendered) if not isinstance(r, RowError) and (r[1] is None) == plain]
+            idx = [i for i, r in enumerate(rendered) if r is not None and not isinstance(r, RowError)
+                   and (r[1] is None) == plain]
             if not idx:
                 continue
             enc = self.tok([rendered[i][0] for i in idx], add_special_tokens=plain,  # type: ignore[index]

@@ -52,7 +52,7 @@ class DumpConfig:
     """Tokenizer directory, if not the model's own."""
     chat_template: str | None = None
     """Jinja chat template file to use instead of the tokenizer's own."""
-    format: Literal["auto", "sharegpt", "specforge", "messages", "text"] = "auto"
+    format: Literal["auto", "sharegpt", "specforge", "messages", "text", "tokens"] = "auto"
     """Data format; 'auto' detects it per file from the first row."""
     pipeline: Literal["medusa-cache", "specforge"] = "medusa-cache"
     """How chats become ids and masks: ours (tool calls trained, no inserted prompt) or exactly SpecForge's
@@ -197,7 +197,9 @@ def prepare(cfg: DumpConfig, fingerprints: dict[str, str], template: str | None,
             elif not ex.loss_mask.any():
                 dropped += 1
             elif ex.input_ids.max(initial=0) >= vocab_size:
-                raise UserError(f"--tokenizer: token id {int(ex.input_ids.max())} >= model vocab size {vocab_size}")
+                where = f"{cfg.data[ex.file_index]} row {ex.row_index + 1}"
+                raise UserError(f"--tokenizer: token id {int(ex.input_ids.max())} in {where} is >= the model's "
+                                f"vocabulary size {vocab_size}")
             else:
                 examples.append(ex)
 

@@ -1,7 +1,10 @@
 """``medusa-cache generate``: self-distilled data, the base model's own continuations.
 
-Plain prompts (``{"text": ...}`` rows) are continued and written back as ``{"text": prompt + continuation}``
-rows, which ``dump`` trains whole. Chat files (any format ``dump`` reads) get every assistant turn
+Plain prompts (``{"text": ...}`` rows) are continued and written back as ``{"text": prompt + continuation,
+"input_ids": [...], "trained": [0/1 ...]}``: the text is decoded whole (no lost space at the prompt boundary), and
+the ids are exactly the model's (text does not always re-tokenise to them), with ``trained`` marking the model's
+own tokens. ``dump`` reads such rows verbatim (format ``tokens``) and trains only the model's tokens.
+Chat files (any format ``dump`` reads) get every assistant turn
 regenerated from the conversation up to it (chat template required) and are written as OpenAI
 ``messages`` rows. Batched with left padding; greedy at ``--temperature 0``.
 
@@ -102,8 +105,8 @@ def generate(cfg: GenerateConfig) -> int:
             if any(r.text is None for r in batch):
                 results = [_regenerate_chat(model, tok, r, cfg) for r in batch]
             else:
-                texts = _continue(model, tok, [r.text for r in batch], cfg)
-                results = [{"text": p.text + t} for p, t in zip(batch, texts, strict=True)]
+                results = [{"text": text, "input_ids": ids, "trained": mask} for text, ids, mask in
+                           _continue_with_ids(model, tok, [r.text for r in batch], cfg)]
             f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in results))
             f.flush()
             os.fsync(f.fileno())
@@ -113,11 +116,42 @@ def generate(cfg: GenerateConfig) -> int:
 
 
 @torch.inference_mode()
-def _continue(model, tok, prompts: list[str], cfg: GenerateConfig, add_special_tokens: bool = True) -> list[str]:
+def _generate_ids(model, tok, prompts: list[str], cfg: GenerateConfig, add_special_tokens: bool = True
+                  ) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, the model's ids up to and including its first end-of-sequence token) per prompt."""
     enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=add_special_tokens).to(cfg.device)
     kw = dict(do_sample=True, temperature=cfg.temperature) if cfg.temperature > 0 else dict(do_sample=False)
     gen = model.generate(**enc, max_new_tokens=cfg.max_new_tokens, pad_token_id=tok.pad_token_id, **kw)
-    return tok.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+    width = enc["input_ids"].shape[1]
+    eos = {tok.eos_token_id} | set(model.generation_config.eos_token_id if isinstance(
+        model.generation_config.eos_token_id, list) else [model.generation_config.eos_token_id])
+    out = []
+    for i in range(len(prompts)):
+        pad = int((enc["attention_mask"][i] == 0).sum())
+        new = gen[i, width:].tolist()
+        cut = next((k + 1 for k, t in enumerate(new) if t in eos), len(new))
+        out.append((enc["input_ids"][i, pad:].tolist(), new[:cut]))
+    return out
+
+
+def _continue_with_ids(model, tok, prompts: list[str], cfg: GenerateConfig) -> list[tuple[str, list[int], list[int]]]:
+    """(text, ids, trained mask): the whole sequence decoded at once, so no space is lost at the prompt boundary."""
+    rows = []
+    for prompt, (p_ids, new) in zip(prompts, _generate_ids(model, tok, prompts, cfg), strict=True):
+        rows.append((prompt + _continuation(tok, p_ids, new), p_ids + new, [0] * len(p_ids) + [1] * len(new)))
+    return rows
+
+
+def _continuation(tok, prompt_ids: list[int], new: list[int]) -> str:
+    """The text the model added: decode prompt + continuation together and cut the decoded prompt (decoding the
+    continuation alone drops a leading space: "ball.She")."""
+    whole = tok.decode(prompt_ids + new, skip_special_tokens=True)
+    head = tok.decode(prompt_ids, skip_special_tokens=True)
+    return whole[len(head):] if whole.startswith(head) else tok.decode(new, skip_special_tokens=True)
+
+
+def _continue(model, tok, prompts: list[str], cfg: GenerateConfig, add_special_tokens: bool = True) -> list[str]:
+    return [_continuation(tok, p, n) for p, n in _generate_ids(model, tok, prompts, cfg, add_special_tokens)]
 
 
 def _regenerate_chat(model, tok, row, cfg: GenerateConfig) -> dict:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .data import Example, Row, RowError
+from .data import Example, Row, RowError, tokens_example
 from .errors import UserError
 
 SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "chatgpt": "assistant", "bing": "assistant",
@@ -129,6 +129,8 @@ class SpecForgeTemplater:
         return len(self.tok(text, add_special_tokens=False, truncation=True, max_length=self.max_length)["input_ids"])
 
     def encode_row(self, row: Row) -> Example | RowError:
+        if row.token_ids is not None:
+            return tokens_example(row, self.max_length)
         if row.text is not None:
             ids = self.tok(row.text, add_special_tokens=True)["input_ids"][: self.max_length]
             return Example(np.asarray(ids, np.int32), np.ones(len(ids), bool), row.file_index, row.row_index)

@@ -63,3 +63,31 @@ def test_self_distilled_heads_beat_the_unigram_baseline_and_head0_beats_the_last
     baseline = float((vl == best).sum() / max(1, (c.array("loss_mask")[val_rows] == 1).sum()))
     assert all(t > baseline + 0.02 for t in top1), (top1, baseline)
     assert top1[0] > top1[-1]
+
+
+def test_generate_leaves_no_seam_and_dump_stores_exactly_the_models_ids(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"text": "Once upon a time, there was a girl named Lily. She had a red ball."}) +
+                       "\n" + json.dumps({"text": "The dog ran"}) + "\n")
+    generate(GenerateConfig(model=MODEL, prompts=str(prompts), out=str(tmp_path / "g.jsonl"), max_new_tokens=30,
+                            batch_size=2))
+    rows = [json.loads(x) for x in (tmp_path / "g.jsonl").read_text().splitlines()]
+    tok = AutoTokenizer.from_pretrained(MODEL)
+    model = AutoModelForCausalLM.from_pretrained(MODEL)
+    for r, p in zip(rows, ["Once upon a time, there was a girl named Lily. She had a red ball.", "The dog ran"],
+                    strict=True):
+        assert r["text"].startswith(p + " ") or r["text"].startswith(p + "\n")  # no "ball.She" seam
+        assert r["text"] == tok.decode(r["input_ids"], skip_special_tokens=True)
+        enc = tok(p, return_tensors="pt")
+        ref = model.generate(**enc, do_sample=False, max_new_tokens=30, pad_token_id=tok.eos_token_id)[0].tolist()
+        n = sum(r["trained"])
+        assert r["input_ids"] == ref[: len(r["input_ids"])] and r["trained"][-n:] == [1] * n and n > 0
+    run_dump(DumpConfig(model=MODEL, data=[str(tmp_path / "g.jsonl")], out=str(tmp_path / "c"), dtype="float32",
+                        max_length=512))
+    c = Cache(tmp_path / "c")
+    ids, mask = c.array("input_ids"), c.array("loss_mask").astype(bool)
+    for s, r in enumerate(rows):
+        a, b = c.offsets[s], c.offsets[s + 1]
+        assert ids[a:b].tolist() == r["input_ids"] and mask[a:b].tolist() == [bool(x) for x in r["trained"]]

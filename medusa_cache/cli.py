@@ -9,6 +9,7 @@ import sys
 from .config import add_config_args, build_config
 from .errors import Interrupted, UserError
 
+RAW = argparse.RawDescriptionHelpFormatter
 EPILOG = """examples:
   medusa-cache dump --model MODEL --data chat.json --out cache.zarr --draft-vocab-size 32000
   medusa-cache inspect cache.zarr
@@ -169,25 +170,31 @@ def build_parser() -> argparse.ArgumentParser:
         prog="medusa-cache",
         description="Run the backbone once into a Zarr cache of hidden states, then train Medusa heads from it.",
         epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=RAW,
     )
+    from . import __version__
+
+    p.add_argument("--version", action="version", version=f"medusa-cache {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     d = sub.add_parser("dump", help="run the model once over chat data and write the cache",
                        epilog="example:\n  medusa-cache dump --model M --data a.json b.jsonl --out c.zarr "
                               "--draft-vocab-size 32000 --dtype bfloat16",
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+                       formatter_class=RAW)
     d.add_argument("--config", help="JSON config file mirroring the dump flags; explicit flags override it")
     add_config_args(d, DumpConfig)
     d.set_defaults(func=_dump)
 
-    i = sub.add_parser("inspect", help="summarise a cache: sizes, counts, fingerprints, progress")
-    i.add_argument("store")
+    i = sub.add_parser("inspect", help="summarise a cache: sizes, counts, fingerprints, progress",
+                       epilog="example:\n  medusa-cache inspect cache.zarr --json | head", formatter_class=RAW)
+    i.add_argument("store", help="the cache store (a directory or an fsspec URL)")
     i.add_argument("--json", action="store_true", help="print JSON")
     i.set_defaults(func=_inspect)
 
-    vf = sub.add_parser("verify", help="check a cache: layout, labels, mapping, progress; --deep decodes all data")
-    vf.add_argument("store")
+    vf = sub.add_parser("verify", help="check a cache: layout, labels, mapping, progress; --deep decodes all data",
+                        epilog="example:\n  medusa-cache verify cache.zarr --deep --model PATH/TO/MODEL --samples 8",
+                        formatter_class=RAW)
+    vf.add_argument("store", help="the cache store (a directory or an fsspec URL)")
     vf.add_argument("--deep", action="store_true", help="decode every chunk and look for NaN/Inf")
     vf.add_argument("--model", help="recompute a few random sequences with this model and compare")
     vf.add_argument("--samples", type=int, default=4, help="sequences recomputed with --model (default: 4)")
@@ -199,12 +206,14 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train Medusa heads from a cache (the backbone is never loaded)",
                        epilog="example:\n  medusa-cache train --cache c.zarr --out heads --config "
                               "configs/llama3-8B-medusa.json --epochs 2",
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+                       formatter_class=RAW)
     t.add_argument("--config", help="JSON config file mirroring the train flags; explicit flags override it")
     add_config_args(t, TrainConfig)
     t.set_defaults(func=_train)
 
-    v = sub.add_parser("eval", help="per-head accuracy and acceptance length (chain and tree) on a cache")
+    v = sub.add_parser("eval", help="per-head accuracy and acceptance length (chain and tree) on a cache",
+                       epilog="example:\n  medusa-cache eval --heads heads --cache heldout.zarr --tree-budget 16,32,64 "
+                              "--trees-out trees", formatter_class=RAW)
     v.add_argument("--heads", required=True, help="heads directory written by train")
     v.add_argument("--cache", required=True, help="store to evaluate on (ideally held out)")
     v.add_argument("--topk", type=int, default=10, help="top-k predictions considered per head (default: 10)")
@@ -214,19 +223,19 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--targets", nargs="+", metavar="data|base MODEL",
                    help="'data' (default) or 'base MODEL_PATH': score against the base model's greedy tokens")
     v.add_argument("--trees-out", help="directory to write the fitted trees (tree_N.json)")
-    v.add_argument("--device", default="cpu")
+    v.add_argument("--device", default="cpu", help="device for the heads: cpu, cuda or cuda:N (default: cpu)")
     v.add_argument("--json", action="store_true", help="print JSON")
     v.set_defaults(func=_eval)
 
     a = sub.add_parser("ablate", help="train and evaluate several head counts / layers / lrs in one pass",
                        epilog="example:\n  medusa-cache ablate --cache c.zarr --out abl --heads 1,2,3,4,5 "
                               "--layers 1,2 --tree-budget 16,32,64 --epochs 2",
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+                       formatter_class=RAW)
     a.add_argument("--heads", type=_ints, default=[1, 2, 3, 4, 5], help="head counts (default: 1,2,3,4,5)")
     a.add_argument("--layers", type=_ints, help="ResBlocks per head (default: the config's num_layers, else 1)")
     a.add_argument("--lr", type=_floats, help="learning rates (default: the config's lr, else 1e-4)")
     a.add_argument("--tree-budget", type=_ints, default=[16, 32, 64], help="tree sizes (default: 16,32,64)")
-    a.add_argument("--topk", type=int, default=10)
+    a.add_argument("--topk", type=int, default=10, help="top-k predictions per head considered for trees (default: 10)")
     a.add_argument("--config", help="JSON train config; explicit flags override it")
     add_config_args(a, TrainConfig, skip=("num_heads", "num_layers", "lr", "clip_per_head"))
     a.set_defaults(func=_ablate)
@@ -234,25 +243,31 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("speculate", help="real Medusa decoding with trained heads, checked against greedy decoding",
                         epilog="example:\n  medusa-cache speculate --model M --heads heads --prompts p.jsonl "
                                "--tree trees/tree_32.json --max-new-tokens 128 --out spec",
-                        formatter_class=argparse.RawDescriptionHelpFormatter)
+                        formatter_class=RAW)
     from .speculate import SpeculateConfig
 
     add_config_args(sp, SpeculateConfig)
     sp.set_defaults(func=_speculate)
 
-    gn = sub.add_parser("generate", help="self-distilled data: the base model's own continuations / assistant turns")
+    gn = sub.add_parser("generate", help="self-distilled data: the base model's own continuations / assistant turns",
+                        epilog="example:\n  medusa-cache generate --model PATH/TO/MODEL --prompts prompts.jsonl "
+                               "--out self.jsonl --max-new-tokens 256", formatter_class=RAW)
     add_config_args(gn, GenerateConfig)
     gn.set_defaults(func=_generate)
 
-    dm = sub.add_parser("demo", help="generate -> dump -> ablate on the bundled stories260K, offline, CPU")
+    dm = sub.add_parser("demo", help="generate -> dump -> ablate -> speculate on the bundled stories260K, offline, CPU",
+                        epilog="example:\n  medusa-cache demo --out /tmp/demo --epochs 4", formatter_class=RAW)
     dm.add_argument("--out", default="medusa-cache-demo", help="working directory (default: medusa-cache-demo)")
     dm.add_argument("--epochs", type=int, default=4, help="training epochs (default: 4)")
     dm.set_defaults(func=_demo)
 
-    e = sub.add_parser("export", help="write trained heads in a serving layout (vLLM or Medusa reference)")
-    e.add_argument("dir", help="output directory of `medusa-cache train`")
-    e.add_argument("--format", choices=["vllm", "medusa"], required=True)
-    e.add_argument("--out", required=True)
+    e = sub.add_parser("export", help="write trained heads in a serving layout (vLLM or Medusa reference)",
+                       epilog="example:\n  medusa-cache export heads --format vllm --out heads-vllm "
+                              "--base-model meta-llama/Llama-3.1-8B-Instruct", formatter_class=RAW)
+    e.add_argument("dir", help="output directory of `medusa-cache train` (or ablate's best/)")
+    e.add_argument("--format", choices=["vllm", "medusa"], required=True,
+                   help="vllm: vLLM's Medusa layout; medusa: the FasterDecoding/Medusa reference layout")
+    e.add_argument("--out", required=True, help="directory to write (created)")
     e.add_argument("--overwrite", action="store_true",
                    help="replace an existing --out (only a directory medusa-cache wrote, never an input)")
     e.add_argument("--base-model", help="base_model_name_or_path to write (default: the model path used at dump time)")

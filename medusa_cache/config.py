@@ -91,7 +91,9 @@ def add_config_args(parser: argparse.ArgumentParser, cls: type, skip: tuple[str,
         help_text = docs.get(f.name, "")
         if default not in (None, False, [], ""):
             help_text += f" (default: {default})"
-        kwargs: dict[str, Any] = {"help": help_text, "default": argparse.SUPPRESS, "dest": f.name}
+        required = f.name in getattr(cls, "REQUIRED", ())
+        kwargs: dict[str, Any] = {"help": help_text, "default": argparse.SUPPRESS, "dest": f.name,
+                                  **({"required": True} if required else {})}
         if inner is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         else:

@@ -26,7 +26,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 import torch
@@ -42,6 +42,8 @@ from .vocab import build_mapping, count_tokens, load_mapping
 
 @dataclass
 class DumpConfig:
+    REQUIRED: ClassVar[tuple[str, ...]] = ('model', 'data', 'out')  # shown and enforced as required by the CLI
+
     model: str | None = None
     """Local path of a Hugging Face causal LM (config.json + safetensors). Nothing is downloaded."""
     data: list[str] = field(default_factory=list)

@@ -18,6 +18,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from tqdm.auto import tqdm
@@ -29,6 +30,8 @@ from .errors import UserError
 
 @dataclass
 class GenerateConfig:
+    REQUIRED: ClassVar[tuple[str, ...]] = ('model', 'prompts', 'out')  # shown and enforced as required by the CLI
+
     model: str | None = None
     """Local model directory."""
     prompts: str | None = None

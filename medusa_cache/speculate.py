@@ -22,7 +22,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 
@@ -32,6 +32,8 @@ from .errors import UserError
 
 @dataclass
 class SpeculateConfig:
+    REQUIRED: ClassVar[tuple[str, ...]] = ('model', 'heads', 'prompts')  # shown and enforced as required by the CLI
+
     model: str | None = None
     """Local base-model directory (the model the heads were trained for)."""
     heads: str | None = None

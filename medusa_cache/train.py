@@ -24,7 +24,7 @@ import math
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 import torch
@@ -42,8 +42,10 @@ from .vocab import IGNORE
 
 @dataclass
 class TrainConfig:
+    REQUIRED: ClassVar[tuple[str, ...]] = ('out',)  # shown and enforced as required by the CLI
+
     cache: str | None = None
-    """The store written by `medusa-cache dump`."""
+    """The store written by `medusa-cache dump` (required, except with --resume: the stored one)."""
     out: str | None = None
     """Output directory: heads, config, metrics, checkpoint."""
     val_cache: str | None = None

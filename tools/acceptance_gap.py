@@ -1,0 +1,78 @@
+"""Where the gap between teacher-forced acceptance and measured decoding comes from (stories260K demo heads).
+
+On the demo's held-out openings, the model's own greedy continuations are cached and ranked (as `eval` does);
+then three numbers for the same tree: the position-averaged acceptance `eval` reports, the decoding walk over the
+same ranks (what real decoding visits), and `speculate`'s measured tokens per step. The walk equals speculate
+exactly (tests/test_speculate.py); the first differs from it because decoding skips the positions it accepted.
+
+    python tools/acceptance_gap.py [--demo medusa-cache-demo] [--max-new-tokens 128]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+from pathlib import Path
+
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+
+from medusa_cache import store  # noqa: E402
+from medusa_cache.demo import DEMO  # noqa: E402
+from medusa_cache.evaluate import decoding_walk, head_ranks, tree_acceptance, validate_tree  # noqa: E402
+from medusa_cache.export import load_heads  # noqa: E402
+from medusa_cache.speculate import greedy, prompt_ids, stop_ids  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--demo", default="medusa-cache-demo")
+    ap.add_argument("--max-new-tokens", type=int, default=128)
+    args = ap.parse_args()
+    abl = Path(args.demo) / "ablate"
+    best = json.loads((abl / "results.json").read_text())["best"]
+    heads, mapping, _ = load_heads(abl / "best")
+    model_dir = DEMO / "stories260K"
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    ids, mask, hidden, offsets = [], [], [], [0]
+    for p in prompt_ids(tok, str(DEMO / "heldout_prompts.jsonl"), None):
+        cont = greedy(model, p, args.max_new_tokens, stop_ids(tok, model))
+        seq = torch.cat([p, torch.tensor(cont)])
+        with torch.no_grad():
+            hidden.append(model.model(seq[None]).last_hidden_state[0])
+        ids.append(seq.numpy())
+        mask.append(np.r_[np.zeros(len(p)), np.ones(len(cont))].astype(bool))
+        offsets.append(offsets[-1] + len(seq))
+    ids, mask, h = np.concatenate(ids), np.concatenate(mask), torch.cat(hidden)
+    path = Path(tempfile.mkdtemp()) / "c.zarr"
+    c = store.create(path, hidden_size=h.shape[1], hidden_dtype="float32", layout=store.Layout(256, 1024),
+                     input_ids=ids, loss_mask=mask, labels=mapping.labels(ids, mask), offsets=np.array(offsets),
+                     sources=np.zeros((len(offsets) - 1, 2)), mapping=mapping,
+                     token_counts=np.zeros(mapping.target_size), attrs={"vocab_size": mapping.target_size,
+                                                                        "draft_vocab_size": mapping.draft_size,
+                                                                        "fingerprints": {}})
+    for k in range(c.n_units):
+        a, b = c.unit_range(k)
+        c.write_unit(k, h[a:b])
+        c.mark_done(k)
+    c.set_attrs(complete=True)
+    r = head_ranks(heads, store.Cache(path), np.arange(len(offsets) - 1), topk=10)
+    print("| tree | position-averaged (eval) | decoding walk (= speculate) | walk without the prefill step |")
+    print("|---|---|---|---|")
+    for n in (16, 32, 64):
+        tree = validate_tree(json.loads((abl / "trees" / f"{best['variant']}_heads{best['num_heads']}_tree_{n}.json")
+                                        .read_text()), heads.num_heads)
+        walks = [decoding_walk(r["rank"][r["seq"] == s], tree, args.max_new_tokens) for s in range(len(offsets) - 1)]
+        tokens, steps = sum(w[0] for w in walks), sum(w[1] for w in walks)
+        print(f"| tree{n} | {tree_acceptance(r['rank'], tree):.3f} | {tokens / steps:.3f} | "
+              f"{(tokens - len(walks)) / (steps - len(walks)):.3f} |")
+
+
+if __name__ == "__main__":
+    main()

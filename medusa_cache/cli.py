@@ -77,8 +77,12 @@ def _train(args: argparse.Namespace) -> None:
         if base:
             base = {k: v for k, v in base.items() if k not in ("resume", "overwrite")}
     cfg = build_config(TrainConfig, args, args.config, base=base)
-    _, _, cfg.device = dist.setup(cfg.device)
-    train(cfg)
+    rank, _, cfg.device = dist.setup(cfg.device)
+    res = train(cfg)
+    if rank == 0:
+        from .train import render_summary
+
+        print(render_summary(res))
 
 
 def _export(args: argparse.Namespace) -> None:

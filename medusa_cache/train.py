@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -437,6 +438,8 @@ def train(cfg: TrainConfig, variants: list[tuple[str, int, float]] | None = None
     bar = tqdm(total=min(total_steps, cfg.max_steps or total_steps), initial=step, desc="train", unit="step",
                disable=None if rank == 0 else True)
     window_tokens, t_window = 0, time.perf_counter()
+    progress = _Progress(rank == 0 and not bar_shown(bar), min(total_steps, cfg.max_steps or total_steps), step)
+    tokens_seen, t_start = 0, time.perf_counter()
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if fused else torch.autocast("cpu", enabled=False)
     last_val: dict = {}
 
@@ -519,8 +522,10 @@ def train(cfg: TrainConfig, variants: list[tuple[str, int, float]] | None = None
                                "top5": (v.window[:, 2] / n).round(4).tolist(),
                                "tokens_per_s": round(world * window_tokens / max(dt, 1e-9), 1)}
                         log(rec)
+                        progress.line(rec)
                         v.window[:], v.window_loss[:] = 0, 0
                     bar.set_postfix(loss=rec["loss"], tok_s=rec["tokens_per_s"])
+                    tokens_seen += world * window_tokens
                     window_tokens, t_window = 0, time.perf_counter()
                 if stop.agreed():  # SIGINT/SIGTERM: this step is finished; keep it and leave
                     save(epoch, g + 1)
@@ -561,4 +566,47 @@ def train(cfg: TrainConfig, variants: list[tuple[str, int, float]] | None = None
             d.mkdir(parents=True, exist_ok=True)
             save_heads(v.heads.cpu(), cache, cfg, d)
     dist.barrier()
-    return {"step": step, "val_seqs": val_seqs, **last_val}
+    return {"step": step, "val_seqs": val_seqs, "out": str(out), "wall_s": round(time.perf_counter() - t_start, 1),
+            "tokens_seen": tokens_seen, **last_val}
+
+
+def bar_shown(bar) -> bool:
+    return not getattr(bar, "disable", True)
+
+
+class _Progress:
+    """Plain log lines when no progress bar is shown (nohup, a cluster log): step, loss and top-1 per head,
+    tokens/s and an ETA from an exponentially smoothed step time."""
+
+    def __init__(self, enabled: bool, total: int, start: int):
+        self.enabled, self.total, self.last_step, self.t = enabled, total, start, time.perf_counter()
+        self.step_s: float | None = None
+
+    def line(self, rec: dict) -> None:
+        if not self.enabled:
+            return
+        now, steps = time.perf_counter(), max(1, rec["step"] - self.last_step)
+        per = (now - self.t) / steps
+        self.step_s = per if self.step_s is None else 0.7 * self.step_s + 0.3 * per
+        self.t, self.last_step = now, rec["step"]
+        eta = self.step_s * max(0, self.total - rec["step"])
+        name = f" [{rec['variant']}]" if "variant" in rec else ""
+        print(f"step {rec['step']}/{self.total} epoch {rec['epoch']}{name} loss {rec['loss']:.4f} head loss "
+              f"{' '.join(f'{x:.3f}' for x in rec['head_loss'])} top1 {' '.join(f'{x:.3f}' for x in rec['top1'])} "
+              f"{rec['tokens_per_s']:.0f} tok/s ETA {int(eta // 60)}m{int(eta % 60):02d}s", file=sys.stderr, flush=True)
+
+
+def render_summary(res: dict) -> str:
+    """What `train` prints at the end: where everything is, what it measured, what to run next."""
+    out = res["out"]
+    lines = [f"trained {res['step']} steps in {res['wall_s']:.0f} s ({res['tokens_seen']:,} tokens) -> {out}"]
+    if "val_loss" in res:
+        lines.append(f"validation (epoch {res['epoch']}): loss per head {' '.join(map(str, res['val_loss']))}; "
+                     f"top-1 per head {' '.join(map(str, res['val_top1']))}")
+    else:
+        lines.append("no validation (--val-fraction 0 and no --val-cache)")
+    lines += [f"heads: {out}/medusa_lm_head.safetensors (+ config.json, vocab_mapping.safetensors); "
+              f"checkpoint: {out}/checkpoint.pt; metrics: {out}/metrics.jsonl",
+              f"next: medusa-cache eval --heads {out} --cache HELDOUT.zarr --tree-budget 16,32,64 --trees-out trees",
+              f"      medusa-cache export {out} --format vllm --out {out}-vllm"]
+    return "\n".join(lines)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -417,3 +418,13 @@ def test_cli_help_lists_every_command_and_flag(capsys):
     out = capsys.readouterr().out
     for f in ("--model", "--data", "--chat-template", "--draft-vocab-size", "--vocab-mapping", "--skip-bad-rows"):
         assert f in out
+
+
+def test_train_without_a_terminal_logs_progress_and_ends_with_a_summary(tmp_path, dumped):
+    p = run_cli("train", "--cache", str(dumped), "--out", str(tmp_path / "h"), "--num-heads", "2", "--epochs", "1",
+                "--batch-tokens", "512", "--grad-accum", "1", "--log-every", "2")
+    lines = [x for x in p.stderr.splitlines() if x.startswith("step ")]
+    assert len(lines) >= 2 and all(re.search(r"loss [\d.]+ head loss [\d.]+ [\d.]+ top1 .* tok/s ETA \d+m\d\ds", x)
+                                   for x in lines)
+    assert f"-> {tmp_path / 'h'}" in p.stdout and "validation (epoch 0): loss per head" in p.stdout
+    assert f"medusa-cache export {tmp_path / 'h'} --format vllm" in p.stdout

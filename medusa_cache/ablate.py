@@ -17,6 +17,7 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -32,7 +33,8 @@ def variant_name(layers: int, lr: float) -> str:
 
 
 def run_ablate(cfg: TrainConfig, heads: list[int], layers: list[int], lrs: list[float], budgets: list[int],
-               topk: int = 10) -> dict:
+               topk: int = 10, verify_cost: float | None = None, speculate_prompts: str | None = None,
+               speculate_tokens: int = 128) -> dict:
     if not heads or min(heads) < 1:
         raise UserError(f"--heads: give head counts >= 1, got {heads}")
     if not layers or min(layers) < 1:
@@ -41,6 +43,10 @@ def run_ablate(cfg: TrainConfig, heads: list[int], layers: list[int], lrs: list[
         raise UserError(f"--lr: give positive learning rates, got {lrs}")
     if any(b < 1 for b in budgets):
         raise UserError(f"--tree-budget: budgets must be >= 1, got {budgets}")
+    if verify_cost is not None and not verify_cost >= 0:
+        raise UserError(f"--verify-cost: must be >= 0, got {verify_cost}")
+    if speculate_prompts and not Path(speculate_prompts).is_file():
+        raise UserError(f"--speculate-prompts: file not found: {speculate_prompts}")
     if cfg.val_fraction <= 0 and not cfg.val_cache:
         raise UserError("--val-fraction: ablate needs held-out data (a fraction > 0, or --val-cache)")
     # check before training that there is something to hold out (else it would fail only after training)
@@ -75,38 +81,150 @@ def run_ablate(cfg: TrainConfig, heads: list[int], layers: list[int], lrs: list[
             res = {"variant": name, **evaluate_ranks(r, k, topk, budgets)}
             write_trees(res, out / "trees", f"{name}_heads{k}_tree")
             rows.append(res)
-    key_budget = str(max(budgets)) if budgets else None
-
-    def score(r: dict) -> float:
-        return r["trees"][key_budget]["acceptance"] if key_budget else r["chain_acceptance"]
-
-    best = max(rows, key=score)
-    hv, _, _ = load_heads(out / "variants" / best["variant"])
-    hv.heads = hv.heads[: best["num_heads"]]
+    model = Cache(cfg.cache).attrs.get("dump_args", {}).get("model")
+    if speculate_prompts:
+        measure(rows, out, cfg, model, speculate_prompts, speculate_tokens, verify_cost)
+        measured = [m["step_cost_ratio"] for r in rows for m in [r.get("measured")] if m and m["nodes"]]
+        if verify_cost is None and measured:  # the cost per tree node this machine showed, median over runs
+            verify_cost = float(np.median([(m["step_cost_ratio"] - 1) / m["nodes"] for r in rows
+                                           for m in [r["measured"]] if m and m["nodes"]]))
+            cost_source = f"measured by speculate on this machine ({len(measured)} runs, median)"
+    if verify_cost is None:
+        verify_cost, cost_source = DEFAULT_VERIFY_COST, f"the documented default ({DEFAULT_VERIFY_COST} per node)"
+    elif not speculate_prompts or "cost_source" not in locals():
+        cost_source = "--verify-cost"
+    for r in rows:
+        r["options"] = options(r, verify_cost)
+    best_row, best_opt = max(((r, o) for r in rows for o in r["options"]), key=lambda x: x[1]["expected_speedup"])
+    hv, _, _ = load_heads(out / "variants" / best_row["variant"])
+    hv.heads = hv.heads[: best_row["num_heads"]]
     (out / "best").mkdir(exist_ok=True)
     save_heads(hv, Cache(cfg.cache), cfg, out / "best")
+    (out / "best" / "tree.json").write_text(json.dumps(best_opt["tree"]))
     export(out / "best", "vllm", out / "best-vllm", overwrite=True)
     table = render_table(rows, budgets)
-    summary = {"best": {"variant": best["variant"], "num_heads": best["num_heads"], "score": score(best)},
+    rule = (f"best = highest expected speedup = acceptance / (1 + {verify_cost:.4g} x tree nodes), the verification "
+            f"cost per node from {cost_source}")
+    summary = {"best": {"variant": best_row["variant"], "label": label(best_row["variant"]),
+                        "num_heads": best_row["num_heads"], "tree": best_opt["name"], "nodes": best_opt["nodes"],
+                        "acceptance": best_opt["acceptance"], "ci": best_opt["ci"],
+                        "expected_speedup": best_opt["expected_speedup"], "rule": rule},
+               "verify_cost_per_node": verify_cost,
                "results": [{k: v for k, v in r.items() if k != "trees"} |
                            {"trees": {n: {kk: vv for kk, vv in t.items() if kk != "tree"}
                                       for n, t in r["trees"].items()}} for r in rows]}
     (out / "results.json").write_text(json.dumps(summary, indent=2))
+    caption = describe(cfg, rows)
+    warning = separation_warning(rows, best_row, best_opt, verify_cost)
     (out / "report.md").write_text(
-        f"# Ablation on {cfg.cache}\n\nHeld-out positions: {rows[0]['positions']}. Acceptance = tokens per step "
-        f"(1 + accepted draft tokens). Trees fitted on half the held-out sequences, reported on the other half."
-        f"\n\n{table}\n\nBest: {best['variant']} with {best['num_heads']} heads "
-        f"({'tree' + key_budget if key_budget else 'chain'} acceptance {score(best):.3f}); heads in `best/`, "
-        f"vLLM layout in `best-vllm/`, trees in `trees/`.\n")
-    plot_note = plot(rows, budgets, out / "acceptance.png")
+        f"# Ablation on {cfg.cache}\n\n{caption}\n\nAcceptance = tokens per step (1 + accepted draft tokens), "
+        "teacher forced, with a 95% interval from a bootstrap over held-out *sequences*. Trees are fitted on half "
+        f"the held-out sequences and reported on the other half.\n\n{table}\n\n"
+        + (measured_table(rows) + "\n\n" if speculate_prompts else "")
+        + f"**Best: {label(best_row['variant'])}, {best_row['num_heads']} heads, {best_opt['name']}** "
+        f"(acceptance {best_opt['acceptance']:.3f}, expected speedup {best_opt['expected_speedup']:.3f}). "
+        f"Rule: {rule}.\n\n" + (f"> **Warning:** {warning}\n\n" if warning else "")
+        + "Heads in `best/` (its tree in `best/tree.json`, model card `best/README.md`), vLLM layout in "
+        "`best-vllm/`, all fitted trees in `trees/`, plot `acceptance.png`.\n")
+    plot_note = plot(rows, budgets, out / "acceptance.png", caption)
+    from .card import write_card
+
+    (out / "best" / "eval.json").write_text(json.dumps(summary["best"], indent=2))
+    write_card(out / "best", fmt="heads", results=summary["best"])
+    export(out / "best", "vllm", out / "best-vllm", overwrite=True)  # again: its card now has the results
     print(table)
-    print(f"\nbest: {best['variant']}, {best['num_heads']} heads; report: {out / 'report.md'}")
+    if warning:
+        print(f"warning: {warning}")
+    print(f"\nbest: {label(best_row['variant'])}, {best_row['num_heads']} heads, {best_opt['name']} ({rule})")
+    print(f"outputs: {out / 'report.md'}, {out / 'results.json'}, {out / 'acceptance.png'}, {out / 'best'}, "
+          f"{out / 'best-vllm'}, {out / 'trees'}")
     if plot_note:
         print(plot_note)
     return summary
 
 
-def plot(rows: list[dict], budgets: list[int], path: Path) -> str | None:
+# Verification cost per tree node relative to a one-token step, when nothing measured it: a memory-bound GPU at
+# batch 1 verifies a few dozen tokens for little more than one (an assumption, stated in report.md).
+DEFAULT_VERIFY_COST = 0.005
+
+
+def label(variant: str) -> str:
+    """L1_lr0.003 -> '1 layer, lr 3e-3'."""
+    layers, lr = variant[1:].split("_lr")
+    return f"{layers} layer{'s' if layers != '1' else ''}, lr {float(lr):.0e}".replace("e-0", "e-")
+
+
+def options(r: dict, verify_cost: float) -> list[dict]:
+    """The chain and each fitted tree of a row, with the expected speedup under the cost model."""
+    opts = [{"name": "chain", "nodes": r["num_heads"], "acceptance": r["chain_acceptance"], "ci": r["chain_ci"],
+             "tree": [[0] * d for d in range(1, r["num_heads"] + 1)]}]
+    opts += [{"name": f"tree{n}", "nodes": t["nodes"], "acceptance": t["acceptance"], "ci": t["ci"], "tree": t["tree"]}
+             for n, t in r["trees"].items()]
+    for o in opts:
+        o["expected_speedup"] = round(o["acceptance"] / (1 + verify_cost * o["nodes"]), 4)
+    return opts
+
+
+def separation_warning(rows: list[dict], best_row: dict, best_opt: dict, verify_cost: float) -> str | None:
+    others = [(r, o) for r in rows for o in r["options"] if (r is not best_row or o is not best_opt)]
+    if not others:
+        return None
+    r2, o2 = max(others, key=lambda x: x[1]["expected_speedup"])
+    lo, hi = best_opt["ci"]
+    if o2["ci"][1] >= lo:
+        return (f"the held-out set ({best_row['sequences']} sequences, {best_row['positions']} positions) is too small "
+                f"to separate the best ({label(best_row['variant'])}, {best_row['num_heads']} heads, "
+                f"{best_opt['name']}: {best_opt['acceptance']:.3f} [{lo:.2f}, {hi:.2f}]) from the runner-up "
+                f"({label(r2['variant'])}, {r2['num_heads']} heads, {o2['name']}: {o2['acceptance']:.3f} "
+                f"[{o2['ci'][0]:.2f}, {o2['ci'][1]:.2f}]): their 95% intervals overlap")
+    return None
+
+
+def describe(cfg: TrainConfig, rows: list[dict]) -> str:
+    c = Cache(cfg.cache)
+    counts = c.attrs.get("counts", {})
+    return (f"Model {c.attrs.get('dump_args', {}).get('model')}; data {', '.join(c.attrs.get('data_files', []))} "
+            f"({counts.get('tokens', c.n_tokens):,} tokens, {counts.get('assistant_tokens', 0):,} trained); "
+            f"{cfg.epochs} epochs; held out: {rows[0]['sequences']} sequences, {rows[0]['positions']:,} positions.")
+
+
+def measure(rows: list[dict], out: Path, cfg: TrainConfig, model: str | None, prompts: str, tokens: int,
+            verify_cost: float | None) -> None:
+    """Real decoding (``speculate``) of each variant x head count with its best tree under the cost model."""
+    from .speculate import SpeculateConfig, run_speculate
+
+    if not model:
+        raise UserError("--speculate-prompts: the cache does not record the model it was dumped with")
+    cost = verify_cost if verify_cost is not None else DEFAULT_VERIFY_COST
+    for r in tqdm(rows, desc="ablate: speculate", unit="run", disable=None):
+        o = max(options(r, cost), key=lambda x: x["expected_speedup"])
+        d = out / "speculate" / f"{r['variant']}_heads{r['num_heads']}"
+        hv, _, _ = load_heads(out / "variants" / r["variant"])
+        hv.heads = hv.heads[: r["num_heads"]]
+        d.mkdir(parents=True, exist_ok=True)
+        save_heads(hv, Cache(cfg.cache), cfg, d)
+        (d / "tree.json").write_text(json.dumps(o["tree"]))
+        res = run_speculate(SpeculateConfig(model=model, heads=str(d), prompts=prompts, tree=str(d / "tree.json"),
+                                            max_new_tokens=tokens, device=cfg.device))
+        r["measured"] = {"tree": o["name"], "nodes": o["nodes"], "tokens_per_step": res["tokens_per_step"],
+                         "speedup": res["speedup"], "step_cost_ratio": res["step_cost_ratio"],
+                         "identical_to_greedy": res["identical_to_greedy"]}
+
+
+def measured_table(rows: list[dict]) -> str:
+    lines = ["Measured by real decoding (`speculate`, greedy verification, this machine):", "",
+             "| variant | heads | tree | tokens/step (measured) | step cost / greedy step | wall speedup | identical |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        m = r["measured"]
+        lines.append(f"| {label(r['variant'])} | {r['num_heads']} | {m['tree']} | {m['tokens_per_step']:.3f} | "
+                     f"{m['step_cost_ratio']} | {m['speedup']} | {'yes' if m['identical_to_greedy'] else 'NO'} |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], budgets: list[int], path: Path, caption: str = "") -> str | None:
+    """One panel per variant: chain and each tree budget against head count, 95% intervals as error bars;
+    measured tokens/step (``speculate``) as black stars."""
     try:
         import matplotlib
 
@@ -114,19 +232,31 @@ def plot(rows: list[dict], budgets: list[int], path: Path) -> str | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return "acceptance.png not written: matplotlib is missing (pip install 'medusa-cache[plot]')"
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name in dict.fromkeys(r["variant"] for r in rows):
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    fig, axes = plt.subplots(1, len(variants), figsize=(4.2 * len(variants) + 0.6, 4.4), sharey=True, squeeze=False)
+    for ax, name in zip(axes[0], variants, strict=True):
         rs = [r for r in rows if r["variant"] == name]
-        ks = [r["num_heads"] for r in rs]
-        ax.plot(ks, [r["chain_acceptance"] for r in rs], marker="o", label=f"{name} chain")
-        for n in budgets:
-            ax.plot(ks, [r["trees"][str(n)]["acceptance"] for r in rs], marker="o", label=f"{name} tree {n}")
-    ax.set_xlabel("number of heads")
-    ax.set_ylabel("acceptance length (tokens / step)")
-    ax.set_xticks(sorted({r["num_heads"] for r in rows}))
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
+        ks = np.array([r["num_heads"] for r in rs])
+        series = [("chain", [r["chain_acceptance"] for r in rs], [r["chain_ci"] for r in rs])]
+        series += [(f"tree {n}", [r["trees"][str(n)]["acceptance"] for r in rs],
+                    [r["trees"][str(n)]["ci"] for r in rs]) for n in budgets]
+        for j, (lab, ys, cis) in enumerate(series):
+            ys = np.array(ys)
+            err = np.abs(np.array(cis).T - ys)
+            ax.errorbar(ks + 0.06 * (j - len(series) / 2), ys, yerr=err, marker="o", ms=4, capsize=2,
+                        label=f"{lab} (teacher-forced)")
+        meas = [(r["num_heads"], r["measured"]["tokens_per_step"]) for r in rs if r.get("measured")]
+        if meas:
+            ax.plot(*zip(*meas, strict=True), "k*", ms=11, label="measured (speculate)")
+        ax.set_title(label(name))
+        ax.set_xlabel("number of heads")
+        ax.set_xticks(sorted(set(ks.tolist())))
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("tokens per step (acceptance)")
+    axes[0][-1].legend(fontsize=7, loc="upper left")
+    fig.suptitle("Medusa heads: acceptance by head count")
+    fig.text(0.01, 0.01, caption, fontsize=7, wrap=True)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return None

@@ -155,7 +155,8 @@ def _ablate(args: argparse.Namespace) -> None:
     cfg = build_config(TrainConfig, rest, args.config, num_heads=max(args.heads), num_layers=max(layers),
                        lr=max(lrs))
     _, _, cfg.device = dist.setup(cfg.device)
-    run_ablate(cfg, args.heads, layers, lrs, args.tree_budget, args.topk)
+    run_ablate(cfg, args.heads, layers, lrs, args.tree_budget, args.topk, args.verify_cost, args.speculate_prompts,
+               args.speculate_tokens)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -240,6 +241,13 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--lr", type=_floats, help="learning rates (default: the config's lr, else 1e-4)")
     a.add_argument("--tree-budget", type=_ints, default=[16, 32, 64], help="tree sizes (default: 16,32,64)")
     a.add_argument("--topk", type=int, default=10, help="top-k predictions per head considered for trees (default: 10)")
+    a.add_argument("--verify-cost", type=float,
+                   help="cost of verifying one tree node relative to a one-token step, for the cost-aware choice of "
+                        "the best (default: measured by --speculate-prompts, else 0.005)")
+    a.add_argument("--speculate-prompts",
+                   help="prompts file: also decode for real (speculate) with each head count's best tree and report "
+                        "measured tokens per step and speedup")
+    a.add_argument("--speculate-tokens", type=int, default=128, help="new tokens per prompt for --speculate-prompts")
     a.add_argument("--config", help="JSON train config; explicit flags override it")
     add_config_args(a, TrainConfig, skip=("num_heads", "num_layers", "lr", "clip_per_head"))
     a.set_defaults(func=_ablate)

@@ -4,7 +4,7 @@ stories260K (shipped in ``medusa_cache/demo/``) continues 120 story openings gre
 data, as the Medusa authors recommend when the base model's training data is not at hand), the stories
 are dumped into a cache, and heads are ablated over 1..5 heads with lm_head initialisation. The
 acceptance table is printed and written to ``OUT/ablate/report.md``. Finally the best heads and their
-fitted 16-node tree decode 8 held-out openings for real (``speculate``): measured tokens per step, the
+tree (chosen by expected speedup) decode 8 held-out openings for real (``speculate``): measured tokens per step, the
 speedup on this CPU, and whether the output is identical to greedy decoding. Rerunning reuses finished steps.
 """
 
@@ -40,8 +40,8 @@ def run_demo(out: str = "medusa-cache-demo", epochs: int = 4, max_new_tokens: in
     from .speculate import SpeculateConfig, render, run_speculate
 
     best = summary["best"]
-    tree = o / "ablate" / "trees" / f"{best['variant']}_heads{best['num_heads']}_tree_16.json"
-    print(f"[4/4] speculate: best heads ({best['num_heads']}) + {tree.name} decode {DEMO / 'heldout_prompts.jsonl'}")
+    tree = o / "ablate" / "best" / "tree.json"
+    print(f"[4/4] speculate: best heads ({best['num_heads']}, {best['tree']}) decode {DEMO / 'heldout_prompts.jsonl'}")
     spec = run_speculate(SpeculateConfig(model=model, heads=str(o / "ablate" / "best"), prompts=str(
         DEMO / "heldout_prompts.jsonl"), tree=str(tree), max_new_tokens=128, out=str(o / "speculate")))
     print(render(spec))

@@ -196,6 +196,20 @@ def split_halves(seq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return fit, ~fit
 
 
+def bootstrap_ci(values: np.ndarray, seq: np.ndarray, n: int = 1000, seed: int = 0) -> list[float]:
+    """95% interval of the mean of per-position ``values``, resampling whole *sequences* (positions of one
+    sequence are correlated, so resampling positions would understate the uncertainty)."""
+    ids, inv = np.unique(seq, return_inverse=True)
+    if len(ids) < 2:
+        m = float(values.mean()) if len(values) else float("nan")
+        return [round(m, 4), round(m, 4)]
+    sums = np.bincount(inv, weights=values, minlength=len(ids))
+    counts = np.bincount(inv, minlength=len(ids))
+    pick = np.random.default_rng(seed).integers(0, len(ids), size=(n, len(ids)))
+    means = sums[pick].sum(1) / np.maximum(counts[pick].sum(1), 1)
+    return [round(float(x), 4) for x in np.quantile(means, [0.025, 0.975])]
+
+
 def evaluate_ranks(r: dict[str, np.ndarray], num_heads: int, topk: int, budgets: list[int],
                    tree: list | None = None) -> dict:
     rank, has = r["rank"][:, :num_heads], r["has_target"][:, :num_heads]
@@ -207,6 +221,8 @@ def evaluate_ranks(r: dict[str, np.ndarray], num_heads: int, topk: int, budgets:
         "top5": topk_accuracy(rank, has, (5,))[5],
         f"top{topk}": topk_accuracy(rank, has, (topk,))[topk],
         "chain_acceptance": round(chain_acceptance(rank), 4),
+        "chain_ci": bootstrap_ci(1 + accepted_lengths(rank, [(0,) * d for d in range(1, num_heads + 1)]), r["seq"]),
+        "sequences": int(len(np.unique(r["seq"]))),
         "trees": {},
     }
     if tree is not None:
@@ -214,6 +230,7 @@ def evaluate_ranks(r: dict[str, np.ndarray], num_heads: int, topk: int, budgets:
     for n in budgets:
         t = fit_tree(rank[fit], n, topk)
         res["trees"][str(n)] = {"acceptance": round(tree_acceptance(rank[rep], t), 4),
+                                "ci": bootstrap_ci(1 + accepted_lengths(rank[rep], t), r["seq"][rep]),
                                 "fit_acceptance": round(tree_acceptance(rank[fit], t), 4),
                                 "nodes": len(t), "tree": [list(p) for p in t]}
     return res
@@ -224,10 +241,14 @@ def render_table(rows: list[dict], budgets: list[int]) -> str:
     lines = ["| " + " | ".join(hdr) + " |", "|" + "---|" * len(hdr)]
     for r in rows:
         cells = [r.get("variant", ""), str(r["num_heads"]), " ".join(f"{x:.3f}" for x in r["top1"]),
-                 " ".join(f"{x:.3f}" for x in r["top5"]), f"{r['chain_acceptance']:.3f}"]
-        cells += [f"{r['trees'][str(n)]['acceptance']:.3f}" for n in budgets]
+                 " ".join(f"{x:.3f}" for x in r["top5"]), _with_ci(r["chain_acceptance"], r.get("chain_ci"))]
+        cells += [_with_ci(r["trees"][str(n)]["acceptance"], r["trees"][str(n)].get("ci")) for n in budgets]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _with_ci(x: float, ci: list[float] | None) -> str:
+    return f"{x:.3f} [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else f"{x:.3f}"
 
 
 def write_trees(res: dict, out: Path, prefix: str = "tree") -> None:

@@ -43,11 +43,52 @@ def save_heads(heads: MedusaHeads, cache, cfg, out: Path) -> None:
         "draft_vocab_size": mapping.draft_size,
         "base_model_name_or_path": cfg.base_model_name_or_path or cache.attrs.get("dump_args", {}).get("model"),
         "cache_fingerprint": cache.attrs.get("fingerprints", {}),
+        "provenance": provenance(cache, cfg),
     }
     save_file(heads.reference_state_dict(), str(out / "medusa_lm_head.safetensors"))
     save_file({"d2t": torch.from_numpy(mapping.d2t), "t2d": torch.from_numpy(mapping.t2d)},
               str(out / "vocab_mapping.safetensors"))
     (out / "config.json").write_text(json.dumps(config, indent=2))
+
+
+def command_line(command: str, values: dict, defaults: dict, skip: tuple[str, ...] = ()) -> str:
+    """The CLI call that gives ``values``: every setting that differs from its default, as a flag."""
+    import shlex
+
+    parts = ["medusa-cache", command]
+    for k, v in values.items():
+        if k in skip or v == defaults.get(k) or v is None:
+            continue
+        flag = "--" + k.replace("_", "-")
+        if isinstance(v, bool):
+            parts.append(flag if v else f"--no-{k.replace('_', '-')}")
+        elif isinstance(v, list):
+            parts += [flag, *map(str, v)]
+        else:
+            parts += [flag, str(v)]
+    return shlex.join(parts)
+
+
+def provenance(cache, cfg) -> dict:
+    """What produced heads: the data (files, token counts, pipeline), the training settings, the commands."""
+    import dataclasses
+
+    from .dump import DumpConfig
+
+    dump_args = cache.attrs.get("dump_args", {})
+    dump_defaults = {f.name: f.default for f in dataclasses.fields(DumpConfig)}
+    train_values = dataclasses.asdict(cfg)
+    train_defaults = {f.name: f.default for f in dataclasses.fields(type(cfg))
+                      if f.default is not dataclasses.MISSING}
+    counts = cache.attrs.get("counts", {})
+    return {
+        "data": {"data_files": cache.attrs.get("data_files", []), "tokens": counts.get("tokens"),
+                 "assistant_tokens": counts.get("assistant_tokens"), "pipeline": cache.attrs.get("pipeline",
+                                                                                                 "medusa-cache")},
+        "train": {k: v for k, v in train_values.items() if k not in ("resume", "overwrite")},
+        "commands": [command_line("dump", dump_args, dump_defaults, skip=("resume", "overwrite")),
+                     command_line("train", train_values, train_defaults, skip=("resume", "overwrite"))],
+    }
 
 
 def load_heads(d: str | Path) -> tuple[MedusaHeads, VocabMapping, dict]:
@@ -121,6 +162,13 @@ def export(src: str | Path, fmt: str, out: str | Path, overwrite: bool = False,
         # The reference's loader (MedusaModel.from_pretrained) opens only medusa_lm_head.pt: a plain state dict
         torch.save({k: v.contiguous() for k, v in tensors.items()}, out / "medusa_lm_head.pt")
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    from .card import write_card
+
+    results = json.loads((Path(src) / "eval.json").read_text()) if (Path(src) / "eval.json").exists() else None
+    if (Path(src) / "tree.json").exists():
+        (out / "tree.json").write_text((Path(src) / "tree.json").read_text())
+    write_card(out, fmt, results, {**cfg, "provenance": config.get("provenance", {}),
+                                   "draft_vocab_size": mapping.draft_size})
     return config.get("base_model_name_or_path")
 
 

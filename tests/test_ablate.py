@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -150,3 +151,53 @@ def test_ablate_takes_lr_and_layers_from_its_config_file(tmp_path, monkeypatch):
     assert main(["ablate", "--cache", "c.zarr", "--out", str(tmp_path / "o"), "--config", str(conf),
                  "--lr", "1e-3,2e-3"]) == 0
     assert seen["lrs"] == [1e-3, 2e-3] and seen["cfg"].lr == 2e-3
+
+
+def test_bootstrap_resamples_sequences_not_positions():
+    from medusa_cache.evaluate import bootstrap_ci
+
+    # 40 sequences of 50 positions; each sequence is all 1s or all 3s: positions are perfectly correlated
+    seq = np.repeat(np.arange(40), 50)
+    values = np.where(seq % 2 == 0, 1.0, 3.0)
+    lo, hi = bootstrap_ci(values, seq)
+    assert lo < 2.0 < hi and hi - lo > 0.4  # a position bootstrap would give a width near 0.08
+    assert bootstrap_ci(np.full(10, 2.0), np.zeros(10, int)) == [2.0, 2.0]
+
+
+@pytest.mark.slow
+def test_ablate_reports_intervals_a_cost_aware_best_measured_decoding_and_cards(tmp_path):
+    from conftest import STORIES, write_jsonl
+
+    from medusa_cache.ablate import run_ablate
+    from medusa_cache.demo import DEMO
+    from medusa_cache.dump import DumpConfig, run_dump
+    from medusa_cache.train import TrainConfig
+
+    rows = [json.loads(x) for x in (DEMO / "prompts.jsonl").read_text().splitlines()[:30]]
+    run_dump(DumpConfig(model=str(STORIES), data=[str(write_jsonl(tmp_path / "s.jsonl", rows))],
+                        out=str(tmp_path / "c"), dtype="float32", max_length=512))
+    prompts = write_jsonl(tmp_path / "p.jsonl", [json.loads(x) for x in
+                                                 (DEMO / "heldout_prompts.jsonl").read_text().splitlines()[:2]])
+    out = tmp_path / "abl"
+    cfg = TrainConfig(cache=str(tmp_path / "c"), out=str(out), epochs=2, lr=3e-3, batch_tokens=512, grad_accum=1,
+                      val_fraction=0.2)
+    res = run_ablate(cfg, [1, 2], [1], [3e-3], [4, 8], speculate_prompts=str(prompts), speculate_tokens=20)
+    assert all(r["measured"]["identical_to_greedy"] and r["measured"]["tokens_per_step"] >= 1
+               for r in res["results"])
+    assert "measured by speculate" in res["best"]["rule"] and res["verify_cost_per_node"] >= 0
+    opts = [(r["num_heads"], t) for r in res["results"] for t in ["chain", *r["trees"]]]
+    assert (res["best"]["num_heads"], res["best"]["tree"].replace("tree", "")) in \
+        [(k, t.replace("tree", "")) for k, t in opts]
+    report = (out / "report.md").read_text()
+    assert "Measured by real decoding" in report and "Rule: best = highest expected speedup" in report
+    assert re.search(r"\| 1 layer, lr 3e-3 \| 2 \| .* \| \d\.\d{3} \[\d\.\d\d, \d\.\d\d\] \|", report) or \
+        re.search(r"\d\.\d{3} \[\d\.\d\d, \d\.\d\d\]", report)
+    assert "Warning:** the held-out set" in report  # 6 held-out sequences cannot separate these variants
+    card = (out / "best" / "README.md").read_text()
+    assert card.startswith("---\nbase_model: ") and "library_name: medusa-cache" in card
+    assert "## Held-out acceptance" in card and "medusa-cache train" in card and "medusa-cache dump" in card
+    assert "speculative_config" in (out / "best-vllm" / "README.md").read_text()
+    from PIL import Image
+
+    with Image.open(out / "acceptance.png") as im:
+        assert im.size[0] > im.size[1]

@@ -121,6 +121,8 @@ class TrainConfig:
     """Optimizer steps between metrics.jsonl records."""
     checkpoint_every: int = 200
     """Optimizer steps between checkpoints (also one at each epoch end)."""
+    report_to: list[str] | None = None
+    """Also send metrics to: tensorboard (event files in OUT/runs) and/or wandb (optional extras)."""
     checkpoint_minutes: float = 0.0
     """Also checkpoint when this many minutes have passed since the last one (0: off)."""
     eval_tokens: int = 2048
@@ -145,6 +147,8 @@ class TrainConfig:
         check(self.max_grad_norm >= 0, "max_grad_norm", f"must be >= 0, got {self.max_grad_norm}")
         check(0 <= self.val_fraction < 1, "val_fraction", f"must be in [0, 1), got {self.val_fraction}")
         check(not (self.resume and self.overwrite), "resume", "--resume and --overwrite exclude each other")
+        for r in self.report_to or []:
+            check(r in ("tensorboard", "wandb", "none"), "report_to", f"unknown destination {r!r} (tensorboard, wandb)")
         check(self.checkpoint_minutes >= 0, "checkpoint_minutes", f"must be >= 0, got {self.checkpoint_minutes}")
         for name in ("shuffle_buffer", "block_tokens", "prefetch", "log_every", "checkpoint_every", "eval_tokens"):
             check(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
@@ -456,10 +460,14 @@ def train(cfg: TrainConfig, variants: list[tuple[str, int, float]] | None = None
 
     stop = _StopSignals()
 
+    reporters = open_reporters(cfg, out) if rank == 0 else []
+
     def log(rec: dict) -> None:
         if metrics_f is not None:
             metrics_f.write(json.dumps(rec) + "\n")
             metrics_f.flush()
+        for r in reporters:
+            r.scalars(rec)
 
     def micro_step(b, scale: float, sync: bool) -> int:
         h = b.hidden.to(device, non_blocking=True)
@@ -558,6 +566,8 @@ def train(cfg: TrainConfig, variants: list[tuple[str, int, float]] | None = None
     bar.close()
     if metrics_f is not None:
         metrics_f.close()
+    for r in reporters:
+        r.close()
     from .export import save_heads
 
     if rank == 0:
@@ -568,6 +578,50 @@ def train(cfg: TrainConfig, variants: list[tuple[str, int, float]] | None = None
     dist.barrier()
     return {"step": step, "val_seqs": val_seqs, "out": str(out), "wall_s": round(time.perf_counter() - t_start, 1),
             "tokens_seen": tokens_seen, **last_val}
+
+
+class _Reporter:
+    """Scalars per head, learning rate and tokens/s to TensorBoard or Weights & Biases (the names transformers'
+    ``Trainer`` uses for ``report_to``)."""
+
+    def __init__(self, kind: str, out: Path, cfg: TrainConfig):
+        self.kind = kind
+        try:
+            if kind == "tensorboard":
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.w = SummaryWriter(log_dir=str(out / "runs"))
+            else:
+                import wandb
+
+                self.w = wandb.init(project="medusa-cache", dir=str(out), config=to_dict(cfg), reinit=True)
+        except ImportError:
+            raise UserError(f"--report-to {kind}: the package is not installed (pip install 'medusa-cache[{kind}]')"
+                            ) from None
+
+    def scalars(self, rec: dict) -> None:
+        split = rec.get("split", "train")
+        prefix = f"{rec['variant']}/" if rec.get("variant") else ""
+        vals: dict[str, float] = {}
+        for key, name in (("head_loss", "loss"), ("top1", "top1"), ("top5", "top5"), ("val_loss", "loss"),
+                          ("val_top1", "top1"), ("val_top5", "top5")):
+            for i, x in enumerate(rec.get(key, [])):
+                vals[f"{prefix}{split}/{name}_head{i}"] = float(x)
+        for key in ("lr", "tokens_per_s", "loss"):
+            if key in rec:
+                vals[f"{prefix}{split}/{key}"] = float(rec[key])
+        if self.kind == "tensorboard":
+            for k, v in vals.items():
+                self.w.add_scalar(k, v, rec["step"])
+        else:
+            self.w.log(vals, step=rec["step"])
+
+    def close(self) -> None:
+        (self.w.close if self.kind == "tensorboard" else self.w.finish)()
+
+
+def open_reporters(cfg: TrainConfig, out: Path) -> list[_Reporter]:
+    return [_Reporter(k, out, cfg) for k in dict.fromkeys(cfg.report_to or []) if k != "none"]
 
 
 def bar_shown(bar) -> bool:

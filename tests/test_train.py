@@ -428,3 +428,20 @@ def test_train_without_a_terminal_logs_progress_and_ends_with_a_summary(tmp_path
                                    for x in lines)
     assert f"-> {tmp_path / 'h'}" in p.stdout and "validation (epoch 0): loss per head" in p.stdout
     assert f"medusa-cache export {tmp_path / 'h'} --format vllm" in p.stdout
+
+
+def test_report_to_tensorboard_writes_scalars_per_head_that_tensorboard_reads_back(tmp_path, dumped):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    train(TrainConfig(cache=str(dumped), out=str(tmp_path / "h"), num_heads=2, epochs=1, batch_tokens=512,
+                      grad_accum=1, log_every=2, report_to=["tensorboard"]))
+    acc = EventAccumulator(str(tmp_path / "h" / "runs"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"train/loss_head0", "train/loss_head1", "train/top1_head1", "train/lr", "train/tokens_per_s",
+            "val/loss_head0", "val/top1_head1"} <= tags
+    recs = [json.loads(x) for x in (tmp_path / "h" / "metrics.jsonl").read_text().splitlines()]
+    train_recs = [r for r in recs if r.get("split") != "val"]
+    got = [(e.step, e.value) for e in acc.Scalars("train/loss_head1")]
+    assert [s for s, _ in got] == [r["step"] for r in train_recs]
+    assert np.allclose([v for _, v in got], [r["head_loss"][1] for r in train_recs], atol=1e-4)

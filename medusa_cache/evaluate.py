@@ -240,7 +240,7 @@ def render_table(rows: list[dict], budgets: list[int]) -> str:
     hdr = ["variant", "heads", "top1 per head", "top5 per head", "chain"] + [f"tree{n}" for n in budgets]
     lines = ["| " + " | ".join(hdr) + " |", "|" + "---|" * len(hdr)]
     for r in rows:
-        cells = [r.get("variant", ""), str(r["num_heads"]), " ".join(f"{x:.3f}" for x in r["top1"]),
+        cells = [r.get("label", r.get("variant", "")), str(r["num_heads"]), " ".join(f"{x:.3f}" for x in r["top1"]),
                  " ".join(f"{x:.3f}" for x in r["top5"]), _with_ci(r["chain_acceptance"], r.get("chain_ci"))]
         cells += [_with_ci(r["trees"][str(n)]["acceptance"], r["trees"][str(n)].get("ci")) for n in budgets]
         lines.append("| " + " | ".join(cells) + " |")

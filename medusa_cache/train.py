@@ -177,37 +177,36 @@ def split(cache: Cache, cfg: TrainConfig) -> tuple[np.ndarray, np.ndarray]:
 
 def head_losses(heads: MedusaHeads, hidden: torch.Tensor, targets: torch.Tensor,
                 teacher: tuple[torch.Tensor, torch.Tensor] | None = None, distill_weight: float = 0.0,
-                ) -> tuple[list, list]:
-    """Per head: loss and (#valid, #top1-correct, #top5-correct).
+                with_stats: bool = True) -> tuple[list, list]:
+    """Per head: loss, and (with ``with_stats``) a tensor [#valid, #top1-correct, #top5-correct].
 
     The loss is the mean cross-entropy over valid targets (0 if none), plus, with ``teacher`` =
     (teacher log-probs over the draft vocab for the rows of ``Batch.ahead``, ``Batch.ahead_idx``),
-    ``distill_weight`` x KL(teacher at t+1+i || head i at t) on the same positions.
+    ``distill_weight`` x KL(teacher at t+1+i || head i at t) averaged over the same positions.
+
+    Lean by design (this runs every step): no boolean selection of rows (its backward is an accumulating
+    index_put), no host synchronisation (counts stay tensors), top-k only when ``with_stats``.
     """
     losses, stats = [], []
     for i, logits in enumerate(heads(hidden)):
         t = targets[:, i]
         valid = t != IGNORE
-        n = int(valid.sum())
-        if n == 0:
-            losses.append(logits.sum() * 0.0)
-            stats.append((0, 0, 0))
-            continue
-        lv, tv = logits[valid].float(), t[valid]
-        loss = F.cross_entropy(lv, tv)
+        n = valid.sum()
+        logits = logits.float()  # a no-op in float32; under bf16 autocast the loss is taken in float32
+        loss = F.cross_entropy(logits, t, ignore_index=IGNORE, reduction="sum") / n.clamp_min(1)
         if teacher is not None:
             t_logp, idx = teacher
-            rows = idx[valid, i]
-            keep = rows >= 0
-            if keep.any():
-                tp = t_logp[rows[keep]]
-                loss = loss + distill_weight * F.kl_div(lv[keep].log_softmax(-1), tp, log_target=True,
-                                                        reduction="batchmean")
+            rows = idx[:, i]
+            keep = valid & (rows >= 0)
+            p = t_logp[rows.clamp_min(0)]
+            kl = (p.exp() * (p - logits.log_softmax(-1))).sum(-1)
+            loss = loss + distill_weight * (kl * keep).sum() / keep.sum().clamp_min(1)
         losses.append(loss)
-        with torch.no_grad():
-            top = lv.topk(min(5, lv.shape[-1]), dim=-1).indices
-            hit = top == tv[:, None]
-            stats.append((n, int(hit[:, 0].sum()), int(hit.any(-1).sum())))
+        if with_stats:
+            with torch.no_grad():
+                top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
+                hit = (top == t[:, None]) & valid[:, None]
+                stats.append(torch.stack([n, hit[:, 0].sum(), hit.any(-1).sum()]))
     return losses, stats
 
 
@@ -230,7 +229,8 @@ def evaluate(heads: MedusaHeads, cache: Cache, seqs: np.ndarray, device: str, bl
     for b in stream:
         h = b.hidden.to(device).float()
         losses, stats = head_losses(heads, h, b.targets.to(device))
-        for i, (n, t1, t5) in enumerate(stats):
+        for i, st in enumerate(stats):
+            n, t1, t5 = st.tolist()
             tot[i] += (n, t1, t5)
             loss_sum[i] += float(losses[i]) * n
     heads.train()
@@ -283,8 +283,9 @@ class Variant:
     heads: MedusaHeads
     opt: torch.optim.Optimizer
     sched: object
-    window: np.ndarray
-    window_loss: np.ndarray
+    window: torch.Tensor  # [K, 3] (#valid, #top1, #top5) of the log step's batches, on the device
+    window_loss: torch.Tensor  # [K] sum of loss x #valid since the last log, on the device
+    window_n: torch.Tensor  # [K] #valid since the last log
 
 
 def make_variant(name: str, cfg: TrainConfig, cache: Cache, total_steps: int, num_layers: int, lr: float,
@@ -297,7 +298,9 @@ def make_variant(name: str, cfg: TrainConfig, cache: Cache, total_steps: int, nu
     sched = get_scheduler(cfg.schedule if cfg.schedule != "constant" else "constant_with_warmup", opt,
                           num_warmup_steps=math.ceil(cfg.warmup_ratio * total_steps), num_training_steps=total_steps)
     k = cfg.num_heads
-    return Variant(name, heads, opt, sched, np.zeros((k, 3), dtype=np.int64), np.zeros(k))
+    dev = cfg.device
+    return Variant(name, heads, opt, sched, torch.zeros(k, 3, dtype=torch.long, device=dev),
+                   torch.zeros(k, device=dev), torch.zeros(k, dtype=torch.long, device=dev))
 
 
 def _prepare_run(cfg: TrainConfig, settings: dict, group: int) -> dict | None:
@@ -469,7 +472,7 @@ def train(cfg: TrainConfig, variants: list[tuple[str, int, float]] | None = None
         for r in reporters:
             r.scalars(rec)
 
-    def micro_step(b, scale: float, sync: bool) -> int:
+    def micro_step(b, scale: float, sync: bool, log_now: bool) -> int:
         h = b.hidden.to(device, non_blocking=True)
         h = h.float() if not fused else h
         tg = b.targets.to(device)
@@ -481,12 +484,14 @@ def train(cfg: TrainConfig, variants: list[tuple[str, int, float]] | None = None
         for v, m in zip(vs, models, strict=True):
             with m.no_sync() if (world > 1 and not sync) else contextlib.nullcontext():  # all-reduce once per step
                 with autocast:
-                    losses, stats = head_losses(m, h, tg, teacher, cfg.distill_weight)
+                    losses, stats = head_losses(m, h, tg, teacher, cfg.distill_weight, with_stats=log_now)
                     loss = sum(w * lo for w, lo in zip(weights, losses, strict=True)) * scale
                 loss.backward()
-            for i, st in enumerate(stats):
-                v.window[i] += st
-                v.window_loss[i] += float(losses[i].detach()) * st[0]
+            with torch.no_grad():  # window sums stay on the device: no host synchronisation inside a step
+                v.window_loss += torch.stack([lo.detach() for lo in losses]) * (tg != IGNORE).sum(0)
+                v.window_n += (tg != IGNORE).sum(0)
+                if log_now:
+                    v.window += torch.stack(stats)
         return len(h)
 
     def empty_step() -> None:  # a rank with no micro-batch in the last group still joins the all-reduce
@@ -506,9 +511,10 @@ def train(cfg: TrainConfig, variants: list[tuple[str, int, float]] | None = None
         try:
             for g in range(start_group, n_groups):
                 local = range(g * cfg.grad_accum, min((g + 1) * cfg.grad_accum, len(mine)))
+                log_now = (step + 1) % cfg.log_every == 0 or g + 1 == n_groups
                 scale = world / min(group, len(batches) - g * group)
                 for j, _ in enumerate(local):
-                    window_tokens += micro_step(next(it), scale, sync=j == len(local) - 1)
+                    window_tokens += micro_step(next(it), scale, sync=j == len(local) - 1, log_now=log_now)
                 if world > 1 and len(local) == 0:
                     empty_step()
                 for v in vs:
@@ -521,17 +527,18 @@ def train(cfg: TrainConfig, variants: list[tuple[str, int, float]] | None = None
                 if step % cfg.log_every == 0 or g + 1 == n_groups:
                     dt = time.perf_counter() - t_window
                     for v in vs:
-                        n = np.maximum(v.window[:, 0], 1)
+                        w, wl, wn = v.window.cpu().numpy(), v.window_loss.cpu().numpy(), v.window_n.cpu().numpy()
+                        n, n_last = np.maximum(wn, 1), np.maximum(w[:, 0], 1)
                         rec = {"step": step, "epoch": epoch, **({"variant": v.name} if v.name else {}),
                                "lr": v.sched.get_last_lr()[0],
-                               "loss": round(float((v.window_loss / n).sum()), 4),
-                               "head_loss": (v.window_loss / n).round(4).tolist(),
-                               "top1": (v.window[:, 1] / n).round(4).tolist(),
-                               "top5": (v.window[:, 2] / n).round(4).tolist(),
+                               "loss": round(float((wl / n).sum()), 4),
+                               "head_loss": (wl / n).round(4).tolist(),
+                               "top1": (w[:, 1] / n_last).round(4).tolist(),
+                               "top5": (w[:, 2] / n_last).round(4).tolist(),
                                "tokens_per_s": round(world * window_tokens / max(dt, 1e-9), 1)}
                         log(rec)
                         progress.line(rec)
-                        v.window[:], v.window_loss[:] = 0, 0
+                        v.window.zero_(), v.window_loss.zero_(), v.window_n.zero_()
                     bar.set_postfix(loss=rec["loss"], tok_s=rec["tokens_per_s"])
                     tokens_seen += world * window_tokens
                     window_tokens, t_window = 0, time.perf_counter()

@@ -113,7 +113,7 @@ def test_k_heads_from_a_5_head_ablation_equal_a_separate_k_head_run(tmp_path):
     assert [r["num_heads"] for r in res["results"]] == [1, 3, 5]
     assert res["results"][0]["top1"][0] > 0.15  # head 0 learns the synthetic task (chance: 0.025)
     report = (out / "report.md").read_text()
-    assert "| L1_lr0.01 | 5 |" in report and "tree8" in report
+    assert "| 1 layer, lr 1e-2 | 5 |" in report and "tree8" in report
     tree = json.loads((out / "trees" / "L1_lr0.01_heads5_tree_8.json").read_text())
     assert validate_tree(tree, 5) and len(tree) <= 8
     assert (out / "best" / "medusa_lm_head.safetensors").exists() and (out / "best-vllm" / "config.json").exists()

@@ -3,6 +3,10 @@
 (a) tokens/s streaming from Zarr / tokens/s with the cache already in RAM (--in-memory)   target >= 0.90
 (b) achieved FLOP/s of head training / bare matmul FLOP/s of this machine (float32)        target >= 0.60
 (c) peak RSS training over a cache 10x as large / over the 1x cache (streaming)             target <= 1.2
+(d) tokens/s of `train --in-memory` / a bare PyTorch loop over the same batches (heads, AdamW,
+    cross-entropy with ignore_index, nothing else)                                          target >= 0.80
+(e) peak memory of validation / of a training step, at a reference-sized head (H 4096, draft 32000, 4 heads)
+                                                                                            target <= 1.0
 
     python tools/bench_train.py [--hidden 512] [--draft 4000] [--tokens 40000] [--heads 2]
 """
@@ -67,6 +71,59 @@ def run_train(cache: Path, out: Path, heads: int, extra: list[str]) -> tuple[flo
     return toks, rss if wall else rss
 
 
+def bare_loop_tps(cache: Path, heads: int, batch_tokens: int = 2048, seconds: float = 0.0) -> float:
+    """The floor: the same heads and optimizer over the same cached rows in 2048-token batches, one epoch."""
+    from medusa_cache.heads import MedusaHeads
+    from medusa_cache.loader import targets_for
+
+    c = store.Cache(cache)
+    h = c.read_hidden(0, c.n_tokens).float()
+    labels = c.array("labels")
+    tg = np.concatenate([targets_for(labels, c.offsets, (s, int(c.offsets[s]), int(c.offsets[s + 1])), heads)
+                         for s in range(c.n_seqs)])
+    tg = torch.from_numpy(tg)
+    model = MedusaHeads(c.hidden_size, c.attrs["draft_vocab_size"], heads, 1)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    t0 = time.perf_counter()
+    for a in range(0, c.n_tokens, batch_tokens):
+        x, y = h[a : a + batch_tokens], tg[a : a + batch_tokens]
+        loss = sum(torch.nn.functional.cross_entropy(lg, y[:, i], ignore_index=-100) for i, lg in enumerate(model(x)))
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return c.n_tokens / (time.perf_counter() - t0)
+
+
+MEMORY_CHILD = """
+import resource, sys, torch
+from medusa_cache.heads import MedusaHeads
+from medusa_cache.train import head_losses
+mode, rows = sys.argv[1], int(sys.argv[2])
+hidden, draft, heads = 4096, 32000, 4
+torch.manual_seed(0)
+model = MedusaHeads(hidden, draft, heads, 1)
+opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+x, y = torch.randn(16384, hidden), torch.randint(0, draft, (16384, heads))
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+if mode == "train":  # one optimizer step on a 2048-token batch (AdamW states allocated too)
+    losses, _ = head_losses(model, x[:rows], y[:rows])
+    sum(losses).backward()
+    opt.step()
+else:  # validation over 16384 rows, `rows` positions at a time
+    with torch.no_grad():
+        for a in range(0, 16384, rows):
+            losses, _ = head_losses(model, x[a:a + rows], y[a:a + rows])
+print("PEAK", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+"""
+
+
+def peak_rss(mode: str, rows: int) -> float:
+    p = subprocess.run([sys.executable, "-c", MEMORY_CHILD, mode, str(rows)], capture_output=True, text=True)
+    if p.returncode:
+        raise SystemExit(p.stderr[-2000:])
+    return float(p.stdout.split("PEAK")[-1])
+
+
 def bare_matmul_flops(t: int, h: int, d: int) -> float:
     x, w = torch.randn(t, h), torch.randn(d, h)
     for _ in range(3):
@@ -84,6 +141,7 @@ def main() -> None:
     ap.add_argument("--draft", type=int, default=4000)
     ap.add_argument("--tokens", type=int, default=40000)
     ap.add_argument("--heads", type=int, default=2)
+    ap.add_argument("--reference-memory", action="store_true", help="also measure (e): needs ~6 GB and a minute")
     a = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -92,6 +150,7 @@ def main() -> None:
         stream_tps, rss1 = run_train(tmp / "c1", tmp / "o1", a.heads, [])
         mem_tps, _ = run_train(tmp / "c1", tmp / "o2", a.heads, ["--in-memory"])
         _, rss10 = run_train(tmp / "c10", tmp / "o3", a.heads, ["--max-steps", str(10 * a.tokens // 2048)])
+        bare_tps = bare_loop_tps(tmp / "c1", a.heads)
         flops_per_token = 6 * a.heads * (a.hidden * a.hidden + a.hidden * a.draft)
         mm = bare_matmul_flops(2048, a.hidden, a.draft)
     print(f"cache: {a.tokens} tokens, hidden {a.hidden}, draft vocab {a.draft}, {a.heads} heads, bf16 stored")
@@ -100,6 +159,13 @@ def main() -> None:
     print(f"(b) training {stream_tps * flops_per_token / 1e9:.1f} GFLOP/s / bare matmul {mm / 1e9:.1f} GFLOP/s = "
           f"{stream_tps * flops_per_token / mm:.3f}   (target >= 0.60)")
     print(f"(c) peak RSS 10x cache {rss10:.0f} MiB / 1x cache {rss1:.0f} MiB = {rss10 / rss1:.3f}   (target <= 1.2)")
+    print(f"(d) train --in-memory {mem_tps:.0f} tok/s / bare loop {bare_tps:.0f} tok/s = {mem_tps / bare_tps:.3f}"
+          "   (target >= 0.80)")
+    if a.reference_memory:
+        step, val, old = peak_rss("train", 2048), peak_rss("val", 2048), peak_rss("val", 16384)
+        print(f"(e) peak RSS of validation {val:.0f} MiB / of a training step {step:.0f} MiB = {val / step:.3f}   "
+              f"(target <= 1.0; H 4096, draft 32000, 4 heads; validation computing all 16384 rows of a block at "
+              f"once, as before --eval-tokens: {old:.0f} MiB = {old / step:.3f})")
 
 
 if __name__ == "__main__":

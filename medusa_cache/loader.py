@@ -93,6 +93,19 @@ def targets_for(labels: np.ndarray, offsets: np.ndarray, piece: Piece, num_heads
     return out
 
 
+def all_targets(labels: np.ndarray, offsets: np.ndarray, num_heads: int, shift: int = 2) -> np.ndarray:
+    """[N, num_heads] targets of every row at once (what ``targets_for`` gives piece by piece), vectorised."""
+    n = len(labels)
+    rows = np.arange(n)
+    end = offsets[np.searchsorted(offsets, rows, side="right")]  # end of each row's sequence
+    out = np.full((n, num_heads), IGNORE, dtype=np.int64)
+    for i in range(num_heads):
+        src = rows + shift + i
+        ok = src < end
+        out[ok, i] = labels[src[ok]]
+    return out
+
+
 @dataclass
 class Batch:
     hidden: torch.Tensor  # [T, H] stored dtype
@@ -110,43 +123,54 @@ class BatchStream:
                  lookahead: int = 0):
         self.cache, self.labels, self.batches, self.k = cache, labels, batches, num_heads
         self.blocks, self.start, self.memory, self.lookahead = blocks, start, memory, lookahead
+        # in memory, every row's targets are computed once (vectorised) so the reader thread only slices
+        self.targets = torch.from_numpy(all_targets(labels, cache.offsets, num_heads)) if memory is not None else None
         self.q: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
         self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
+        self.thread: threading.Thread | None = None
+        if memory is None:  # streaming: a reader thread overlaps Zarr reads and decoding with training
+            self.thread = threading.Thread(target=self._run, daemon=True)
+            self.thread.start()
 
-    def _rows(self) -> Iterator[tuple[int, torch.Tensor, torch.Tensor | None]]:
-        """Yield (batch index, hidden rows, rows incl. lookahead) in order, reading each block once."""
+    def _rows(self) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+        """Yield (batch index, hidden rows, their targets, rows incl. lookahead) in order, reading each block once.
+
+        A block's targets are computed when the block is read, vectorised over the block (``all_targets``)."""
         offsets = self.cache.offsets
         block_of = {int(s): b for b, seqs in enumerate(self.blocks) for s in seqs}
         last_use: dict[int, int] = {}  # sequence -> last batch index that needs it
         for bi in range(self.start, len(self.batches)):
             for s, _, _ in self.batches[bi]:
                 last_use[s] = bi
-        held: dict[int, torch.Tensor] = {}
+        held: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         for bi in range(self.start, len(self.batches)):
-            parts, ahead = [], []
+            parts, targets, ahead = [], [], []
             for s, a, b in self.batches[bi]:
                 b_ext = min(b + self.lookahead, int(offsets[s + 1]))
                 if self.memory is not None:
                     parts.append(self.memory[a:b])
+                    targets.append(self.targets[a:b])
                     ahead.append(self.memory[a:b_ext])
                     continue
                 if s not in held:  # first use: read its whole block, keep the sequences still to come
                     seqs = self.blocks[block_of[s]]
                     lo, hi = int(offsets[seqs[0]]), int(offsets[seqs[-1] + 1])
                     rows = self.cache.read_hidden(lo, hi)
+                    tg = torch.from_numpy(all_targets(self.labels[lo:hi], offsets[seqs[0]: seqs[-1] + 2] - lo, self.k))
                     for t in seqs:
                         t = int(t)
                         if last_use.get(t, -1) >= bi and t not in held:
-                            held[t] = rows[int(offsets[t]) - lo : int(offsets[t + 1]) - lo].clone()
+                            r = slice(int(offsets[t]) - lo, int(offsets[t + 1]) - lo)
+                            held[t] = (rows[r].clone(), tg[r])
                 s0 = int(offsets[s])
-                parts.append(held[s][a - s0 : b - s0])
-                ahead.append(held[s][a - s0 : b_ext - s0])
+                parts.append(held[s][0][a - s0 : b - s0])
+                targets.append(held[s][1][a - s0 : b - s0])
+                ahead.append(held[s][0][a - s0 : b_ext - s0])
                 if last_use[s] == bi:
                     del held[s]
             cat = parts[0] if len(parts) == 1 else torch.cat(parts)
-            yield bi, cat, (torch.cat(ahead) if self.lookahead else None)
+            tg_cat = targets[0] if len(targets) == 1 else torch.cat(targets)
+            yield bi, cat, tg_cat, (torch.cat(ahead) if self.lookahead else None)
 
     def _ahead_idx(self, pieces: list[Piece]) -> np.ndarray:
         offsets, out, base = self.cache.offsets, [], 0
@@ -157,14 +181,16 @@ class BatchStream:
             base += min(b + self.lookahead, end) - a
         return np.concatenate(out)
 
+    def _items(self) -> Iterator[Batch]:
+        for bi, hidden, tg, ahead in self._rows():
+            item = Batch(hidden, tg, bi)
+            if ahead is not None:
+                item.ahead, item.ahead_idx = ahead, torch.from_numpy(self._ahead_idx(self.batches[bi]))
+            yield item
+
     def _run(self) -> None:
         try:
-            offsets = self.cache.offsets
-            for bi, hidden, ahead in self._rows():
-                tg = np.concatenate([targets_for(self.labels, offsets, p, self.k) for p in self.batches[bi]])
-                item = Batch(hidden, torch.from_numpy(tg), bi)
-                if ahead is not None:
-                    item.ahead, item.ahead_idx = ahead, torch.from_numpy(self._ahead_idx(self.batches[bi]))
+            for item in self._items():
                 while not self.stop.is_set():
                     try:
                         self.q.put(item, timeout=0.1)
@@ -178,6 +204,9 @@ class BatchStream:
             self.q.put(e)
 
     def __iter__(self) -> Iterator[Batch]:
+        if self.thread is None:  # in memory: nothing to overlap, and a thread would only contend for the GIL
+            yield from self._items()
+            return
         while True:
             item = self.q.get()
             if item is None:
@@ -188,6 +217,8 @@ class BatchStream:
 
     def close(self) -> None:
         self.stop.set()
+        if self.thread is None:
+            return
         while self.thread.is_alive():
             try:
                 self.q.get(timeout=0.05)

@@ -445,3 +445,15 @@ def test_report_to_tensorboard_writes_scalars_per_head_that_tensorboard_reads_ba
     got = [(e.step, e.value) for e in acc.Scalars("train/loss_head1")]
     assert [s for s, _ in got] == [r["step"] for r in train_recs]
     assert np.allclose([v for _, v in got], [r["head_loss"][1] for r in train_recs], atol=1e-4)
+
+
+def test_vectorised_targets_equal_the_per_piece_definition(tmp_path):
+    from medusa_cache.loader import all_targets
+
+    rng = np.random.default_rng(0)
+    offsets = np.concatenate([[0], np.cumsum(rng.integers(1, 9, 30))])
+    labels = rng.integers(-1, 50, offsets[-1])
+    labels[labels < 0] = IGNORE
+    want = np.concatenate([targets_for(labels, offsets, (s, int(offsets[s]), int(offsets[s + 1])), 4)
+                           for s in range(30)])
+    assert np.array_equal(all_targets(labels, offsets, 4), want)

@@ -24,6 +24,7 @@ def inspect_store(path: str) -> dict[str, Any]:
         "assistant_in_draft_vocab": round(counts.get("assistant_tokens_in_draft_vocab", 0) / max(1, assistant), 4),
         "hidden_size": c.hidden_size,
         "hidden_dtype": c.hidden_dtype,
+        "hidden_codec": c.codec + (f" (scale per {c.int8_group} channels)" if c.codec == "int8" else ""),
         "vocab_size": c.attrs.get("vocab_size"),
         "draft_vocab_size": c.attrs.get("draft_vocab_size"),
         "bytes_on_disk": disk,

@@ -27,7 +27,7 @@ from zarr.codecs import BloscCodec
 from .errors import UserError
 from .vocab import VocabMapping
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 2: fill values that cannot pass as data; 3: optional int8 hidden codec (hidden_scale)
 HIDDEN_DTYPES = {"bfloat16": np.uint16, "float32": np.float32}
 TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 # Fill values that cannot pass as data (format 2): zarr returns the fill value for a chunk that is not in
@@ -36,9 +36,11 @@ TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 HIDDEN_FILL = {"bfloat16": 0x7FC0, "float32": float("nan")}  # 0x7FC0: the bf16 quiet-NaN bit pattern
 FILL = {"input_ids": -1, "loss_mask": 255, "labels": -2, "seq_offsets": -1, "seq_source": -1, "d2t": -1,
         "token_counts": -1, "bad_rows": 255}
-ARRAYS = ("hidden", "bad_rows", "input_ids", "loss_mask", "labels", "seq_offsets", "seq_source", "d2t", "t2d",
-          "token_counts", "unit_done")
-PER_UNIT = ("hidden", "bad_rows", "unit_done")  # written unit by unit: only done units' chunks must exist
+ARRAYS = ("hidden", "hidden_scale", "bad_rows", "input_ids", "loss_mask", "labels", "seq_offsets", "seq_source", "d2t",
+          "t2d", "token_counts", "unit_done")
+PER_UNIT = ("hidden", "hidden_scale", "bad_rows", "unit_done")  # written unit by unit: only done units' chunks
+INT8_FILL = -128  # symmetric quantisation writes -127..127 only, so a lost int8 chunk cannot pass as data
+CODECS = ("lossless", "int8")
 _WRITE_ALL = {"array.write_empty_chunks": True}
 
 
@@ -177,7 +179,11 @@ def create(
     mapping: VocabMapping,
     token_counts: np.ndarray,
     attrs: dict[str, Any],
+    hidden_codec: str = "lossless",
+    int8_group: int = 128,
 ) -> Cache:
+    """Preallocate a store. ``hidden_codec="int8"`` stores hidden states as int8 with one float32 scale per
+    ``int8_group`` channels of each row (``hidden_scale``, sharded and written with its unit)."""
     n = int(offsets[-1])
     with zarr.config.set(_WRITE_ALL):
         group = zarr.open_group(str(path), mode="w", attributes={"medusa_cache_preparing": True})
@@ -197,7 +203,15 @@ def create(
             a[...] = data
         t2d = group.create_array("t2d", shape=mapping.t2d.shape, dtype=bool, chunks=(max(1, mapping.target_size),))
         t2d[:] = mapping.t2d
-        np_dtype = HIDDEN_DTYPES[hidden_dtype]
+        if hidden_codec == "int8":
+            if hidden_size % int8_group:
+                raise UserError(f"--int8-group: {int8_group} does not divide the hidden size {hidden_size}")
+            np_dtype, fill = np.int8, INT8_FILL
+            g = hidden_size // int8_group
+            group.create_array("hidden_scale", shape=(n, g), dtype=np.float32, chunks=(layout.chunk_tokens, g),
+                               shards=(layout.shard_tokens, g), compressors=[_blosc(4)], fill_value=float("nan"))
+        else:
+            np_dtype, fill = HIDDEN_DTYPES[hidden_dtype], HIDDEN_FILL[hidden_dtype]
         itemsize = np.dtype(np_dtype).itemsize
         group.create_array(
             "hidden",
@@ -206,8 +220,8 @@ def create(
             chunks=(layout.chunk_tokens, hidden_size),
             shards=(layout.shard_tokens, hidden_size),
             compressors=[_blosc(itemsize)],
-            fill_value=HIDDEN_FILL[hidden_dtype],
-            attributes={"logical_dtype": hidden_dtype},
+            fill_value=fill,
+            attributes={"logical_dtype": hidden_dtype, "codec": hidden_codec},
         )
         group.create_array("bad_rows", shape=(n,), dtype=np.uint8, compressors=[_blosc(1)],
                            fill_value=FILL["bad_rows"], **tok)
@@ -223,6 +237,8 @@ def create(
             "shard_tokens": layout.shard_tokens,
             "n_units": n_units,
             "complete": False,
+            "hidden_codec": hidden_codec,
+            **({"int8_group": int8_group} if hidden_codec == "int8" else {}),
             **attrs,
         }
     )
@@ -251,6 +267,8 @@ class Cache:
             )
         self.hidden = self.group["hidden"]
         self.hidden_dtype: str = self.attrs["hidden_dtype"]
+        self.codec: str = self.attrs.get("hidden_codec", "lossless")
+        self.int8_group: int = int(self.attrs.get("int8_group", 0))
         self.hidden_size: int = self.attrs["hidden_size"]
         self.shard_tokens: int = self.attrs["shard_tokens"]
         self.n_units: int = self.attrs["n_units"]
@@ -319,7 +337,7 @@ class Cache:
             if done is not None and not done[coords[0]]:
                 continue
             key = f"{name}/{a.metadata.encode_chunk_key(coords)}"
-            if name in ("hidden", "bad_rows"):
+            if name in ("hidden", "hidden_scale", "bad_rows"):
                 lo, hi = self.unit_range(coords[0])
                 out.append((key, f"{name}: shard {key} (unit {coords[0]}, token rows {lo}:{hi}) is missing"))
             else:
@@ -334,6 +352,8 @@ class Cache:
         """
         keys = self._listing()
         names = ARRAYS if self.attrs.get("medusa_cache", 1) >= 2 else ("hidden", "unit_done")
+        if self.codec != "int8":
+            names = tuple(n for n in names if n != "hidden_scale")
         problems = []
         for name in names:
             if name not in self.group:
@@ -375,6 +395,9 @@ class Cache:
                     raise UserError(f"{self.path}: shard hidden/c/{k}/0 (token rows {a}:{b}) cannot be read "
                                     f"({e}); run `medusa-cache verify --deep`") from None
             raise UserError(f"{self.path}/hidden: cannot read token rows {start}:{stop} ({e})") from None
+        if self.codec == "int8":  # dequantised to float32, vectorised
+            scale = torch.from_numpy(np.ascontiguousarray(self.group["hidden_scale"][start:stop]))
+            return int8_decode(torch.from_numpy(np.ascontiguousarray(arr)), scale, self.int8_group)
         return from_stored(np.ascontiguousarray(arr), self.hidden_dtype)
 
     def write_unit(self, k: int, hidden: torch.Tensor) -> int:
@@ -383,7 +406,12 @@ class Cache:
         assert hidden.shape == (b - a, self.hidden_size), (hidden.shape, a, b)
         bad = (~torch.isfinite(hidden).all(dim=1)).numpy().astype(np.uint8)
         with zarr.config.set(_WRITE_ALL):
-            self.hidden[a:b] = to_stored(hidden, self.hidden_dtype)
+            if self.codec == "int8":
+                q, scale = int8_encode(hidden, self.int8_group)
+                self.hidden[a:b] = q.numpy()
+                self.group["hidden_scale"][a:b] = scale.numpy()
+            else:
+                self.hidden[a:b] = to_stored(hidden, self.hidden_dtype)
             if "bad_rows" in self.group:
                 self.group["bad_rows"][a:b] = bad
         self._fsync_local(f"hidden/c/{k}/0")
@@ -423,6 +451,25 @@ class Cache:
             fs, p = _fs(self.path)
             return int(fs.du(p))
         return sum(f.stat().st_size for f in Path(self.path).rglob("*") if f.is_file())
+
+
+def int8_encode(hidden: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 with one scale per ``group`` channels of each row: q = round(x / s), s = absmax / 127.
+
+    Per-group scales (not per-row) keep the few outlier channels of real post-norm states from flattening every
+    other channel of the row to a handful of levels. A NaN/Inf row gives a NaN scale (the row is in bad_rows)."""
+    x = hidden.float().reshape(hidden.shape[0], -1, group)
+    scale = x.abs().amax(-1, keepdim=True) / 127
+    q = torch.where(scale > 0, (x / scale.clamp_min(torch.finfo(torch.float32).tiny)).round(), torch.zeros_like(x))
+    bad = ~torch.isfinite(scale)
+    q = torch.where(bad, torch.zeros_like(q), q).clamp(-127, 127).to(torch.int8)
+    scale = torch.where(bad, torch.full_like(scale, float("nan")), scale)
+    return q.reshape(hidden.shape), scale.squeeze(-1)
+
+
+def int8_decode(q: torch.Tensor, scale: torch.Tensor, group: int) -> torch.Tensor:
+    n, h = q.shape
+    return (q.reshape(n, -1, group).float() * scale.unsqueeze(-1)).reshape(n, h)
 
 
 def to_stored(hidden: torch.Tensor, dtype: str) -> np.ndarray:

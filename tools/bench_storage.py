@@ -1,0 +1,204 @@
+"""Storage: bytes per token on disk, int8 reconstruction error, what int8 does to the heads, and read speed.
+
+    python tools/bench_storage.py [--demo medusa-cache-demo] [--fixtures ../shared/fixtures] [--read-tokens 100000]
+
+1. Bytes/token of `hidden` (+ scales) for the lossless bf16 store and the int8 codec, on the fixture chat files
+   through a tiny random Llama (hidden 512) with the Llama-3 tokenizer, and on the stories260K demo data.
+2. int8 reconstruction error (relative L2, worst channel's max abs error over the channel's absmax) on stories260K
+   states and on a synthetic distribution with a few channels 10-100x larger than the rest.
+3. Heads trained on the bf16 cache and on the int8 cache of the demo data (same seed and steps): held-out top-1
+   per head and chain acceptance, both scored on the bf16 states.
+4. Read speed at H=4096: tokens/s of the streaming loader alone (no training) per layout, against the same
+   states saved as one torch.save file per sequence (SpecForge's offline layout), and the cores that would feed an
+   H200 training the Llama-3 reference heads (~225K tokens/s).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from medusa_cache import store  # noqa: E402
+from medusa_cache.demo import DEMO  # noqa: E402
+from medusa_cache.dump import DumpConfig, run_dump  # noqa: E402
+from medusa_cache.loader import BatchStream, epoch_order, make_batches, make_blocks  # noqa: E402
+from medusa_cache.vocab import VocabMapping  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def hidden_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for name in ("hidden", "hidden_scale") if (path / name).exists()
+               for f in (path / name).rglob("*") if f.is_file())
+
+
+def tiny_llama(work: Path, tok_dir: Path) -> Path:
+    import shutil
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    m = work / "llama512"
+    LlamaForCausalLM(LlamaConfig(vocab_size=128256, hidden_size=512, intermediate_size=1024, num_hidden_layers=2,
+                                 num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=4096,
+                                 tie_word_embeddings=False)).save_pretrained(m)
+    for f in tok_dir.iterdir():
+        if f.name.startswith("tokenizer") or f.name.startswith("LICENSE"):
+            shutil.copy(f, m / f.name)
+    return m
+
+
+def sizes(work: Path, name: str, model: Path, data: list[str], **kw) -> list[str]:
+    rows = []
+    for codec, dtype in (("lossless", "bfloat16"), ("int8", "bfloat16")):
+        out = work / f"{name}-{codec}"
+        run_dump(DumpConfig(model=str(model), data=data, out=str(out), dtype=dtype, hidden_codec=codec, **kw))
+        c = store.Cache(out)
+        rows.append((codec, hidden_bytes(out) / c.n_tokens, c.hidden_size))
+    raw = 2 * rows[0][2]
+    return [f"| {name} (H {h}) | {codec} | {b:.0f} | {raw / b:.2f}x | {rows[0][1] / b:.2f}x |" for codec, b, h in rows]
+
+
+def int8_error(x: torch.Tensor, group: int) -> tuple[float, float]:
+    q, s = store.int8_encode(x, group)
+    y = store.int8_decode(q, s, group)
+    rel = float((y - x).norm() / x.norm())
+    worst = float(((y - x).abs().amax(0) / x.abs().amax(0).clamp_min(1e-12)).max())
+    return rel, worst
+
+
+def heads_comparison(demo: Path, work: Path) -> list[str]:
+    from medusa_cache.evaluate import chain_acceptance, head_ranks, topk_accuracy
+    from medusa_cache.export import load_heads
+    from medusa_cache.train import TrainConfig, split, train
+
+    stories = demo / "stories.jsonl"
+    out = []
+    for codec in ("lossless", "int8"):
+        run_dump(DumpConfig(model=str(DEMO / "stories260K"), data=[str(stories)], out=str(work / f"demo-{codec}"),
+                            dtype="bfloat16", hidden_codec=codec, int8_group=16, max_length=512))
+        train(TrainConfig(cache=str(work / f"demo-{codec}"), out=str(work / f"h-{codec}"), num_heads=5, epochs=4,
+                          lr=3e-3, batch_tokens=1024, grad_accum=1, val_fraction=0.1, seed=0))
+    ref = store.Cache(work / "demo-lossless")
+    _, val = split(ref, TrainConfig(cache="x", out="y", val_fraction=0.1, seed=0))
+    for codec in ("lossless", "int8"):
+        heads, _, _ = load_heads(work / f"h-{codec}")
+        r = head_ranks(heads, ref, val)
+        top1 = topk_accuracy(r["rank"], r["has_target"], (1,))[1]
+        out.append(f"| {'bf16' if codec == 'lossless' else 'int8 (group 16)'} | {' '.join(f'{x:.4f}' for x in top1)} "
+                   f"| {chain_acceptance(r['rank']):.4f} |")
+    return out
+
+
+def synthetic(path: Path, n: int, hidden: int, codec: str) -> None:
+    rng = np.random.default_rng(0)
+    lens = rng.integers(200, 1200, n // 300 + 10)
+    offsets = np.concatenate([[0], np.cumsum(lens)])
+    offsets = offsets[offsets <= n]
+    m = int(offsets[-1])
+    labels = rng.integers(0, 1000, m).astype(np.int32)
+    c = store.create(path, hidden_size=hidden, hidden_dtype="bfloat16", layout=store.Layout(64, 4096),
+                     input_ids=labels, loss_mask=np.ones(m, bool), labels=labels, offsets=offsets,
+                     sources=np.zeros((len(offsets) - 1, 2)), mapping=VocabMapping(np.zeros(1000, np.int64),
+                                                                                    np.ones(1000, bool)),
+                     token_counts=np.zeros(1000), attrs={"vocab_size": 1000, "draft_vocab_size": 1000,
+                                                         "fingerprints": {}}, hidden_codec=codec)
+    g = torch.Generator().manual_seed(0)
+    for k in range(c.n_units):
+        a, b = c.unit_range(k)
+        c.write_unit(k, torch.randn(b - a, hidden, generator=g).to(torch.bfloat16))
+        c.mark_done(k)
+    c.set_attrs(complete=True)
+
+
+def loader_tps(path: Path, threads: int) -> float:
+    torch.set_num_threads(threads)
+    c = store.Cache(path)
+    seqs = np.arange(c.n_seqs)
+    blocks = make_blocks(seqs, c.offsets, 16384)
+    batches = make_batches(epoch_order(blocks, 0, 0, 64), c.offsets, 1, 4096)
+    labels = c.array("labels")
+    t0, n = time.perf_counter(), 0
+    for b in BatchStream(c, labels, batches, 4, blocks, prefetch=8):
+        n += len(b.hidden)
+    return n / (time.perf_counter() - t0)
+
+
+def per_sample_tps(path: Path) -> tuple[float, float]:
+    c = store.Cache(path)
+    d = path.parent / "per-sample"
+    d.mkdir(exist_ok=True)
+    for s in range(c.n_seqs):
+        a, b = int(c.offsets[s]), int(c.offsets[s + 1])
+        torch.save({"hidden_state": c.read_hidden(a, b).to(torch.bfloat16).clone()}, d / f"{s}.pt")
+    size = sum(f.stat().st_size for f in d.iterdir())
+    t0 = time.perf_counter()
+    for s in np.random.default_rng(0).permutation(c.n_seqs):
+        torch.load(d / f"{s}.pt", weights_only=True)
+    return c.n_tokens / (time.perf_counter() - t0), size / c.n_tokens
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--demo", default="medusa-cache-demo", help="output of `medusa-cache demo` (its stories)")
+    ap.add_argument("--fixtures", default=str(REPO / "tests" / "fixtures"))
+    ap.add_argument("--read-tokens", type=int, default=100000)
+    a = ap.parse_args()
+    work = Path(tempfile.mkdtemp())
+    fx = Path(a.fixtures)
+    tok = fx / "tokenizers" / "llama3"
+    if not (tok / "tokenizer.json").exists():
+        tok = fx / ".unpacked" / "llama3"
+    print("## 1. Bytes per token of the hidden states (bf16 uncompressed = 2 x H)\n")
+    print("| data | codec | bytes/token | vs raw bf16 | vs lossless bf16 |\n|---|---|---|---|---|")
+    chats = [str(fx / "chat" / f) for f in ("fastchat_dummy_sharegpt.json", "glaive_toolcall_sharegpt.json")]
+    for row in sizes(work, "fixture chats, Llama-3 tokenizer", tiny_llama(work, tok), chats, max_length=2048,
+                     draft_vocab_size=32000, pipeline="specforge", int8_group=128):
+        print(row)
+    for row in sizes(work, "stories260K demo", DEMO / "stories260K", [str(Path(a.demo) / "stories.jsonl")],
+                     max_length=512, int8_group=16):
+        print(row)
+    print("\n## 2. int8 reconstruction error (relative L2; worst channel: max abs error / channel absmax)\n")
+    print("| states | group | relative L2 | worst channel |\n|---|---|---|---|")
+    st = store.Cache(work / "stories260K demo-lossless").read_hidden(0, 20000).float()
+    for g in (16, 32, 64):
+        print("| stories260K (H 64) | %d | %.4f | %.4f |" % (g, *int8_error(st, g)))
+    torch.manual_seed(0)
+    x = torch.randn(20000, 4096)
+    x[:, torch.randperm(4096)[:8]] *= torch.logspace(1, 2, 8)  # 8 channels 10-100x larger
+    for g in (64, 128, 4096):
+        print("| synthetic H 4096, 8 outlier channels 10-100x | %d | %.4f | %.4f |" % (g, *int8_error(x, g)))
+    print("\n## 3. Heads trained on bf16 vs int8 states (demo data, same seed and steps; scored on bf16 states)\n")
+    print("| cache | top-1 per head | chain acceptance |\n|---|---|---|")
+    for row in heads_comparison(Path(a.demo), work):
+        print(row)
+    print(f"\n## 4. Read speed at H 4096 ({a.read_tokens} tokens, streaming loader alone, warm page cache)\n")
+    print("| layout | bytes/token | tokens/s, 1 thread | tokens/s, 2 threads | GB/s of bf16 (2 threads) |")
+    print("|---|---|---|---|---|")
+    for codec in ("lossless", "int8"):
+        p = work / f"read-{codec}"
+        synthetic(p, a.read_tokens, 4096, codec)
+        loader_tps(p, 2)  # warm the page cache
+        t1, t2 = loader_tps(p, 1), loader_tps(p, 2)
+        print(f"| zarr {codec} | {hidden_bytes(p) / store.Cache(p).n_tokens:.0f} | {t1:.0f} | {t2:.0f} | "
+              f"{t2 * 8192 / 1e9:.2f} |")
+    tps, b = per_sample_tps(work / "read-lossless")
+    per_sample_tps(work / "read-lossless")
+    tps, b = per_sample_tps(work / "read-lossless")
+    print(f"| torch.save per sequence (SpecForge offline) | {b:.0f} | {tps:.0f} | - | {tps * 8192 / 1e9:.2f} |")
+    print("\nCores to feed ~225K tokens/s (H200, Llama-3 reference heads), at the 2-thread rate of each layout: "
+          "225000 / (tokens/s per 2 cores) x 2.")
+    print(json.dumps({"work": str(work)}))
+
+
+if __name__ == "__main__":
+    main()

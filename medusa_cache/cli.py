@@ -31,7 +31,7 @@ def _dump(args: argparse.Namespace) -> None:
 
 
 def _inspect(args: argparse.Namespace) -> None:
-    from .inspect import inspect_store, render
+    from .info import inspect_store, render
 
     info = inspect_store(args.store)
     print(json.dumps(info, indent=2) if args.json else render(info))
@@ -124,13 +124,7 @@ _floats = _comma_list(float, "numbers")
 def _eval(args: argparse.Namespace) -> None:
     from .evaluate import render_table, run_eval
 
-    targets = args.targets or ["data"]
-    if targets == ["data"]:
-        base = None
-    elif len(targets) == 2 and targets[0] == "base":
-        base = targets[1]
-    else:
-        raise UserError(f"--targets: give 'data' or 'base MODEL_PATH', got {' '.join(targets)}")
+    base = args.base_model
     res = run_eval(args.heads, args.cache, args.topk, args.tree, args.tree_budget or [], args.trees_out, args.device,
                    base)
     if args.json:
@@ -225,8 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = v.add_mutually_exclusive_group()
     g.add_argument("--tree", help="JSON file with a Medusa tree: a list of paths of top-k indices")
     g.add_argument("--tree-budget", type=_ints, help="fit trees of these node counts, e.g. 16,32,64")
-    v.add_argument("--targets", nargs="+", metavar="data|base MODEL",
-                   help="'data' (default) or 'base MODEL_PATH': score against the base model's greedy tokens")
+    v.add_argument("--base-model", metavar="MODEL",
+                   help="score against this base model's own greedy tokens (from the cached states and its lm_head) "
+                        "instead of the data's tokens")
     v.add_argument("--trees-out", help="directory to write the fitted trees (tree_N.json)")
     v.add_argument("--device", default="cpu", help="device for the heads: cpu, cuda or cuda:N (default: cpu)")
     v.add_argument("--json", action="store_true", help="print JSON")

@@ -91,6 +91,7 @@ def add_config_args(parser: argparse.ArgumentParser, cls: type, skip: tuple[str,
         help_text = docs.get(f.name, "")
         if default not in (None, False, [], ""):
             help_text += f" (default: {default})"
+        help_text = help_text.replace("%", "%%")  # argparse formats help strings with %
         required = f.name in getattr(cls, "REQUIRED", ())
         kwargs: dict[str, Any] = {"help": help_text, "default": argparse.SUPPRESS, "dest": f.name,
                                   **({"required": True} if required else {})}

@@ -10,7 +10,7 @@ Stages:
    that starts inside a sequence runs that sequence from its start for context and keeps only its own
    rows. So a unit's bytes depend only on the data, never on which rank or which run wrote it, and a
    killed dump resumed with ``--resume`` is bit-identical to an uninterrupted one.
-3. Within a unit, sequences are sorted by length and packed into batches of at most ``batch_tokens``
+3. Within a unit, sequences are sorted by length and packed into batches of at most ``forward_tokens``
    padded tokens (right padding, attention mask), so few pad tokens are computed; only real rows are
    written. The write of unit k runs in a background thread while unit k+1 is computed.
 
@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from . import dist, store
 from . import fingerprint as fp
+from .backbone import ModelPass, load_tokenizer, plan_batches
 from .config import check, to_dict
 from .data import FORMATS, RowError, Templater, read_rows
 from .errors import UserError
@@ -71,8 +72,9 @@ class DumpConfig:
     vocab_mapping: str | None = None
     """Use this mapping unchanged instead of building one: ours (.safetensors), SpecForge's vocab_mapping.pt, a
     cache store or a heads directory (a held-out dump reuses the training cache's vocabulary this way)."""
-    batch_tokens: int = 16384
-    """Padded tokens per forward batch (sequences are length-bucketed)."""
+    forward_tokens: int = 16384
+    """Padded tokens per forward pass of the model (sequences are length-bucketed, never split; unlike train's
+    --batch-tokens, which cuts pieces of sequences)."""
     dtype: Literal["bfloat16", "float32"] = "bfloat16"
     """Model compute dtype and stored hidden-state dtype (bf16 stored bit-exact as uint16)."""
     hidden_codec: Literal["lossless", "int8"] = "lossless"
@@ -102,7 +104,7 @@ class DumpConfig:
         check(1 <= self.max_length <= 1 << 20, "max_length", f"must be in 1..{1 << 20}, got {self.max_length}")
         check(self.draft_vocab_size is None or self.draft_vocab_size >= 1, "draft_vocab_size",
               f"must be >= 1, got {self.draft_vocab_size}")
-        check(self.batch_tokens >= 1, "batch_tokens", f"must be >= 1, got {self.batch_tokens}")
+        check(self.forward_tokens >= 1, "forward_tokens", f"must be >= 1, got {self.forward_tokens}")
         check(self.int8_group >= 1, "int8_group", f"must be >= 1, got {self.int8_group}")
         check(not (self.resume and self.overwrite), "resume", "--resume and --overwrite exclude each other")
         check(self.format in FORMATS, "format", f"must be one of {FORMATS}")
@@ -169,17 +171,6 @@ def _writable(p: Path) -> bool:
     import os
 
     return os.access(p, os.W_OK)
-
-
-def load_tokenizer(path: str):
-    from transformers import AutoTokenizer
-
-    try:
-        tok = AutoTokenizer.from_pretrained(path)
-    except Exception as e:  # noqa: BLE001
-        raise UserError(f"--tokenizer: cannot load a tokenizer from {path}: {e}") from None
-    tok.model_max_length = 1 << 62  # we truncate ourselves (--max-length); silences the length warning
-    return tok
 
 
 def prepare(cfg: DumpConfig, fingerprints: dict[str, str], template: str | None, vocab_size: int,
@@ -308,72 +299,10 @@ def prepare(cfg: DumpConfig, fingerprints: dict[str, str], template: str | None,
 
 
 # --------------------------------------------------------------------------------------------------
-PAD_TOLERANCE = 0.06
-
-
-def plan_batches(offsets: np.ndarray, a: int, b: int, batch_tokens: int) -> list[list[tuple[int, int, int]]]:
-    """Batches for unit rows [a, b): each piece is (seq_start, run_end, keep_from) in token coordinates.
-
-    The piece runs the model over [seq_start, run_end) and keeps rows [keep_from, run_end).
-    """
-    first = int(np.searchsorted(offsets, a, side="right")) - 1
-    last = int(np.searchsorted(offsets, b, side="left"))
-    pieces = []
-    for s in range(first, last):
-        s0, s1 = int(offsets[s]), int(offsets[s + 1])
-        run_end = min(s1, b)
-        if run_end <= max(s0, a):
-            continue
-        pieces.append((s0, run_end, max(s0, a)))
-    pieces.sort(key=lambda p: (-(p[1] - p[0]), p[0]))  # longest first, ties by position: deterministic
-    batches, cur, cur_max = [], [], 0
-    for p in pieces:
-        n = p[1] - p[0]
-        # a new batch when the padded size would pass batch_tokens, or when this piece is > 6% shorter
-        # than the batch's longest (bounds the pad tokens computed to ~3% on average)
-        if cur and (max(cur_max, n) * (len(cur) + 1) > batch_tokens or n < (1 - PAD_TOLERANCE) * cur_max):
-            batches.append(cur)
-            cur, cur_max = [], 0
-        cur.append(p)
-        cur_max = max(cur_max, n)
-    if cur:
-        batches.append(cur)
-    return batches
-
-
-class ModelPass:
-    """The decoder of a causal LM, returning post-final-norm hidden states for packed pieces."""
-
-    def __init__(self, model_dir: str, dtype: str, device: str):
-        from transformers import AutoModelForCausalLM
-
-        try:
-            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=store.TORCH_DTYPES[dtype])
-        except Exception as e:  # noqa: BLE001
-            raise UserError(f"--model: cannot load {model_dir}: {e}") from None
-        self.decoder = model.base_model.to(device).eval()
-        self.device = device
-        self.computed_tokens = 0
-
-    @torch.inference_mode()
-    def run(self, ids: np.ndarray, batch: list[tuple[int, int, int]]) -> list[torch.Tensor]:
-        width = max(p[1] - p[0] for p in batch)
-        x = np.zeros((len(batch), width), dtype=np.int64)
-        att = np.zeros((len(batch), width), dtype=np.int64)
-        for i, (s0, e, _) in enumerate(batch):
-            x[i, : e - s0] = ids[s0:e]
-            att[i, : e - s0] = 1
-        self.computed_tokens += x.size
-        out = self.decoder(
-            input_ids=torch.from_numpy(x).to(self.device), attention_mask=torch.from_numpy(att).to(self.device)
-        ).last_hidden_state
-        return [out[i, keep - s0 : e - s0].cpu() for i, (s0, e, keep) in enumerate(batch)]
-
-
-def compute_unit(cache: store.Cache, ids: np.ndarray, k: int, mp: ModelPass, batch_tokens: int) -> torch.Tensor:
+def compute_unit(cache: store.Cache, ids: np.ndarray, k: int, mp: ModelPass, forward_tokens: int) -> torch.Tensor:
     a, b = cache.unit_range(k)
     buf = torch.empty((b - a, cache.hidden_size), dtype=store.TORCH_DTYPES[cache.hidden_dtype])
-    for batch in plan_batches(cache.offsets, a, b, batch_tokens):
+    for batch in plan_batches(cache.offsets, a, b, forward_tokens):
         for (_, e, keep), rows in zip(batch, mp.run(ids, batch), strict=True):
             buf[keep - a : e - a] = rows
     return buf
@@ -475,7 +404,7 @@ def _run_units(cfg: DumpConfig, cache: store.Cache | None, rank: int, world_size
     try:
         with ThreadPoolExecutor(1) as pool:
             for k in todo:
-                h = compute_unit(cache, ids, k, mp, cfg.batch_tokens)
+                h = compute_unit(cache, ids, k, mp, cfg.forward_tokens)
                 if pending is not None:
                     pending.result()
                 pending = pool.submit(write, k, h)

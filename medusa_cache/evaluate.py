@@ -282,9 +282,9 @@ def run_eval(heads_dir: str, cache_path: str, topk: int = 10, tree_file: str | N
             raise UserError(f"--tree: cannot read {tree_file}: {e}") from None
     base = None
     if base_model:
-        from .lm_head import read_lm_head
+        from .backbone import read_lm_head
 
-        base = read_lm_head(base_model, None, cache.attrs["fingerprints"]["model"], flag="--targets base").float()
+        base = read_lm_head(base_model, None, cache.attrs["fingerprints"]["model"], flag="--base-model").float()
     r = head_ranks(heads, cache, cache.usable_seqs(), topk, device, base_lm_head=base)
     res = evaluate_ranks(r, heads.num_heads, topk, budgets or [], tree)
     if trees_out:

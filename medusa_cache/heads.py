@@ -37,9 +37,7 @@ def init_head(head: nn.Sequential, seed: int, index: int) -> None:
             lin.weight.zero_()
             bound = 1 / math.sqrt(lin.in_features)
             lin.bias.copy_(torch.rand(lin.bias.shape, generator=g) * 2 * bound - bound)
-        out = head[-1]
-        bound = 1 / math.sqrt(out.in_features)  # kaiming_uniform(a=sqrt(5)) as nn.Linear does
-        out.weight.copy_(torch.rand(out.weight.shape, generator=g) * 2 * bound - bound)
+        nn.init.kaiming_uniform_(head[-1].weight, a=math.sqrt(5), generator=g)  # as nn.Linear initialises
 
 
 class MedusaHeads(nn.Module):

@@ -237,12 +237,46 @@ def create(
             "shard_tokens": layout.shard_tokens,
             "n_units": n_units,
             "complete": False,
+            "medusa_cache_preparing": False,  # preparation finished: from here on it is a (resumable) store
             "hidden_codec": hidden_codec,
             **({"int8_group": int8_group} if hidden_codec == "int8" else {}),
             **attrs,
         }
     )
     return Cache(path, mode="r+")
+
+
+def from_arrays(path: str | Path, hidden: torch.Tensor, offsets, labels, mapping: VocabMapping, *,
+                input_ids=None, loss_mask=None, hidden_dtype: str = "float32", layout: Layout | None = None,
+                hidden_codec: str = "lossless", int8_group: int = 128, complete: bool = True,
+                attrs: dict[str, Any] | None = None) -> Cache:
+    """A whole store from arrays already in memory: the one builder tests and tools use for synthetic caches.
+
+    ``labels`` are draft ids or IGNORE; ``input_ids`` default to the labels' target ids (0 where ignored) and
+    ``loss_mask`` to ``labels != IGNORE``. Every unit is written and marked done; ``complete`` sets the flag.
+    """
+    from .vocab import IGNORE
+
+    offsets = np.asarray(offsets, dtype=np.int64)
+    labels = np.asarray(labels, dtype=np.int32)
+    if input_ids is None:
+        input_ids = np.where(labels == IGNORE, 0, mapping.draft_to_target[np.maximum(labels, 0)])
+    if loss_mask is None:
+        loss_mask = labels != IGNORE
+    c = create(path, hidden_size=hidden.shape[1], hidden_dtype=hidden_dtype, layout=layout or Layout(64, 256),
+               input_ids=np.asarray(input_ids), loss_mask=np.asarray(loss_mask), labels=labels, offsets=offsets,
+               sources=np.zeros((len(offsets) - 1, 2)), mapping=mapping,
+               token_counts=np.zeros(mapping.target_size),
+               attrs={"vocab_size": mapping.target_size, "draft_vocab_size": mapping.draft_size,
+                      "fingerprints": {"model": "synthetic"}, **(attrs or {})},
+               hidden_codec=hidden_codec, int8_group=int8_group)
+    for k in range(c.n_units):
+        a, b = c.unit_range(k)
+        c.write_unit(k, hidden[a:b])
+        c.mark_done(k)
+    if complete:
+        c.set_attrs(complete=True)
+    return c
 
 
 class Cache:

@@ -29,7 +29,6 @@ from typing import ClassVar, Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import rundir
@@ -37,6 +36,7 @@ from .config import check, to_dict
 from .errors import Interrupted, UserError
 from .heads import MedusaHeads
 from .loader import BatchStream, epoch_order, make_batches, make_blocks
+from .objective import head_losses, validate
 from .store import Cache
 from .vocab import IGNORE
 
@@ -175,70 +175,6 @@ def split(cache: Cache, cfg: TrainConfig) -> tuple[np.ndarray, np.ndarray]:
     return np.sort(perm[n_val:]), np.sort(perm[:n_val])
 
 
-def head_losses(heads: MedusaHeads, hidden: torch.Tensor, targets: torch.Tensor,
-                teacher: tuple[torch.Tensor, torch.Tensor] | None = None, distill_weight: float = 0.0,
-                with_stats: bool = True) -> tuple[list, list]:
-    """Per head: loss, and (with ``with_stats``) a tensor [#valid, #top1-correct, #top5-correct].
-
-    The loss is the mean cross-entropy over valid targets (0 if none), plus, with ``teacher`` =
-    (teacher log-probs over the draft vocab for the rows of ``Batch.ahead``, ``Batch.ahead_idx``),
-    ``distill_weight`` x KL(teacher at t+1+i || head i at t) averaged over the same positions.
-
-    Lean by design (this runs every step): no boolean selection of rows (its backward is an accumulating
-    index_put), no host synchronisation (counts stay tensors), top-k only when ``with_stats``.
-    """
-    losses, stats = [], []
-    for i, logits in enumerate(heads(hidden)):
-        t = targets[:, i]
-        valid = t != IGNORE
-        n = valid.sum()
-        logits = logits.float()  # a no-op in float32; under bf16 autocast the loss is taken in float32
-        loss = F.cross_entropy(logits, t, ignore_index=IGNORE, reduction="sum") / n.clamp_min(1)
-        if teacher is not None:
-            t_logp, idx = teacher
-            rows = idx[:, i]
-            keep = valid & (rows >= 0)
-            p = t_logp[rows.clamp_min(0)]
-            kl = (p.exp() * (p - logits.log_softmax(-1))).sum(-1)
-            loss = loss + distill_weight * (kl * keep).sum() / keep.sum().clamp_min(1)
-        losses.append(loss)
-        if with_stats:
-            with torch.no_grad():
-                top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
-                hit = (top == t[:, None]) & valid[:, None]
-                stats.append(torch.stack([n, hit[:, 0].sum(), hit.any(-1).sum()]))
-    return losses, stats
-
-
-@torch.no_grad()
-def evaluate(heads: MedusaHeads, cache: Cache, seqs: np.ndarray, device: str, block_tokens: int,
-             eval_tokens: int = 2048) -> dict:
-    """Validation loss/top-1/top-5 per head over ``seqs``.
-
-    Reads in blocks of ``block_tokens`` but computes ``eval_tokens`` positions at a time, so at most
-    heads x eval_tokens x draft-vocab logits are alive (a training step's worth), whatever --block-tokens is.
-    """
-    heads.eval()
-    num = len(heads.heads)
-    labels = cache.array("labels")
-    tot = np.zeros((num, 3), dtype=np.int64)
-    loss_sum = np.zeros(num)
-    blocks = make_blocks(seqs, cache.offsets, block_tokens)
-    batches = make_batches(np.concatenate(blocks) if blocks else seqs, cache.offsets, 1, eval_tokens)
-    stream = BatchStream(cache, labels, batches, num, blocks)
-    for b in stream:
-        h = b.hidden.to(device).float()
-        losses, stats = head_losses(heads, h, b.targets.to(device))
-        for i, st in enumerate(stats):
-            n, t1, t5 = st.tolist()
-            tot[i] += (n, t1, t5)
-            loss_sum[i] += float(losses[i]) * n
-    heads.train()
-    n = np.maximum(tot[:, 0], 1)
-    return {"val_tokens": tot[:, 0].tolist(), "val_loss": (loss_sum / n).round(4).tolist(),
-            "val_top1": (tot[:, 1] / n).round(4).tolist(), "val_top5": (tot[:, 2] / n).round(4).tolist()}
-
-
 def _inputs(cfg: TrainConfig) -> dict:
     return {"--cache": cfg.cache, "--val-cache": cfg.val_cache, "--init-from-lm-head": cfg.init_from_lm_head,
             "--distill": cfg.distill}
@@ -259,7 +195,7 @@ def check_cache_against(cache: Cache, cfg: TrainConfig) -> None:
 
 def draft_lm_head(model_dir: str, cache: Cache, flag: str) -> torch.Tensor:
     """The base model's lm_head rows of the cache's draft vocabulary [D, H], fingerprint-checked."""
-    from .lm_head import read_lm_head
+    from .backbone import read_lm_head
 
     rows = cache.mapping().draft_to_target
     w = read_lm_head(model_dir, rows, cache.attrs["fingerprints"]["model"], flag=flag)
@@ -291,10 +227,10 @@ class Variant:
 def make_variant(name: str, cfg: TrainConfig, cache: Cache, total_steps: int, num_layers: int, lr: float,
                  lm_init: torch.Tensor | None) -> Variant:
     heads = build_heads(replace(cfg, num_layers=num_layers), cache, lm_init).to(cfg.device)
-    fused = cfg.device.startswith("cuda")
+    on_cuda = cfg.device.startswith("cuda")
     # fused kernels on CUDA, the multi-tensor (foreach) path elsewhere: one kernel per op, not one per tensor
-    opt = torch.optim.AdamW(heads.parameters(), lr=lr, weight_decay=cfg.weight_decay, fused=fused or None,
-                            foreach=None if fused else True)
+    opt = torch.optim.AdamW(heads.parameters(), lr=lr, weight_decay=cfg.weight_decay, fused=on_cuda or None,
+                            foreach=None if on_cuda else True)
     from transformers import get_scheduler
 
     sched = get_scheduler(cfg.schedule if cfg.schedule != "constant" else "constant_with_warmup", opt,
@@ -438,7 +374,7 @@ def train(cfg: TrainConfig, variants: list[tuple[str, int, float]] | None = None
     out = Path(cfg.out)
 
     device = cfg.device
-    fused = device.startswith("cuda")
+    on_cuda = device.startswith("cuda")
     train_seqs, val_seqs = split(cache, cfg)
     if len(train_seqs) == 0:
         raise UserError(f"--cache: {cfg.cache} has no finished sequences to train on")
@@ -463,7 +399,7 @@ def train(cfg: TrainConfig, variants: list[tuple[str, int, float]] | None = None
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        models = [DDP(v.heads, device_ids=[torch.device(device).index] if fused else None) for v in vs]
+        models = [DDP(v.heads, device_ids=[torch.device(device).index] if on_cuda else None) for v in vs]
 
     memory = cache.read_hidden(0, cache.n_tokens) if cfg.in_memory else None
     weights = cfg.loss_weights()
@@ -473,7 +409,7 @@ def train(cfg: TrainConfig, variants: list[tuple[str, int, float]] | None = None
     window_tokens, t_window = 0, time.perf_counter()
     progress = _Progress(rank == 0 and not bar_shown(bar), min(total_steps, cfg.max_steps or total_steps), step)
     tokens_seen, t_start = 0, time.perf_counter()
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if fused else torch.autocast("cpu", enabled=False)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if on_cuda else torch.autocast("cpu", enabled=False)
     last_val: dict = {}
 
     last_save = time.monotonic()
@@ -500,7 +436,7 @@ def train(cfg: TrainConfig, variants: list[tuple[str, int, float]] | None = None
 
     def micro_step(b, scale: float, sync: bool, log_now: bool) -> int:
         h = b.hidden.to(device, non_blocking=True)
-        h = h.float() if not fused else h
+        h = h.float() if not on_cuda else h
         tg = b.targets.to(device)
         teacher = None
         if teacher_w is not None:  # the base model's next-token distribution, from the cache alone
@@ -589,7 +525,7 @@ def train(cfg: TrainConfig, variants: list[tuple[str, int, float]] | None = None
                 seqs = vc.usable_seqs(cfg.allow_partial, warn=False) if val_cache is not None else val_seqs
                 for v in vs:
                     last_val = {"epoch": epoch - 1, "step": step, **({"variant": v.name} if v.name else {}),
-                                **evaluate(v.heads, vc, seqs, device, cfg.block_tokens, cfg.eval_tokens)}
+                                **validate(v.heads, vc, seqs, device, cfg.block_tokens, cfg.eval_tokens)}
                     log({"split": "val", **last_val})
             save(epoch, 0)
             dist.barrier()

@@ -28,7 +28,7 @@ def spot_check(c: Cache, model: str, n: int = 4, seed: int = 0, device: str = "c
 
     if model_fingerprint(model) != c.attrs.get("fingerprints", {}).get("model"):
         return [f"--model: {model} is not the model this cache was dumped with (fingerprint differs)"]
-    from .dump import ModelPass
+    from .backbone import ModelPass
 
     mp = ModelPass(model, c.hidden_dtype, device)
     ids = c.array("input_ids")

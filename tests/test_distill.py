@@ -14,7 +14,8 @@ from medusa_cache.errors import UserError
 from medusa_cache.evaluate import head_ranks
 from medusa_cache.heads import MedusaHeads
 from medusa_cache.loader import BatchStream, make_batches, make_blocks
-from medusa_cache.train import TrainConfig, head_losses, train
+from medusa_cache.objective import head_losses
+from medusa_cache.train import TrainConfig, train
 
 
 def test_lookahead_rows_are_t_plus_1_plus_i_of_the_same_sequence(tmp_path):

@@ -16,8 +16,9 @@ import torch
 import zarr
 from conftest import run_cli, sharegpt_slice, write_jsonl
 
+from medusa_cache.backbone import plan_batches
 from medusa_cache.data import Templater, read_rows
-from medusa_cache.dump import DumpConfig, plan_batches, run_dump
+from medusa_cache.dump import DumpConfig, run_dump
 from medusa_cache.errors import UserError
 from medusa_cache.store import Cache
 from medusa_cache.vocab import IGNORE
@@ -32,8 +33,8 @@ def decoder(model_dir, dtype):
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_hidden_states_equal_a_direct_model_run_bit_for_bit(tmp_path, tiny_llama, small_chat, dtype):
     out = tmp_path / "c"
-    # batch_tokens=1: every sequence runs alone, as the direct run does -> identical kernels and bits
-    run_dump(DumpConfig(model=str(tiny_llama), data=[str(small_chat)], out=str(out), dtype=dtype, batch_tokens=1))
+    # forward_tokens=1: every sequence runs alone, as the direct run does -> identical kernels and bits
+    run_dump(DumpConfig(model=str(tiny_llama), data=[str(small_chat)], out=str(out), dtype=dtype, forward_tokens=1))
     c = Cache(out)
     assert c.complete and c.hidden_dtype == dtype
     # plain zarr + numpy, as docs/cache-format.md describes
@@ -99,7 +100,7 @@ def test_plan_batches_covers_each_row_once_and_splits_at_unit_edges():
 
 def _dump_args(model, data, out, *extra):
     return ["dump", "--model", str(model), "--data", str(data), "--out", str(out), "--draft-vocab-size", "500",
-            "--max-length", "256", "--chunk-tokens", "128", "--shard-tokens", "512", "--batch-tokens", "512", *extra]
+            "--max-length", "256", "--chunk-tokens", "128", "--shard-tokens", "512", "--forward-tokens", "512", *extra]
 
 
 @pytest.mark.slow

@@ -11,7 +11,8 @@ import zarr
 from conftest import sharegpt_slice, write_jsonl
 
 from medusa_cache import store
-from medusa_cache.dump import DumpConfig, ModelPass, run_dump
+from medusa_cache.backbone import ModelPass
+from medusa_cache.dump import DumpConfig, run_dump
 from medusa_cache.errors import UserError
 from medusa_cache.store import Cache
 from medusa_cache.train import TrainConfig, split

@@ -10,7 +10,8 @@ from conftest import STORIES, write_jsonl
 from safetensors.torch import load_file
 
 from medusa_cache import store
-from medusa_cache.dump import DumpConfig, ModelPass, run_dump
+from medusa_cache.backbone import ModelPass
+from medusa_cache.dump import DumpConfig, run_dump
 from medusa_cache.train import TrainConfig, train
 
 
@@ -22,7 +23,7 @@ def test_heads_trained_from_a_float32_cache_equal_heads_trained_online(tmp_path,
     data = write_jsonl(tmp_path / "s.jsonl", rows)
     # one unit holding everything, so the dump runs every sequence alone and whole, as the online loop does
     run_dump(DumpConfig(model=str(STORIES), data=[str(data)], out=str(tmp_path / "c"), dtype="float32",
-                        max_length=512, chunk_tokens=1024, shard_tokens=4096, batch_tokens=1))
+                        max_length=512, chunk_tokens=1024, shard_tokens=4096, forward_tokens=1))
     cfg = dict(cache=str(tmp_path / "c"), num_heads=3, epochs=2, lr=3e-3, batch_tokens=128, grad_accum=2,
                val_fraction=0, block_tokens=256, shuffle_buffer=4, seed=1)
     train(TrainConfig(out=str(tmp_path / "cached"), **cfg))

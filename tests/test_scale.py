@@ -34,7 +34,7 @@ def torchrun(n: int, *args: str, wait: bool = True):
 
 def dump_args(model: Path, data: Path, out: Path) -> list[str]:
     return ["dump", "--model", str(model), "--data", str(data), "--out", str(out), "--draft-vocab-size", "500",
-            "--max-length", "256", "--chunk-tokens", "128", "--shard-tokens", "512", "--batch-tokens", "1024",
+            "--max-length", "256", "--chunk-tokens", "128", "--shard-tokens", "512", "--forward-tokens", "1024",
             "--dtype", "float32"]
 
 

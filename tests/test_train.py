@@ -31,23 +31,9 @@ I = IGNORE  # noqa: E741
 
 
 def make_cache(path: Path, offsets, labels, hidden: torch.Tensor, draft: int, complete: bool = True) -> store.Cache:
-    """A hand-built store: ids = labels where valid (identity vocab), every unit written."""
-    offsets, labels = np.asarray(offsets), np.asarray(labels, dtype=np.int32)
-    n, h = hidden.shape
-    ids = np.where(labels == IGNORE, 0, labels)
+    """A hand-built store with an identity draft vocabulary (ids = labels where valid), every unit written."""
     mapping = VocabMapping(np.zeros(draft, dtype=np.int64), np.ones(draft, dtype=bool))
-    c = store.create(path, hidden_size=h, hidden_dtype="float32", layout=store.Layout(64, 256), input_ids=ids,
-                     loss_mask=labels != IGNORE, labels=labels, offsets=offsets,
-                     sources=np.zeros((len(offsets) - 1, 2)), mapping=mapping,
-                     token_counts=np.zeros(draft), attrs={"vocab_size": draft, "draft_vocab_size": draft,
-                                                          "fingerprints": {"model": "synthetic"}})
-    for k in range(c.n_units):
-        a, b = c.unit_range(k)
-        c.write_unit(k, hidden[a:b])
-        c.mark_done(k)
-    if complete:
-        c.set_attrs(complete=True)
-    return c
+    return store.from_arrays(path, hidden, offsets, labels, mapping, complete=complete)
 
 
 def test_head_i_at_t_targets_token_t_plus_2_plus_i_within_its_sequence(tmp_path):
@@ -151,7 +137,7 @@ def test_lm_head_init_tied_embeddings_selects_draft_rows(tmp_path):
 def test_lm_head_init_untied_and_sharded(tmp_path, dumped, tiny_llama):
     from transformers import AutoModelForCausalLM
 
-    from medusa_cache.lm_head import read_lm_head
+    from medusa_cache.backbone import read_lm_head
 
     rows = store.Cache(dumped).mapping().draft_to_target
     m = AutoModelForCausalLM.from_pretrained(tiny_llama)

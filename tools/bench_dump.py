@@ -27,7 +27,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 FIX = REPO.parent / "shared" / "fixtures"
 
-from medusa_cache.dump import DumpConfig, ModelPass, open_or_prepare, plan_batches, run_dump  # noqa: E402
+from medusa_cache.backbone import ModelPass, plan_batches  # noqa: E402
+from medusa_cache.dump import DumpConfig, open_or_prepare, run_dump  # noqa: E402
 from medusa_cache.store import Cache  # noqa: E402
 
 
@@ -37,7 +38,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--rows", type=int, default=300, help="conversations taken from each chat file")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    ap.add_argument("--batch-tokens", type=int, default=8192)
+    ap.add_argument("--forward-tokens", type=int, default=8192)
     a = ap.parse_args()
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -57,11 +58,11 @@ def main() -> None:
             p.write_text(json.dumps(rows))
             data.append(str(p))
         dc = DumpConfig(model=str(tmp / "model"), data=data, out=str(tmp / "cache"), dtype=a.dtype,
-                        draft_vocab_size=32000, max_length=2048, batch_tokens=a.batch_tokens)
+                        draft_vocab_size=32000, max_length=2048, forward_tokens=a.forward_tokens)
         # the same batches as the dump will run: plan them from the prepared layout, warm the kernels once
         c = open_or_prepare(dc)
         ids = c.array("input_ids")
-        plans = [plan_batches(c.offsets, *c.unit_range(k), a.batch_tokens) for k in range(c.n_units)]
+        plans = [plan_batches(c.offsets, *c.unit_range(k), a.forward_tokens) for k in range(c.n_units)]
         mp = ModelPass(dc.model, a.dtype, "cpu")
         mp.run(ids, plans[0][0])
         t0 = time.perf_counter()

@@ -105,19 +105,10 @@ def synthetic(path: Path, n: int, hidden: int, codec: str) -> None:
     offsets = np.concatenate([[0], np.cumsum(lens)])
     offsets = offsets[offsets <= n]
     m = int(offsets[-1])
-    labels = rng.integers(0, 1000, m).astype(np.int32)
-    c = store.create(path, hidden_size=hidden, hidden_dtype="bfloat16", layout=store.Layout(64, 4096),
-                     input_ids=labels, loss_mask=np.ones(m, bool), labels=labels, offsets=offsets,
-                     sources=np.zeros((len(offsets) - 1, 2)), mapping=VocabMapping(np.zeros(1000, np.int64),
-                                                                                    np.ones(1000, bool)),
-                     token_counts=np.zeros(1000), attrs={"vocab_size": 1000, "draft_vocab_size": 1000,
-                                                         "fingerprints": {}}, hidden_codec=codec)
     g = torch.Generator().manual_seed(0)
-    for k in range(c.n_units):
-        a, b = c.unit_range(k)
-        c.write_unit(k, torch.randn(b - a, hidden, generator=g).to(torch.bfloat16))
-        c.mark_done(k)
-    c.set_attrs(complete=True)
+    store.from_arrays(path, torch.randn(m, hidden, generator=g).to(torch.bfloat16), offsets, rng.integers(0, 1000, m),
+                      VocabMapping(np.zeros(1000, np.int64), np.ones(1000, bool)), hidden_dtype="bfloat16",
+                      layout=store.Layout(64, 4096), hidden_codec=codec)
 
 
 def loader_tps(path: Path, threads: int) -> float:

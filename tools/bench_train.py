@@ -36,18 +36,10 @@ def synthetic_cache(path: Path, n_tokens: int, hidden: int, draft: int, seed: in
     offsets = np.concatenate([[0], np.cumsum(lens)])
     offsets = offsets[offsets <= n_tokens]
     n = int(offsets[-1])
-    labels = rng.integers(0, draft, n).astype(np.int32)
-    mapping = VocabMapping(np.zeros(draft, dtype=np.int64), np.ones(draft, dtype=bool))
-    c = store.create(path, hidden_size=hidden, hidden_dtype="bfloat16", layout=store.Layout(256, 16384),
-                     input_ids=labels, loss_mask=np.ones(n, bool), labels=labels, offsets=offsets,
-                     sources=np.zeros((len(offsets) - 1, 2)), mapping=mapping, token_counts=np.zeros(draft),
-                     attrs={"vocab_size": draft, "draft_vocab_size": draft, "fingerprints": {"model": "bench"}})
     g = torch.Generator().manual_seed(seed)
-    for k in range(c.n_units):
-        a, b = c.unit_range(k)
-        c.write_unit(k, torch.randn(b - a, hidden, generator=g).to(torch.bfloat16))
-        c.mark_done(k)
-    c.set_attrs(complete=True)
+    store.from_arrays(path, torch.randn(n, hidden, generator=g).to(torch.bfloat16), offsets,
+                      rng.integers(0, draft, n), VocabMapping(np.zeros(draft, dtype=np.int64), np.ones(draft, bool)),
+                      hidden_dtype="bfloat16", layout=store.Layout(256, 16384))
 
 
 def run_train(cache: Path, out: Path, heads: int, extra: list[str]) -> tuple[float, float]:
@@ -100,7 +92,7 @@ def bare_loop_tps(cache: Path, heads: int, batch_tokens: int = 2048, seconds: fl
 MEMORY_CHILD = """
 import resource, sys, torch
 from medusa_cache.heads import MedusaHeads
-from medusa_cache.train import head_losses
+from medusa_cache.objective import head_losses
 mode, rows = sys.argv[1], int(sys.argv[2])
 hidden, draft, heads = 4096, 32000, 4
 torch.manual_seed(0)

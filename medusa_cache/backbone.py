@@ -1,0 +1,140 @@
+"""Everything that touches the base model's files: tokenizer, the decoder pass, batch planning, lm_head rows.
+
+- ``load_tokenizer``: the tokenizer, with our own truncation (``--max-length``).
+- ``plan_batches`` / ``ModelPass``: length-bucketed padded batches through the decoder alone
+  (``model.base_model``: its ``last_hidden_state`` is after the final norm; no logits are computed).
+- ``read_lm_head``: the base model's lm_head rows, lazily, without loading the model: only one tensor is opened
+  (``lm_head.weight``, or ``model.embed_tokens.weight`` when embeddings are tied), through
+  ``model.safetensors.index.json`` for sharded checkpoints; the model must be the one the cache was dumped with.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import store
+from .errors import UserError
+from .fingerprint import model_fingerprint
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except Exception as e:  # noqa: BLE001
+        raise UserError(f"--tokenizer: cannot load a tokenizer from {path}: {e}") from None
+    tok.model_max_length = 1 << 62  # we truncate ourselves (--max-length); silences the length warning
+    return tok
+
+
+PAD_TOLERANCE = 0.06
+
+
+def plan_batches(offsets: np.ndarray, a: int, b: int, batch_tokens: int) -> list[list[tuple[int, int, int]]]:
+    """Batches for unit rows [a, b): each piece is (seq_start, run_end, keep_from) in token coordinates.
+
+    The piece runs the model over [seq_start, run_end) and keeps rows [keep_from, run_end).
+    """
+    first = int(np.searchsorted(offsets, a, side="right")) - 1
+    last = int(np.searchsorted(offsets, b, side="left"))
+    pieces = []
+    for s in range(first, last):
+        s0, s1 = int(offsets[s]), int(offsets[s + 1])
+        run_end = min(s1, b)
+        if run_end <= max(s0, a):
+            continue
+        pieces.append((s0, run_end, max(s0, a)))
+    pieces.sort(key=lambda p: (-(p[1] - p[0]), p[0]))  # longest first, ties by position: deterministic
+    batches, cur, cur_max = [], [], 0
+    for p in pieces:
+        n = p[1] - p[0]
+        # a new batch when the padded size would pass batch_tokens, or when this piece is > 6% shorter
+        # than the batch's longest (bounds the pad tokens computed to ~3% on average)
+        if cur and (max(cur_max, n) * (len(cur) + 1) > batch_tokens or n < (1 - PAD_TOLERANCE) * cur_max):
+            batches.append(cur)
+            cur, cur_max = [], 0
+        cur.append(p)
+        cur_max = max(cur_max, n)
+    if cur:
+        batches.append(cur)
+    return batches
+
+
+class ModelPass:
+    """The decoder of a causal LM, returning post-final-norm hidden states for packed pieces."""
+
+    def __init__(self, model_dir: str, dtype: str, device: str):
+        from transformers import AutoModelForCausalLM
+
+        try:
+            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=store.TORCH_DTYPES[dtype])
+        except Exception as e:  # noqa: BLE001
+            raise UserError(f"--model: cannot load {model_dir}: {e}") from None
+        self.decoder = model.base_model.to(device).eval()
+        self.device = device
+        self.computed_tokens = 0
+
+    @torch.inference_mode()
+    def run(self, ids: np.ndarray, batch: list[tuple[int, int, int]]) -> list[torch.Tensor]:
+        width = max(p[1] - p[0] for p in batch)
+        x = np.zeros((len(batch), width), dtype=np.int64)
+        att = np.zeros((len(batch), width), dtype=np.int64)
+        for i, (s0, e, _) in enumerate(batch):
+            x[i, : e - s0] = ids[s0:e]
+            att[i, : e - s0] = 1
+        self.computed_tokens += x.size
+        out = self.decoder(
+            input_ids=torch.from_numpy(x).to(self.device), attention_mask=torch.from_numpy(att).to(self.device)
+        ).last_hidden_state
+        return [out[i, keep - s0 : e - s0].cpu() for i, (s0, e, keep) in enumerate(batch)]
+
+
+LM_KEYS = ("lm_head.weight",)
+EMBED_KEYS = ("model.embed_tokens.weight", "embed_tokens.weight", "transformer.wte.weight")
+
+
+def _weight_files(d: Path) -> dict[str, Path]:
+    """tensor name -> safetensors file holding it."""
+    index = d / "model.safetensors.index.json"
+    if index.exists():
+        wm = json.loads(index.read_text())["weight_map"]
+        return {k: d / v for k, v in wm.items()}
+    files = sorted(d.glob("*.safetensors"))
+    if not files:
+        raise UserError(f"{d}: no safetensors weights (only safetensors checkpoints can be read lazily)")
+    from safetensors import safe_open
+
+    out = {}
+    for f in files:
+        with safe_open(str(f), "pt") as h:
+            out.update({k: f for k in h.keys()})  # noqa: SIM118 - safe_open has no __iter__
+    return out
+
+
+def read_lm_head(model_dir: str, rows: np.ndarray | None = None, expect_fingerprint: str | None = None,
+                 flag: str = "--init-from-lm-head") -> torch.Tensor:
+    d = Path(model_dir)
+    if not (d / "config.json").exists():
+        raise UserError(f"{flag}: {d} is not a model directory (no config.json)")
+    if expect_fingerprint is not None and model_fingerprint(d) != expect_fingerprint:
+        raise UserError(f"{flag}: {d} is not the model the cache was dumped with (fingerprint differs)")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg = cfg.get("text_config", cfg)
+    files = _weight_files(d)
+    tied = cfg.get("tie_word_embeddings", False)
+    keys = (EMBED_KEYS if tied else LM_KEYS) + (LM_KEYS if tied else EMBED_KEYS)
+    name = next((k for k in keys if k in files), None)
+    if name is None:
+        raise UserError(f"{flag}: {d} has neither lm_head.weight nor embed_tokens.weight")
+    from safetensors import safe_open
+
+    with safe_open(str(files[name]), "pt") as h:
+        w = h.get_tensor(name)
+    if rows is not None:
+        w = w[torch.from_numpy(np.asarray(rows, dtype=np.int64))]
+    return w

@@ -59,8 +59,11 @@ class Layout:
         return Layout(chunk, shard)
 
 
-def _blosc(typesize: int) -> BloscCodec:
-    return BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle", typesize=typesize)
+def _blosc(typesize: int, cname: str = "zstd") -> BloscCodec:
+    return BloscCodec(cname=cname, clevel=3 if cname == "zstd" else 1, shuffle="bitshuffle", typesize=typesize)
+
+
+COMPRESSIONS = ("zstd", "lz4", "none")  # for `hidden` (tools/bench_storage.py measures bytes vs read speed)
 
 
 def is_url(path: str | Path) -> bool:
@@ -181,6 +184,7 @@ def create(
     attrs: dict[str, Any],
     hidden_codec: str = "lossless",
     int8_group: int = 128,
+    hidden_compression: str = "zstd",
 ) -> Cache:
     """Preallocate a store. ``hidden_codec="int8"`` stores hidden states as int8 with one float32 scale per
     ``int8_group`` channels of each row (``hidden_scale``, sharded and written with its unit)."""
@@ -219,7 +223,7 @@ def create(
             dtype=np_dtype,
             chunks=(layout.chunk_tokens, hidden_size),
             shards=(layout.shard_tokens, hidden_size),
-            compressors=[_blosc(itemsize)],
+            compressors=None if hidden_compression == "none" else [_blosc(itemsize, hidden_compression)],
             fill_value=fill,
             attributes={"logical_dtype": hidden_dtype, "codec": hidden_codec},
         )
@@ -248,7 +252,8 @@ def create(
 
 def from_arrays(path: str | Path, hidden: torch.Tensor, offsets, labels, mapping: VocabMapping, *,
                 input_ids=None, loss_mask=None, hidden_dtype: str = "float32", layout: Layout | None = None,
-                hidden_codec: str = "lossless", int8_group: int = 128, complete: bool = True,
+                hidden_codec: str = "lossless", int8_group: int = 128, hidden_compression: str = "zstd",
+                complete: bool = True,
                 attrs: dict[str, Any] | None = None) -> Cache:
     """A whole store from arrays already in memory: the one builder tests and tools use for synthetic caches.
 
@@ -269,7 +274,7 @@ def from_arrays(path: str | Path, hidden: torch.Tensor, offsets, labels, mapping
                token_counts=np.zeros(mapping.target_size),
                attrs={"vocab_size": mapping.target_size, "draft_vocab_size": mapping.draft_size,
                       "fingerprints": {"model": "synthetic"}, **(attrs or {})},
-               hidden_codec=hidden_codec, int8_group=int8_group)
+               hidden_codec=hidden_codec, int8_group=int8_group, hidden_compression=hidden_compression)
     for k in range(c.n_units):
         a, b = c.unit_range(k)
         c.write_unit(k, hidden[a:b])

@@ -16,7 +16,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 import time
@@ -99,7 +98,7 @@ def heads_comparison(demo: Path, work: Path) -> list[str]:
     return out
 
 
-def synthetic(path: Path, n: int, hidden: int, codec: str) -> None:
+def synthetic(path: Path, n: int, hidden: int, codec: str, compression: str = "zstd") -> None:
     rng = np.random.default_rng(0)
     lens = rng.integers(200, 1200, n // 300 + 10)
     offsets = np.concatenate([[0], np.cumsum(lens)])
@@ -108,7 +107,7 @@ def synthetic(path: Path, n: int, hidden: int, codec: str) -> None:
     g = torch.Generator().manual_seed(0)
     store.from_arrays(path, torch.randn(m, hidden, generator=g).to(torch.bfloat16), offsets, rng.integers(0, 1000, m),
                       VocabMapping(np.zeros(1000, np.int64), np.ones(1000, bool)), hidden_dtype="bfloat16",
-                      layout=store.Layout(64, 4096), hidden_codec=codec)
+                      layout=store.Layout(64, 4096), hidden_codec=codec, hidden_compression=compression)
 
 
 def loader_tps(path: Path, threads: int) -> float:
@@ -143,12 +142,15 @@ def main() -> None:
     ap.add_argument("--demo", default="medusa-cache-demo", help="output of `medusa-cache demo` (its stories)")
     ap.add_argument("--fixtures", default=str(REPO / "tests" / "fixtures"))
     ap.add_argument("--read-tokens", type=int, default=100000)
+    ap.add_argument("--only-read", action="store_true", help="only part 4")
     a = ap.parse_args()
     work = Path(tempfile.mkdtemp())
     fx = Path(a.fixtures)
     tok = fx / "tokenizers" / "llama3"
     if not (tok / "tokenizer.json").exists():
         tok = fx / ".unpacked" / "llama3"
+    if a.only_read:
+        return read_speed(work, a)
     print("## 1. Bytes per token of the hidden states (bf16 uncompressed = 2 x H)\n")
     print("| data | codec | bytes/token | vs raw bf16 | vs lossless bf16 |\n|---|---|---|---|---|")
     chats = [str(fx / "chat" / f) for f in ("fastchat_dummy_sharegpt.json", "glaive_toolcall_sharegpt.json")]
@@ -174,22 +176,26 @@ def main() -> None:
     print("| cache | top-1 per head | chain acceptance |\n|---|---|---|")
     for row in heads_comparison(Path(a.demo), work):
         print(row)
+    read_speed(work, a)
+
+
+def read_speed(work: Path, a) -> None:
     print(f"\n## 4. Read speed at H 4096 ({a.read_tokens} tokens, streaming loader alone, warm page cache)\n")
     print("| layout | bytes/token | tokens/s, 1 thread | tokens/s, 2 threads | GB/s of bf16 (2 threads) |")
     print("|---|---|---|---|---|")
-    for codec in ("lossless", "int8"):
-        p = work / f"read-{codec}"
-        synthetic(p, a.read_tokens, 4096, codec)
+    for codec, comp in (("lossless", "zstd"), ("lossless", "lz4"), ("lossless", "none"), ("int8", "zstd"),
+                        ("int8", "none")):
+        p = work / f"read-{codec}-{comp}"
+        synthetic(p, a.read_tokens, 4096, codec, comp)
         loader_tps(p, 2)  # warm the page cache
         t1, t2 = loader_tps(p, 1), loader_tps(p, 2)
-        print(f"| zarr {codec} | {hidden_bytes(p) / store.Cache(p).n_tokens:.0f} | {t1:.0f} | {t2:.0f} | "
+        print(f"| zarr {codec}, {comp} | {hidden_bytes(p) / store.Cache(p).n_tokens:.0f} | {t1:.0f} | {t2:.0f} | "
               f"{t2 * 8192 / 1e9:.2f} |")
-    per_sample_tps(work / "read-lossless")  # writes the files and warms the page cache
-    tps, b = per_sample_tps(work / "read-lossless")
+    per_sample_tps(work / "read-lossless-zstd")  # writes the files and warms the page cache
+    tps, b = per_sample_tps(work / "read-lossless-zstd")
     print(f"| torch.save per sequence (SpecForge offline) | {b:.0f} | {tps:.0f} | - | {tps * 8192 / 1e9:.2f} |")
     print("\nCores to feed ~225K tokens/s (H200, Llama-3 reference heads), at the 2-thread rate of each layout: "
           "225000 / (tokens/s per 2 cores) x 2.")
-    print(json.dumps({"work": str(work)}))
 
 
 if __name__ == "__main__":

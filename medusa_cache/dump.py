@@ -447,3 +447,9 @@ def summary(cache: store.Cache, t0: float, written: int, computed: int) -> dict:
 
 def print_summary(s: dict) -> None:
     print(json.dumps(s, indent=2))
+    print("legend: real_over_computed = real tokens written / tokens the model computed (padding and the context "
+          "re-run at unit edges make it < 1); skipped_input_rows = data rows skipped by --skip-bad-rows; "
+          "nonfinite_rows = hidden rows with NaN/Inf (kept, flagged in bad_rows, excluded from training)")
+    state = "complete" if s.get("complete") else "INCOMPLETE (rerun with --resume)"
+    print(f"cache {state}: {s['store']}\nnext: medusa-cache verify {s['store']} --deep && "
+          f"medusa-cache train --cache {s['store']} --out heads")

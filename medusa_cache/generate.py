@@ -18,7 +18,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 from tqdm.auto import tqdm
@@ -52,6 +52,11 @@ class GenerateConfig:
     """Replace an existing --out."""
     device: str = "cpu"
     """cpu or cuda."""
+    pipeline: Literal["medusa-cache", "specforge"] = "medusa-cache"
+    """Chat rows: turns converted as `dump --pipeline` does (specforge: SpecForge's roles, dropped turns and
+    default system prompt), so the regenerated conversation is the one that pipeline will train on."""
+    system_prompt: str | None = None
+    """--pipeline specforge: replace the template's default system prompt ('none': no prompt)."""
 
     def __post_init__(self) -> None:
         check(self.model is not None, "model", "is required")
@@ -86,7 +91,7 @@ def generate(cfg: GenerateConfig) -> int:
         raise UserError(f"--out: {out} exists and is not a file (generate writes one JSONL file)")
     if out.exists() and not (cfg.resume or cfg.overwrite):
         raise UserError(f"--out: {out} already exists; pass --resume to continue it or --overwrite to replace it")
-    rows = [r for r in read_rows(Path(cfg.prompts), 0)]
+    rows = [r for r in read_rows(Path(cfg.prompts), 0, pipeline=cfg.pipeline)]
     bad = [r for r in rows if isinstance(r, RowError)]
     if bad:
         raise UserError(str(bad[0]))
@@ -160,8 +165,16 @@ def _continue(model, tok, prompts: list[str], cfg: GenerateConfig, add_special_t
 def _regenerate_chat(model, tok, row, cfg: GenerateConfig) -> dict:
     if not getattr(tok, "chat_template", None):
         raise UserError("--prompts: chat rows need a tokenizer with a chat template")
+    messages = row.messages
+    if cfg.pipeline == "specforge":  # the conversation SpecForge's parser will render (prompt inserted, turns cut)
+        from .specforge_pipeline import arrange, detect_template
+
+        default = detect_template(tok, None).system_prompt
+        prompt = default if cfg.system_prompt is None else ("" if cfg.system_prompt.lower() == "none" else
+                                                             cfg.system_prompt)
+        messages = arrange(messages, prompt)
     msgs = []
-    for m in row.messages:
+    for m in messages:
         if m["role"] == "assistant":
             prompt = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
             m = {"role": "assistant", "content": _continue(model, tok, [prompt], cfg, add_special_tokens=False)[0]}

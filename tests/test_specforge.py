@@ -72,3 +72,31 @@ def test_dump_with_the_specforge_pipeline_stores_specforges_tokens(tmp_path, tin
     run_dump(DumpConfig(model=str(tiny_llama), data=[str(plain)], out=str(tmp_path / "own"), dtype="float32"))
     with pytest.raises(UserError, match="--data-pipeline: the config expects a cache dumped with --pipeline specforge"):
         train(TrainConfig(cache=str(tmp_path / "own"), out=str(tmp_path / "h2"), data_pipeline="specforge"))
+
+
+def test_generate_with_the_specforge_pipeline_regenerates_the_conversation_specforge_trains(tmp_path):
+    """stories260K has no chat template: give it a Llama-3-style one; the regenerated rows carry SpecForge's
+    inserted system prompt and only its kept roles, so dump --pipeline specforge trains exactly these turns."""
+    import shutil
+
+    from conftest import STORIES, write_jsonl
+
+    from medusa_cache.generate import GenerateConfig, generate
+
+    model = tmp_path / "m"
+    shutil.copytree(STORIES, model)
+    cfg = json.loads((model / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = ("{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\\n\\n' "
+                            "+ m['content'] + '<|eot_id|>' }}{% endfor %}{% if add_generation_prompt %}"
+                            "{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}")
+    (model / "tokenizer_config.json").write_text(json.dumps(cfg))
+    rows = [{"conversations": [{"from": "system", "value": "ignored by SpecForge"},
+                               {"from": "human", "value": "Tell me a story."}, {"from": "gpt", "value": "x"},
+                               {"from": "observation", "value": "dropped"}]}]
+    generate(GenerateConfig(model=str(model), prompts=str(write_jsonl(tmp_path / "p.jsonl", rows)),
+                            out=str(tmp_path / "g.jsonl"), max_new_tokens=8, pipeline="specforge"))
+    (out,) = [json.loads(x) for x in (tmp_path / "g.jsonl").read_text().splitlines()]
+    roles = [m["role"] for m in out["messages"]]
+    assert roles == ["system", "user", "assistant"]
+    assert out["messages"][0]["content"].startswith("You are a helpful, respectful and honest assistant")
+    assert out["messages"][2]["content"] != "x"

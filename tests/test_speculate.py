@@ -143,3 +143,23 @@ def _teacher_forced_ranks_on_greedy_text(tmp_path, model, prompts, max_new: int)
     c.set_attrs(complete=True)
     r = head_ranks(heads, store.Cache(tmp_path / "greedy.zarr"), np.arange(len(offsets) - 1), topk=10)
     return [r["rank"][r["seq"] == s] for s in range(len(offsets) - 1)]
+
+
+def test_lossless_on_a_tiny_random_llama_with_the_llama3_vocabulary(tmp_path, tiny_llama):
+    """A second architecture and a 128K vocabulary: chat prompts through the real Llama-3 chat template."""
+    d = tmp_path / "h"
+    d.mkdir()
+    heads = MedusaHeads(32, 128256, 3, 1, seed=1)
+    save_file(heads.reference_state_dict(), str(d / "medusa_lm_head.safetensors"))
+    save_file({"d2t": torch.zeros(128256, dtype=torch.int64), "t2d": torch.ones(128256, dtype=torch.bool)},
+              str(d / "vocab_mapping.safetensors"))
+    (d / "config.json").write_text(json.dumps({"medusa_num_heads": 3, "medusa_num_layers": 1, "hidden_size": 32,
+                                               "vocab_size": 128256, "draft_vocab_size": 128256}))
+    (d / "tree.json").write_text(json.dumps([[0], [1], [0, 0], [0, 1], [0, 0, 0]]))
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"messages": [{"role": "user", "content": "Hello, who are you?"}]},
+                                                 {"messages": [{"role": "user", "content": "Name a colour."}]}])
+    for chain in (True, False):
+        r = run_speculate(SpeculateConfig(model=str(tiny_llama), heads=str(d), prompts=str(prompts), chain=chain,
+                                          tree=None if chain else str(d / "tree.json"), max_new_tokens=16))
+        assert r["identical_to_greedy"], r["mismatches"]
+        assert r["tokens"] == 32

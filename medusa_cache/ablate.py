@@ -81,7 +81,7 @@ def run_ablate(cfg: TrainConfig, heads: list[int], layers: list[int], lrs: list[
             res = {"variant": name, "label": label(name), **evaluate_ranks(r, k, topk, budgets)}
             write_trees(res, out / "trees", f"{name}_heads{k}_tree")
             rows.append(res)
-    model = Cache(cfg.cache).attrs.get("dump_args", {}).get("model")
+    model = Cache(cfg.cache).meta.dump_args.get("model")
     if speculate_prompts:
         measure(rows, out, cfg, model, speculate_prompts, speculate_tokens, verify_cost)
         measured = [m["step_cost_ratio"] for r in rows for m in [r.get("measured")] if m and m["nodes"]]
@@ -182,8 +182,8 @@ def separation_warning(rows: list[dict], best_row: dict, best_opt: dict, verify_
 
 def describe(cfg: TrainConfig, rows: list[dict]) -> str:
     c = Cache(cfg.cache)
-    counts = c.attrs.get("counts", {})
-    return (f"Model {c.attrs.get('dump_args', {}).get('model')}; data {', '.join(c.attrs.get('data_files', []))} "
+    counts = c.meta.counts
+    return (f"Model {c.meta.dump_args.get('model')}; data {', '.join(c.meta.data_files)} "
             f"({counts.get('tokens', c.n_tokens):,} tokens, {counts.get('assistant_tokens', 0):,} trained); "
             f"{cfg.epochs} epochs; held out: {rows[0]['sequences']} sequences, {rows[0]['positions']:,} positions.")
 

@@ -323,7 +323,7 @@ def open_or_prepare(cfg: DumpConfig) -> store.Cache:
         store.remove_store(out)
     if cfg.resume and store.is_store(out):
         cache = store.Cache(out, mode="r+")
-        old = cache.attrs.get("fingerprints", {})
+        old = cache.meta.fingerprints
         diff = [k for k in fps if old.get(k) != fps[k]]
         if diff:
             raise UserError(f"--resume: {out} was dumped with a different {', '.join(diff)}; "
@@ -430,7 +430,7 @@ def _run_units(cfg: DumpConfig, cache: store.Cache | None, rank: int, world_size
 
 
 def summary(cache: store.Cache, t0: float, written: int, computed: int) -> dict:
-    c = cache.attrs.get("counts", {})
+    c = cache.meta.counts
     return {
         "store": cache.path,
         "complete": cache.complete,
@@ -438,7 +438,7 @@ def summary(cache: store.Cache, t0: float, written: int, computed: int) -> dict:
         "hidden_size": cache.hidden_size,
         "hidden_dtype": cache.hidden_dtype,
         "hidden_codec": cache.codec,
-        "draft_vocab_size": cache.attrs.get("draft_vocab_size"),
+        "draft_vocab_size": cache.meta.draft_vocab_size,
         "written_tokens": written,
         "real_over_computed": round(written / computed, 4) if computed else None,
         "seconds": round(time.perf_counter() - t0, 2),

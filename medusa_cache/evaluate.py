@@ -284,7 +284,7 @@ def run_eval(heads_dir: str, cache_path: str, topk: int = 10, tree_file: str | N
     if base_model:
         from .backbone import read_lm_head
 
-        base = read_lm_head(base_model, None, cache.attrs["fingerprints"]["model"], flag="--base-model").float()
+        base = read_lm_head(base_model, None, cache.meta.fingerprints.get("model"), flag="--base-model").float()
     r = head_ranks(heads, cache, cache.usable_seqs(), topk, device, base_lm_head=base)
     res = evaluate_ranks(r, heads.num_heads, topk, budgets or [], tree)
     if trees_out:

@@ -39,10 +39,10 @@ def save_heads(heads: MedusaHeads, cache, cfg, out: Path) -> None:
         "medusa_num_heads": heads.num_heads,
         "medusa_num_layers": heads.num_layers,
         "hidden_size": heads.hidden_size,
-        "vocab_size": int(cache.attrs["vocab_size"]),
+        "vocab_size": cache.meta.vocab_size,
         "draft_vocab_size": mapping.draft_size,
-        "base_model_name_or_path": cfg.base_model_name_or_path or cache.attrs.get("dump_args", {}).get("model"),
-        "cache_fingerprint": cache.attrs.get("fingerprints", {}),
+        "base_model_name_or_path": cfg.base_model_name_or_path or cache.meta.dump_args.get("model"),
+        "cache_fingerprint": cache.meta.fingerprints,
         "provenance": provenance(cache, cfg),
     }
     save_file(heads.reference_state_dict(), str(out / "medusa_lm_head.safetensors"))
@@ -75,16 +75,15 @@ def provenance(cache, cfg) -> dict:
 
     from .dump import DumpConfig
 
-    dump_args = cache.attrs.get("dump_args", {})
+    dump_args = cache.meta.dump_args
     dump_defaults = {f.name: f.default for f in dataclasses.fields(DumpConfig)}
     train_values = dataclasses.asdict(cfg)
     train_defaults = {f.name: f.default for f in dataclasses.fields(type(cfg))
                       if f.default is not dataclasses.MISSING}
-    counts = cache.attrs.get("counts", {})
+    counts = cache.meta.counts
     return {
-        "data": {"data_files": cache.attrs.get("data_files", []), "tokens": counts.get("tokens"),
-                 "assistant_tokens": counts.get("assistant_tokens"), "pipeline": cache.attrs.get("pipeline",
-                                                                                                 "medusa-cache")},
+        "data": {"data_files": cache.meta.data_files, "tokens": counts.get("tokens"),
+                 "assistant_tokens": counts.get("assistant_tokens"), "pipeline": cache.meta.pipeline},
         "train": {k: v for k, v in train_values.items() if k not in ("resume", "overwrite")},
         "commands": [command_line("dump", dump_args, dump_defaults, skip=("resume", "overwrite")),
                      command_line("train", train_values, train_defaults, skip=("resume", "overwrite"))],

@@ -9,13 +9,13 @@ from .store import Cache
 
 def inspect_store(path: str) -> dict[str, Any]:
     c = Cache(path)
-    counts = c.attrs.get("counts", {})
+    counts = c.meta.counts
     done = c.done_units()
     disk = c.disk_bytes()
     assistant = counts.get("assistant_tokens", 0)
     return {
         "store": c.path,
-        "format_version": c.attrs["medusa_cache"],
+        "format_version": c.meta.medusa_cache,
         "complete": c.complete,
         "units_done": f"{int(done.sum())}/{c.n_units}",
         "sequences": c.n_seqs,
@@ -25,14 +25,14 @@ def inspect_store(path: str) -> dict[str, Any]:
         "hidden_size": c.hidden_size,
         "hidden_dtype": c.hidden_dtype,
         "hidden_codec": c.codec + (f" (scale per {c.int8_group} channels)" if c.codec == "int8" else ""),
-        "vocab_size": c.attrs.get("vocab_size"),
-        "draft_vocab_size": c.attrs.get("draft_vocab_size"),
+        "vocab_size": c.meta.vocab_size,
+        "draft_vocab_size": c.meta.draft_vocab_size,
         "bytes_on_disk": disk,
         "bytes_per_token": round(disk / max(1, c.n_tokens), 1),
-        "chunk_tokens": c.attrs["chunk_tokens"],
+        "chunk_tokens": c.meta.chunk_tokens,
         "shard_tokens": c.shard_tokens,
         "counts": counts,
-        "fingerprints": c.attrs.get("fingerprints", {}),
+        "fingerprints": c.meta.fingerprints,
     }
 
 

@@ -15,7 +15,7 @@ import json
 import os
 import shutil
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +57,68 @@ class Layout:
         while shard < 16 * max_length and shard * 2 * hidden_size * itemsize <= (512 << 20):
             shard *= 2
         return Layout(chunk, shard)
+
+
+@dataclass
+class StoreMeta:
+    """The group attributes of a store: every one named, typed and documented here, validated on open."""
+
+    medusa_cache: int
+    """Format version (1..FORMAT_VERSION)."""
+    hidden_size: int
+    """H: width of the hidden states."""
+    hidden_dtype: str
+    """Compute dtype of the dump, and stored dtype of lossless states: bfloat16 (stored as uint16) or float32."""
+    chunk_tokens: int
+    """Rows per Zarr chunk of the token-axis arrays."""
+    shard_tokens: int
+    """Rows per shard = per write unit."""
+    n_units: int
+    """Number of units (shards of `hidden`)."""
+    complete: bool = False
+    """Set last, when every unit is done."""
+    vocab_size: int = 0
+    """Target vocabulary size V."""
+    draft_vocab_size: int = 0
+    """Draft vocabulary size D."""
+    hidden_codec: str = "lossless"
+    """lossless or int8 (format 3)."""
+    int8_group: int = 0
+    """int8: channels per scale."""
+    pipeline: str = "medusa-cache"
+    """How chats became ids and masks: medusa-cache or specforge (docs/data-pipeline.md)."""
+    data_files: list = field(default_factory=list)
+    """Names of the data files, in `seq_source` order."""
+    fingerprints: dict = field(default_factory=dict)
+    """model, tokenizer, chat_template, data, vocab, ...: what a resume must match."""
+    dump_args: dict = field(default_factory=dict)
+    """The dump's resolved settings."""
+    counts: dict = field(default_factory=dict)
+    """rows, sequences, tokens, assistant tokens, skipped rows, ... (docs/cache-format.md)."""
+    bad_row_examples: list = field(default_factory=list)
+    """First skipped input rows' messages."""
+    medusa_cache_preparing: bool = False
+    """True while the dump prepares the store (then it is only resumable from scratch)."""
+
+    @staticmethod
+    def from_attrs(attrs: dict[str, Any], where: str) -> StoreMeta:
+        import dataclasses
+        import typing
+
+        hints = typing.get_type_hints(StoreMeta)
+        known = {f.name for f in dataclasses.fields(StoreMeta)}
+        values = {k: v for k, v in attrs.items() if k in known}
+        for k, v in values.items():
+            want = hints[k]
+            want = typing.get_origin(want) or want
+            if want is float and isinstance(v, int):
+                continue
+            if not isinstance(v, want) or (want is int and isinstance(v, bool)):
+                raise UserError(f"{where}: attribute {k!r} should be {want.__name__}, found {v!r}")
+        try:
+            return StoreMeta(**values)
+        except TypeError as e:
+            raise UserError(f"{where}: store attributes incomplete ({e})") from None
 
 
 def _blosc(typesize: int, cname: str = "zstd") -> BloscCodec:
@@ -188,6 +250,11 @@ def create(
 ) -> Cache:
     """Preallocate a store. ``hidden_codec="int8"`` stores hidden states as int8 with one float32 scale per
     ``int8_group`` channels of each row (``hidden_scale``, sharded and written with its unit)."""
+    import dataclasses
+
+    unknown = set(attrs) - {f.name for f in dataclasses.fields(StoreMeta)}
+    if unknown:
+        raise ValueError(f"store.create: attributes not in StoreMeta: {sorted(unknown)}")
     n = int(offsets[-1])
     with zarr.config.set(_WRITE_ALL):
         group = zarr.open_group(str(path), mode="w", attributes={"medusa_cache_preparing": True})
@@ -305,12 +372,13 @@ class Cache:
                 f"({FORMAT_VERSION}); upgrade medusa-cache"
             )
         self.hidden = self.group["hidden"]
-        self.hidden_dtype: str = self.attrs["hidden_dtype"]
-        self.codec: str = self.attrs.get("hidden_codec", "lossless")
-        self.int8_group: int = int(self.attrs.get("int8_group", 0))
-        self.hidden_size: int = self.attrs["hidden_size"]
-        self.shard_tokens: int = self.attrs["shard_tokens"]
-        self.n_units: int = self.attrs["n_units"]
+        self.meta = StoreMeta.from_attrs(self.attrs, self.path)
+        self.hidden_dtype: str = self.meta.hidden_dtype
+        self.codec: str = self.meta.hidden_codec
+        self.int8_group: int = self.meta.int8_group
+        self.hidden_size: int = self.meta.hidden_size
+        self.shard_tokens: int = self.meta.shard_tokens
+        self.n_units: int = self.meta.n_units
         self.offsets: np.ndarray = self.group["seq_offsets"][:]
         self.n_tokens = int(self.offsets[-1])
         self.n_seqs = len(self.offsets) - 1
@@ -318,13 +386,13 @@ class Cache:
     # ---- metadata -------------------------------------------------------------------------------
     @property
     def complete(self) -> bool:
-        return bool(self.attrs.get("complete"))
+        return self.meta.complete
 
     def content_fingerprint(self) -> str:
         """What the store holds: its inputs' fingerprints and its shape (a re-dump of other data differs)."""
         import hashlib
 
-        d = {"fingerprints": self.attrs.get("fingerprints"), "n_tokens": self.n_tokens, "n_seqs": self.n_seqs,
+        d = {"fingerprints": self.meta.fingerprints, "n_tokens": self.n_tokens, "n_seqs": self.n_seqs,
              "hidden_dtype": self.hidden_dtype, "hidden_size": self.hidden_size}
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -390,7 +458,7 @@ class Cache:
         for them only ``hidden`` and ``unit_done`` are checked.
         """
         keys = self._listing()
-        names = ARRAYS if self.attrs.get("medusa_cache", 1) >= 2 else ("hidden", "unit_done")
+        names = ARRAYS if self.meta.medusa_cache >= 2 else ("hidden", "unit_done")
         if self.codec != "int8":
             names = tuple(n for n in names if n != "hidden_scale")
         problems = []
@@ -473,6 +541,7 @@ class Cache:
     def set_attrs(self, **kw: Any) -> None:
         self.group.attrs.update(kw)
         self.attrs.update(kw)
+        self.meta = StoreMeta.from_attrs(self.attrs, self.path)
 
     def _fsync_local(self, key: str) -> None:
         if is_url(self.path):

@@ -181,12 +181,12 @@ def _inputs(cfg: TrainConfig) -> dict:
 
 
 def check_cache_against(cache: Cache, cfg: TrainConfig) -> None:
-    for name, have in (("hidden_size", cache.hidden_size), ("vocab_size", cache.attrs.get("vocab_size")),
-                       ("draft_vocab_size", cache.attrs.get("draft_vocab_size"))):
+    for name, have in (("hidden_size", cache.hidden_size), ("vocab_size", cache.meta.vocab_size),
+                       ("draft_vocab_size", cache.meta.draft_vocab_size)):
         want = getattr(cfg, name)
         if want is not None and want != have:
             raise UserError(f"--{name.replace('_', '-')}: config says {want} but the cache {cache.path} has {have}")
-    have = cache.attrs.get("pipeline", "medusa-cache")
+    have = cache.meta.pipeline
     if cfg.data_pipeline and cfg.data_pipeline != have:
         raise UserError(f"--data-pipeline: the config expects a cache dumped with --pipeline {cfg.data_pipeline}, but "
                         f"{cache.path} was dumped with --pipeline {have} (for the Eagle3 comparison, dump with "
@@ -198,14 +198,14 @@ def draft_lm_head(model_dir: str, cache: Cache, flag: str) -> torch.Tensor:
     from .backbone import read_lm_head
 
     rows = cache.mapping().draft_to_target
-    w = read_lm_head(model_dir, rows, cache.attrs["fingerprints"]["model"], flag=flag)
+    w = read_lm_head(model_dir, rows, cache.meta.fingerprints.get("model"), flag=flag)
     if w.shape != (len(rows), cache.hidden_size):
         raise UserError(f"{flag}: lm_head rows have shape {tuple(w.shape)}, expected {(len(rows), cache.hidden_size)}")
     return w.float()
 
 
 def build_heads(cfg: TrainConfig, cache: Cache, lm_init: torch.Tensor | None = None) -> MedusaHeads:
-    heads = MedusaHeads(cache.hidden_size, cache.attrs["draft_vocab_size"], cfg.num_heads, cfg.num_layers, cfg.seed)
+    heads = MedusaHeads(cache.hidden_size, cache.meta.draft_vocab_size, cfg.num_heads, cfg.num_layers, cfg.seed)
     if lm_init is not None:
         heads.set_lm_head(lm_init)
     return heads
@@ -359,7 +359,7 @@ def train(cfg: TrainConfig, variants: list[tuple[str, int, float]] | None = None
         val_cache.require_complete(cfg.allow_partial)
         if val_cache.mapping().fingerprint() != cache.mapping().fingerprint():
             raise UserError(f"--val-cache: {cfg.val_cache} uses a different draft vocabulary than {cfg.cache}")
-        if val_cache.attrs["fingerprints"]["model"] != cache.attrs["fingerprints"]["model"]:
+        if val_cache.meta.fingerprints.get("model") != cache.meta.fingerprints.get("model"):
             raise UserError(f"--val-cache: {cfg.val_cache} was dumped with a different model than {cfg.cache}")
         if val_cache.content_fingerprint() == cache.content_fingerprint():
             raise UserError(f"--val-cache: {cfg.val_cache} holds the same data as --cache {cfg.cache}; validating "

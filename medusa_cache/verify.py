@@ -26,7 +26,7 @@ def spot_check(c: Cache, model: str, n: int = 4, seed: int = 0, device: str = "c
     """
     from .fingerprint import model_fingerprint
 
-    if model_fingerprint(model) != c.attrs.get("fingerprints", {}).get("model"):
+    if model_fingerprint(model) != c.meta.fingerprints.get("model"):
         return [f"--model: {model} is not the model this cache was dumped with (fingerprint differs)"]
     from .backbone import ModelPass
 
@@ -75,7 +75,7 @@ def verify(path: str, deep: bool = False, model: str | None = None, samples: int
     try:
         m = c.mapping()
         m.validate("d2t/t2d")
-        if m.target_size != c.attrs.get("vocab_size") or m.draft_size != c.attrs.get("draft_vocab_size"):
+        if m.target_size != c.meta.vocab_size or m.draft_size != c.meta.draft_vocab_size:
             problems.append("d2t/t2d sizes disagree with the vocab_size/draft_vocab_size attributes")
         ids, mask, labels = c.array("input_ids"), c.array("loss_mask").astype(bool), c.array("labels")
         bad = np.flatnonzero(m.labels(ids, mask) != labels)
@@ -84,7 +84,7 @@ def verify(path: str, deep: bool = False, model: str | None = None, samples: int
         counts = c.array("token_counts")
         if counts.sum() != mask.sum():
             problems.append(f"token_counts sum {counts.sum()} != assistant tokens {mask.sum()}")
-        if c.attrs.get("counts", {}).get("assistant_tokens") not in (None, int(mask.sum())):
+        if c.meta.counts.get("assistant_tokens") not in (None, int(mask.sum())):
             problems.append("the counts attribute disagrees with loss_mask")
     except UserError as e:
         problems.append(str(e))
@@ -94,7 +94,7 @@ def verify(path: str, deep: bool = False, model: str | None = None, samples: int
     if c.complete and not done.all():
         problems.append(f"marked complete but units {np.flatnonzero(~done)[:10].tolist()} are not done")
     for key in ("model", "tokenizer", "chat_template", "data", "vocab"):
-        if key not in c.attrs.get("fingerprints", {}):
+        if key not in c.meta.fingerprints:
             problems.append(f"fingerprint '{key}' is missing")
     nonfinite, bad_seqs = 0, set()
     if deep:

@@ -147,3 +147,11 @@ def test_sequences_with_nan_rows_are_left_out_of_validation_eval_and_training(tm
     make_cache(tmp_path / "val2", [0, 50, 130], np.r_[np.arange(50), np.arange(120, 200)] % 30, keep, draft=30)
     ev2 = run_eval(str(tmp_path / "h"), str(tmp_path / "val2"))
     assert ev["positions"] == ev2["positions"] and ev["top1"] == ev2["top1"] and np.isfinite(ev["top1"]).all()
+
+
+def test_store_attributes_are_typed_and_checked_on_open(copy):
+    g = zarr.open_group(str(copy), mode="r+")
+    assert Cache(copy).meta.draft_vocab_size == 300 and Cache(copy).meta.pipeline == "medusa-cache"
+    g.attrs["shard_tokens"] = "1024"
+    with pytest.raises(UserError, match="attribute 'shard_tokens' should be int, found '1024'"):
+        Cache(copy)

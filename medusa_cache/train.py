@@ -335,7 +335,9 @@ class _StopSignals:
 
 
 def train(cfg: TrainConfig, variants: list[tuple[str, int, float]] | None = None) -> dict:
-    """Train heads on ``cfg.cache`` into ``cfg.out``; returns the final metrics.
+    """Train heads on ``cfg.cache`` into ``cfg.out``; returns the final metrics. Three phases: ``Run.setup``
+    (everything that can refuse the run, before ``--out`` is touched, then the claim of ``--out`` and the resume),
+    ``Run.fit`` (epochs of optimizer steps, each epoch ending with ``Run.validate``), ``Run.finish`` (heads written).
 
     ``variants``: (name, num_layers, lr) triples trained side by side on the same batches, each read
     once; their heads go to ``out/variants/NAME/``. Default: one variant from ``cfg`` written to ``out/``.
@@ -345,109 +347,143 @@ def train(cfg: TrainConfig, variants: list[tuple[str, int, float]] | None = None
     gradients. Each micro-batch's loss is scaled by W / (micro-batches in the group), so W processes with
     accumulation A take the same steps as one process with accumulation W x A (tested with gloo).
     """
-    from . import dist
+    run = Run.setup(cfg, variants)
+    try:
+        run.fit()
+    finally:
+        run.close()
+    return run.finish()
 
-    rank = torch.distributed.get_rank() if dist.active() else 0
-    world = torch.distributed.get_world_size() if dist.active() else 1
-    tune_allocator()
-    torch.manual_seed(cfg.seed)
-    cache = Cache(cfg.cache)
-    cache.require_complete(cfg.allow_partial)
-    check_cache_against(cache, cfg)
-    val_cache = Cache(cfg.val_cache) if cfg.val_cache else None
-    if val_cache is not None:
-        val_cache.require_complete(cfg.allow_partial)
-        if val_cache.mapping().fingerprint() != cache.mapping().fingerprint():
-            raise UserError(f"--val-cache: {cfg.val_cache} uses a different draft vocabulary than {cfg.cache}")
-        if val_cache.meta.fingerprints.get("model") != cache.meta.fingerprints.get("model"):
-            raise UserError(f"--val-cache: {cfg.val_cache} was dumped with a different model than {cfg.cache}")
-        if val_cache.content_fingerprint() == cache.content_fingerprint():
-            raise UserError(f"--val-cache: {cfg.val_cache} holds the same data as --cache {cfg.cache}; validating "
-                            "on training data measures nothing: dump a held-out file, or drop --val-cache to hold "
-                            "out --val-fraction of the sequences")
-    # everything that can refuse the run is read before --out is touched
-    lm_init = draft_lm_head(cfg.init_from_lm_head, cache, "--init-from-lm-head") if cfg.init_from_lm_head else None
-    teacher_w = draft_lm_head(cfg.distill, cache, "--distill").to(cfg.device) if cfg.distill else None
-    settings = rundir.resume_settings(cfg, cache.content_fingerprint(),
-                                      val_cache.content_fingerprint() if val_cache is not None else None)
-    dist.on_rank0(lambda: _prepare_run(cfg, settings, world * cfg.grad_accum), rank)
-    out = Path(cfg.out)
 
-    device = cfg.device
-    on_cuda = device.startswith("cuda")
-    train_seqs, val_seqs = split(cache, cfg)
-    if len(train_seqs) == 0:
-        raise UserError(f"--cache: {cfg.cache} has no finished sequences to train on")
-    labels = cache.array("labels")
-    blocks = make_blocks(train_seqs, cache.offsets, cfg.block_tokens)
-    n_batches = len(make_batches(epoch_order(blocks, cfg.seed, 0, cfg.shuffle_buffer), cache.offsets,
-                                 cfg.batch_size, cfg.batch_tokens))
-    group = world * cfg.grad_accum  # micro-batches per optimizer step, all ranks together
-    steps_per_epoch = math.ceil(n_batches / group)
-    total_steps = steps_per_epoch * cfg.epochs
-    specs = variants or [("", cfg.num_layers, cfg.lr)]
-    vs = [make_variant(name, cfg, cache, total_steps, layers, lr, lm_init) for name, layers, lr in specs]
-    step, epoch, start_group = 0, 0, 0
-    if cfg.resume:
-        ck = torch.load(out / "checkpoint.pt", map_location=device, weights_only=True)
-        for v, st in zip(vs, ck["variants"], strict=True):
-            v.heads.load_state_dict(st["heads"])
-            v.opt.load_state_dict(st["optimizer"])
-            v.sched.load_state_dict(st["scheduler"])
-        step, epoch, start_group = ck["step"], ck["epoch"], ck["next_batch"] // group
-    models = [v.heads for v in vs]
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel as DDP
+class Run:
+    """The state of one training run and its phases (litgpt's setup / fit / validate, as methods)."""
 
-        models = [DDP(v.heads, device_ids=[torch.device(device).index] if on_cuda else None) for v in vs]
+    @classmethod
+    def setup(cls, cfg: TrainConfig, variants: list[tuple[str, int, float]] | None) -> Run:
+        from . import dist
 
-    memory = cache.read_hidden(0, cache.n_tokens) if cfg.in_memory else None
-    weights = cfg.loss_weights()
-    metrics_f = open(out / "metrics.jsonl", "a") if rank == 0 else None
-    bar = tqdm(total=min(total_steps, cfg.max_steps or total_steps), initial=step, desc="train", unit="step",
-               disable=None if rank == 0 else True)
-    window_tokens, t_window = 0, time.perf_counter()
-    progress = _Progress(rank == 0 and not bar_shown(bar), min(total_steps, cfg.max_steps or total_steps), step)
-    tokens_seen, t_start = 0, time.perf_counter()
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if on_cuda else torch.autocast("cpu", enabled=False)
-    last_val: dict = {}
+        r = cls()
+        r.cfg, r.rank = cfg, torch.distributed.get_rank() if dist.active() else 0
+        r.world = torch.distributed.get_world_size() if dist.active() else 1
+        tune_allocator()
+        torch.manual_seed(cfg.seed)
+        r.cache, r.val_cache = open_caches(cfg)
+        # everything that can refuse the run is read before --out is touched
+        lm_init = draft_lm_head(cfg.init_from_lm_head, r.cache, "--init-from-lm-head") if cfg.init_from_lm_head \
+            else None
+        r.teacher_w = draft_lm_head(cfg.distill, r.cache, "--distill").to(cfg.device) if cfg.distill else None
+        r.settings = rundir.resume_settings(cfg, r.cache.content_fingerprint(), r.val_cache.content_fingerprint()
+                                            if r.val_cache is not None else None)
+        r.group = r.world * cfg.grad_accum  # micro-batches per optimizer step, all ranks together
+        dist.on_rank0(lambda: _prepare_run(cfg, r.settings, r.group), r.rank)
+        r.out, r.device = Path(cfg.out), cfg.device
+        r.on_cuda = r.device.startswith("cuda")
+        r.train_seqs, r.val_seqs = split(r.cache, cfg)
+        if len(r.train_seqs) == 0:
+            raise UserError(f"--cache: {cfg.cache} has no finished sequences to train on")
+        r.labels = r.cache.array("labels")
+        r.blocks = make_blocks(r.train_seqs, r.cache.offsets, cfg.block_tokens)
+        n_batches = len(make_batches(epoch_order(r.blocks, cfg.seed, 0, cfg.shuffle_buffer), r.cache.offsets,
+                                     cfg.batch_size, cfg.batch_tokens))
+        r.total_steps = math.ceil(n_batches / r.group) * cfg.epochs
+        specs = variants or [("", cfg.num_layers, cfg.lr)]
+        r.vs = [make_variant(name, cfg, r.cache, r.total_steps, layers, lr, lm_init) for name, layers, lr in specs]
+        r.step, r.epoch, r.start_group = 0, 0, 0
+        if cfg.resume:
+            ck = torch.load(r.out / "checkpoint.pt", map_location=r.device, weights_only=True)
+            for v, st in zip(r.vs, ck["variants"], strict=True):
+                v.heads.load_state_dict(st["heads"])
+                v.opt.load_state_dict(st["optimizer"])
+                v.sched.load_state_dict(st["scheduler"])
+            r.step, r.epoch, r.start_group = ck["step"], ck["epoch"], ck["next_batch"] // r.group
+        r.models = [v.heads for v in r.vs]
+        if r.world > 1:
+            from torch.nn.parallel import DistributedDataParallel as DDP
 
-    last_save = time.monotonic()
+            r.models = [DDP(v.heads, device_ids=[torch.device(r.device).index] if r.on_cuda else None) for v in r.vs]
+        r.memory = r.cache.read_hidden(0, r.cache.n_tokens) if cfg.in_memory else None
+        r.weights = cfg.loss_weights()
+        r.metrics_f = open(r.out / "metrics.jsonl", "a") if r.rank == 0 else None
+        planned = min(r.total_steps, cfg.max_steps or r.total_steps)
+        r.bar = tqdm(total=planned, initial=r.step, desc="train", unit="step", disable=None if r.rank == 0 else True)
+        r.progress = _Progress(r.rank == 0 and not bar_shown(r.bar), planned, r.step)
+        r.window_tokens, r.t_window = 0, time.perf_counter()
+        r.tokens_seen, r.t_start, r.last_save = 0, time.perf_counter(), time.monotonic()
+        r.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if r.on_cuda else \
+            torch.autocast("cpu", enabled=False)
+        r.last_val = {}
+        r.stop = _StopSignals()
+        r.reporters = open_reporters(cfg, r.out) if r.rank == 0 else []
+        return r
 
-    def save(next_epoch: int, next_group: int) -> None:
-        nonlocal last_save
-        last_save = time.monotonic()
-        if rank == 0:
-            rundir.atomic_save({"variants": [{"heads": v.heads.state_dict(), "optimizer": v.opt.state_dict(),
-                                              "scheduler": v.sched.state_dict()} for v in vs],
-                                "step": step, "epoch": next_epoch, "next_batch": next_group * group, "group": group,
-                                "settings": settings}, out / "checkpoint.pt")
+    # ---- fit ------------------------------------------------------------------------------------------
+    def fit(self) -> None:
+        from . import dist
 
-    stop = _StopSignals()
+        cfg = self.cfg
+        done = cfg.max_steps is not None and self.step >= cfg.max_steps
+        while self.epoch < cfg.epochs and not done:
+            done, g = self.fit_epoch()
+            if not done:
+                self.epoch, self.start_group = self.epoch + 1, 0
+                self.validate()
+                self.save(self.epoch, 0)
+                dist.barrier()
+            else:
+                self.save(self.epoch, g + 1)
 
-    reporters = open_reporters(cfg, out) if rank == 0 else []
+    def fit_epoch(self) -> tuple[bool, int]:
+        """Optimizer steps over this epoch's groups; (stopped early by --max-steps, last group index)."""
+        cfg, world, group = self.cfg, self.world, self.group
+        order = epoch_order(self.blocks, cfg.seed, self.epoch, cfg.shuffle_buffer)
+        batches = make_batches(order, self.cache.offsets, cfg.batch_size, cfg.batch_tokens)
+        mine = batches[self.rank::world]  # rank r: micro-batches r, r+W, ...; local group g = mine[g*A:(g+1)*A]
+        n_groups = math.ceil(len(batches) / group)
+        stream = BatchStream(self.cache, self.labels, mine, cfg.num_heads, self.blocks,
+                             self.start_group * cfg.grad_accum, cfg.prefetch, self.memory,
+                             lookahead=cfg.num_heads if self.teacher_w is not None else 0)
+        it = iter(stream)
+        g = self.start_group
+        try:
+            for g in range(self.start_group, n_groups):
+                local = range(g * cfg.grad_accum, min((g + 1) * cfg.grad_accum, len(mine)))
+                log_now = (self.step + 1) % cfg.log_every == 0 or g + 1 == n_groups
+                scale = world / min(group, len(batches) - g * group)
+                for j, _ in enumerate(local):
+                    self.window_tokens += self.micro_step(next(it), scale, j == len(local) - 1, log_now)
+                if world > 1 and len(local) == 0:
+                    self.empty_step()
+                self.optimizer_step()
+                if log_now:
+                    self.log_window()
+                if self.stop.agreed():  # SIGINT/SIGTERM: this step is finished; keep it and leave
+                    self.save(self.epoch, g + 1)
+                    raise Interrupted(f"interrupted at step {self.step}; checkpoint written to "
+                                      f"{self.out / 'checkpoint.pt'}; rerun with --resume", self.stop.signum)
+                if self.step % cfg.checkpoint_every == 0 or (
+                        cfg.checkpoint_minutes and time.monotonic() - self.last_save >= 60 * cfg.checkpoint_minutes):
+                    self.save(self.epoch, g + 1)
+                if cfg.max_steps is not None and self.step >= cfg.max_steps:
+                    return True, g
+        finally:
+            stream.close()
+        return False, g
 
-    def log(rec: dict) -> None:
-        if metrics_f is not None:
-            metrics_f.write(json.dumps(rec) + "\n")
-            metrics_f.flush()
-        for r in reporters:
-            r.scalars(rec)
-
-    def micro_step(b, scale: float, sync: bool, log_now: bool) -> int:
+    def micro_step(self, b, scale: float, sync: bool, log_now: bool) -> int:
+        device = self.device
         h = b.hidden.to(device, non_blocking=True)
-        h = h.float() if not on_cuda else h
+        h = h.float() if not self.on_cuda else h
         tg = b.targets.to(device)
         teacher = None
-        if teacher_w is not None:  # the base model's next-token distribution, from the cache alone
+        if self.teacher_w is not None:  # the base model's next-token distribution, from the cache alone
             with torch.no_grad():
-                t_logp = (b.ahead.to(device).float() @ teacher_w.T).log_softmax(-1)
+                t_logp = (b.ahead.to(device).float() @ self.teacher_w.T).log_softmax(-1)
             teacher = (t_logp, b.ahead_idx.to(device))
-        for v, m in zip(vs, models, strict=True):
-            with m.no_sync() if (world > 1 and not sync) else contextlib.nullcontext():  # all-reduce once per step
-                with autocast:
-                    losses, stats = head_losses(m, h, tg, teacher, cfg.distill_weight, with_stats=log_now)
-                    loss = sum(w * lo for w, lo in zip(weights, losses, strict=True)) * scale
+        for v, m in zip(self.vs, self.models, strict=True):
+            with m.no_sync() if (self.world > 1 and not sync) else contextlib.nullcontext():  # one all-reduce/step
+                with self.autocast:
+                    losses, stats = head_losses(m, h, tg, teacher, self.cfg.distill_weight, with_stats=log_now)
+                    loss = sum(w * lo for w, lo in zip(self.weights, losses, strict=True)) * scale
                 loss.backward()
             with torch.no_grad():  # window sums stay on the device: no host synchronisation inside a step
                 v.window_loss += torch.stack([lo.detach() for lo in losses]) * (tg != IGNORE).sum(0)
@@ -456,97 +492,104 @@ def train(cfg: TrainConfig, variants: list[tuple[str, int, float]] | None = None
                     v.window += torch.stack(stats)
         return len(h)
 
-    def empty_step() -> None:  # a rank with no micro-batch in the last group still joins the all-reduce
-        for m in models:
-            sum(lo.sum() for lo in m(torch.zeros(0, cache.hidden_size, device=device))).backward()
+    def empty_step(self) -> None:  # a rank with no micro-batch in the last group still joins the all-reduce
+        for m in self.models:
+            sum(lo.sum() for lo in m(torch.zeros(0, self.cache.hidden_size, device=self.device))).backward()
 
-    done = cfg.max_steps is not None and step >= cfg.max_steps
-    while epoch < cfg.epochs and not done:
-        order = epoch_order(blocks, cfg.seed, epoch, cfg.shuffle_buffer)
-        batches = make_batches(order, cache.offsets, cfg.batch_size, cfg.batch_tokens)
-        mine = batches[rank::world]  # rank r: micro-batches r, r+W, ...; local group g = mine[g*A:(g+1)*A]
-        n_groups = math.ceil(len(batches) / group)
-        stream = BatchStream(cache, labels, mine, cfg.num_heads, blocks, start_group * cfg.grad_accum, cfg.prefetch,
-                             memory, lookahead=cfg.num_heads if teacher_w is not None else 0)
-        it = iter(stream)
-        g = start_group
-        try:
-            for g in range(start_group, n_groups):
-                local = range(g * cfg.grad_accum, min((g + 1) * cfg.grad_accum, len(mine)))
-                log_now = (step + 1) % cfg.log_every == 0 or g + 1 == n_groups
-                scale = world / min(group, len(batches) - g * group)
-                for j, _ in enumerate(local):
-                    window_tokens += micro_step(next(it), scale, sync=j == len(local) - 1, log_now=log_now)
-                if world > 1 and len(local) == 0:
-                    empty_step()
-                for v in vs:
-                    _clip(v, cfg)
-                    v.opt.step()
-                    v.sched.step()
-                    v.opt.zero_grad(set_to_none=True)
-                step += 1
-                bar.update(1)
-                if step % cfg.log_every == 0 or g + 1 == n_groups:
-                    dt = time.perf_counter() - t_window
-                    for v in vs:
-                        w, wl, wn = v.window.cpu().numpy(), v.window_loss.cpu().numpy(), v.window_n.cpu().numpy()
-                        n, n_last = np.maximum(wn, 1), np.maximum(w[:, 0], 1)
-                        rec = {"step": step, "epoch": epoch, **({"variant": v.name} if v.name else {}),
-                               "lr": v.sched.get_last_lr()[0],
-                               "loss": round(float((wl / n).sum()), 4),
-                               "head_loss": (wl / n).round(4).tolist(),
-                               "top1": (w[:, 1] / n_last).round(4).tolist(),
-                               "top5": (w[:, 2] / n_last).round(4).tolist(),
-                               "tokens_per_s": round(world * window_tokens / max(dt, 1e-9), 1)}
-                        log(rec)
-                        progress.line(rec)
-                        v.window.zero_(), v.window_loss.zero_(), v.window_n.zero_()
-                    bar.set_postfix(loss=rec["loss"], tok_s=rec["tokens_per_s"])
-                    tokens_seen += world * window_tokens
-                    window_tokens, t_window = 0, time.perf_counter()
-                if stop.agreed():  # SIGINT/SIGTERM: this step is finished; keep it and leave
-                    save(epoch, g + 1)
-                    stop.restore()
-                    bar.close()
-                    raise Interrupted(f"interrupted at step {step}; checkpoint written to {out / 'checkpoint.pt'}; "
-                                      "rerun with --resume", stop.signum)
-                if step % cfg.checkpoint_every == 0 or (
-                        cfg.checkpoint_minutes and time.monotonic() - last_save >= 60 * cfg.checkpoint_minutes):
-                    save(epoch, g + 1)
-                if cfg.max_steps is not None and step >= cfg.max_steps:
-                    done = True
-                    break
-        finally:
-            stream.close()
-        if not done:
-            epoch, start_group = epoch + 1, 0
-            if rank == 0 and (len(val_seqs) or val_cache is not None):
-                vc = val_cache or cache
-                seqs = vc.usable_seqs(cfg.allow_partial, warn=False) if val_cache is not None else val_seqs
-                for v in vs:
-                    last_val = {"epoch": epoch - 1, "step": step, **({"variant": v.name} if v.name else {}),
-                                **validate(v.heads, vc, seqs, device, cfg.block_tokens, cfg.eval_tokens)}
-                    log({"split": "val", **last_val})
-            save(epoch, 0)
-            dist.barrier()
-        else:
-            save(epoch, g + 1)
-    stop.restore()
-    bar.close()
-    if metrics_f is not None:
-        metrics_f.close()
-    for r in reporters:
-        r.close()
-    from .export import save_heads
+    def optimizer_step(self) -> None:
+        for v in self.vs:
+            _clip(v, self.cfg)
+            v.opt.step()
+            v.sched.step()
+            v.opt.zero_grad(set_to_none=True)
+        self.step += 1
+        self.bar.update(1)
 
-    if rank == 0:
-        for v in vs:
-            d = out / "variants" / v.name if v.name else out
-            d.mkdir(parents=True, exist_ok=True)
-            save_heads(v.heads.cpu(), cache, cfg, d)
-    dist.barrier()
-    return {"step": step, "val_seqs": val_seqs, "out": str(out), "wall_s": round(time.perf_counter() - t_start, 1),
-            "tokens_seen": tokens_seen, **last_val}
+    def log_window(self) -> None:
+        dt = time.perf_counter() - self.t_window
+        for v in self.vs:
+            w, wl, wn = v.window.cpu().numpy(), v.window_loss.cpu().numpy(), v.window_n.cpu().numpy()
+            n, n_last = np.maximum(wn, 1), np.maximum(w[:, 0], 1)
+            rec = {"step": self.step, "epoch": self.epoch, **({"variant": v.name} if v.name else {}),
+                   "lr": v.sched.get_last_lr()[0], "loss": round(float((wl / n).sum()), 4),
+                   "head_loss": (wl / n).round(4).tolist(), "top1": (w[:, 1] / n_last).round(4).tolist(),
+                   "top5": (w[:, 2] / n_last).round(4).tolist(),
+                   "tokens_per_s": round(self.world * self.window_tokens / max(dt, 1e-9), 1)}
+            self.log(rec)
+            self.progress.line(rec)
+            v.window.zero_(), v.window_loss.zero_(), v.window_n.zero_()
+        self.bar.set_postfix(loss=rec["loss"], tok_s=rec["tokens_per_s"])
+        self.tokens_seen += self.world * self.window_tokens
+        self.window_tokens, self.t_window = 0, time.perf_counter()
+
+    def log(self, rec: dict) -> None:
+        if self.metrics_f is not None:
+            self.metrics_f.write(json.dumps(rec) + "\n")
+            self.metrics_f.flush()
+        for r in self.reporters:
+            r.scalars(rec)
+
+    def save(self, next_epoch: int, next_group: int) -> None:
+        self.last_save = time.monotonic()
+        if self.rank == 0:
+            rundir.atomic_save({"variants": [{"heads": v.heads.state_dict(), "optimizer": v.opt.state_dict(),
+                                              "scheduler": v.sched.state_dict()} for v in self.vs],
+                                "step": self.step, "epoch": next_epoch, "next_batch": next_group * self.group,
+                                "group": self.group, "settings": self.settings}, self.out / "checkpoint.pt")
+
+    # ---- validate -------------------------------------------------------------------------------------
+    def validate(self) -> None:
+        """Validation after an epoch (rank 0): the held-out split, or every usable sequence of --val-cache."""
+        if self.rank != 0 or not (len(self.val_seqs) or self.val_cache is not None):
+            return
+        vc = self.val_cache or self.cache
+        seqs = vc.usable_seqs(self.cfg.allow_partial, warn=False) if self.val_cache is not None else self.val_seqs
+        for v in self.vs:
+            self.last_val = {"epoch": self.epoch - 1, "step": self.step, **({"variant": v.name} if v.name else {}),
+                             **validate(v.heads, vc, seqs, self.device, self.cfg.block_tokens, self.cfg.eval_tokens)}
+            self.log({"split": "val", **self.last_val})
+
+    # ---- finish ---------------------------------------------------------------------------------------
+    def close(self) -> None:
+        self.stop.restore()
+        self.bar.close()
+        if self.metrics_f is not None:
+            self.metrics_f.close()
+        for r in self.reporters:
+            r.close()
+
+    def finish(self) -> dict:
+        from . import dist
+        from .export import save_heads
+
+        if self.rank == 0:
+            for v in self.vs:
+                d = self.out / "variants" / v.name if v.name else self.out
+                d.mkdir(parents=True, exist_ok=True)
+                save_heads(v.heads.cpu(), self.cache, self.cfg, d)
+        dist.barrier()
+        return {"step": self.step, "val_seqs": self.val_seqs, "out": str(self.out), "tokens_seen": self.tokens_seen,
+                "wall_s": round(time.perf_counter() - self.t_start, 1), **self.last_val}
+
+
+def open_caches(cfg: TrainConfig) -> tuple[Cache, Cache | None]:
+    """The training cache and the optional validation cache, checked against the config and each other."""
+    cache = Cache(cfg.cache)
+    cache.require_complete(cfg.allow_partial)
+    check_cache_against(cache, cfg)
+    if not cfg.val_cache:
+        return cache, None
+    val = Cache(cfg.val_cache)
+    val.require_complete(cfg.allow_partial)
+    if val.mapping().fingerprint() != cache.mapping().fingerprint():
+        raise UserError(f"--val-cache: {cfg.val_cache} uses a different draft vocabulary than {cfg.cache}")
+    if val.meta.fingerprints.get("model") != cache.meta.fingerprints.get("model"):
+        raise UserError(f"--val-cache: {cfg.val_cache} was dumped with a different model than {cfg.cache}")
+    if val.content_fingerprint() == cache.content_fingerprint():
+        raise UserError(f"--val-cache: {cfg.val_cache} holds the same data as --cache {cfg.cache}; validating "
+                        "on training data measures nothing: dump a held-out file, or drop --val-cache to hold "
+                        "out --val-fraction of the sequences")
+    return cache, val
 
 
 class _Reporter:

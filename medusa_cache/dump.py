@@ -175,7 +175,39 @@ def _writable(p: Path) -> bool:
 
 def prepare(cfg: DumpConfig, fingerprints: dict[str, str], template: str | None, vocab_size: int,
             hidden_size: int, tokenizer, max_positions: int | None = None) -> store.Cache:
-    """Tokenise everything, build the vocabulary, and create the store (all but the hidden states)."""
+    """Stage 1: tokenise everything, build the vocabulary, and create the store (all but the hidden states)."""
+    examples, tally, bad = tokenise(cfg, template, tokenizer, vocab_size)
+    longest = max(examples, key=lambda e: len(e.input_ids))
+    if max_positions and len(longest.input_ids) > max_positions:
+        f, r = cfg.data[longest.file_index], longest.row_index + 1
+        raise UserError(f"--max-length {cfg.max_length}: {f} row {r} has {len(longest.input_ids)} tokens, beyond the "
+                        f"model's max_position_embeddings {max_positions}; pass --max-length {max_positions} or less")
+    counts = count_tokens(examples, vocab_size)
+    mapping, unseen_filled = draft_vocabulary(cfg, counts, vocab_size)
+    offsets = np.concatenate([[0], np.cumsum([len(e.input_ids) for e in examples])]).astype(np.int64)
+    ids = np.concatenate([e.input_ids for e in examples])
+    mask = np.concatenate([e.loss_mask for e in examples])
+    labels = mapping.labels(ids, mask)
+    counts_attr = {
+        **tally, "sequences": len(examples), "tokens": int(offsets[-1]), "assistant_tokens": int(mask.sum()),
+        "assistant_tokens_in_draft_vocab": int((labels != -100).sum()), "skipped_input_rows": len(bad),
+        "truncated": int(sum(1 for e in examples if len(e.input_ids) == cfg.max_length)),
+        "draft_vocab_unseen_filled": unseen_filled,
+    }
+    return store.create(
+        cfg.out, hidden_size=hidden_size, hidden_dtype=cfg.dtype, hidden_codec=cfg.hidden_codec,
+        int8_group=cfg.int8_group, layout=layout_for(cfg, hidden_size), input_ids=ids, loss_mask=mask, labels=labels,
+        offsets=offsets, sources=np.array([[e.file_index, e.row_index] for e in examples], dtype=np.int64),
+        mapping=mapping, token_counts=counts,
+        attrs={"vocab_size": vocab_size, "draft_vocab_size": mapping.draft_size,
+               "data_files": [str(Path(f).name) for f in cfg.data], "pipeline": cfg.pipeline,
+               "fingerprints": {**fingerprints, "vocab": mapping.fingerprint()}, "dump_args": to_dict(cfg),
+               "counts": counts_attr, "bad_row_examples": bad[:20]},
+    )
+
+
+def tokenise(cfg: DumpConfig, template: str | None, tokenizer, vocab_size: int) -> tuple[list, dict, list[str]]:
+    """(examples with at least one trained token, {rows, dropped_no_assistant}, skipped rows' messages)."""
     if cfg.pipeline == "specforge":
         from .specforge_pipeline import SpecForgeTemplater, detect_template
 
@@ -185,17 +217,16 @@ def prepare(cfg: DumpConfig, fingerprints: dict[str, str], template: str | None,
                                        cfg.system_prompt)
     else:
         templater = Templater(tokenizer, template, cfg.max_length)
-    examples, bad, dropped = [], [], 0
-    rows_seen = 0
+    examples, bad, tally = [], [], {"rows": 0, "dropped_no_assistant": 0}
+
     def handle(results) -> None:
-        nonlocal dropped
         for ex in results:
             if isinstance(ex, RowError):
                 if not cfg.skip_bad_rows:
                     raise UserError(f"{ex} (pass --skip-bad-rows to skip such rows)")
                 bad.append(str(ex))
             elif not ex.loss_mask.any():
-                dropped += 1
+                tally["dropped_no_assistant"] += 1
             elif ex.input_ids.max(initial=0) >= vocab_size:
                 where = f"{cfg.data[ex.file_index]} row {ex.row_index + 1}"
                 raise UserError(f"--tokenizer: token id {int(ex.input_ids.max())} in {where} is >= the model's "
@@ -207,50 +238,46 @@ def prepare(cfg: DumpConfig, fingerprints: dict[str, str], template: str | None,
         pending: list = []
         for row in tqdm(read_rows(Path(f), fi, cfg.format, cfg.pipeline), desc=f"tokenise {Path(f).name}", unit="row",
                         leave=False, disable=None):
-            rows_seen += 1
+            tally["rows"] += 1
             if isinstance(row, RowError):  # keep file order: flush what came before, then this error
                 handle(templater.encode_many(pending) + [row])
                 pending = []
                 continue
             pending.append(row)
-            if len(pending) == 512:
+            if len(pending) == 512:  # batched: the Rust tokenizer encodes a batch in parallel
                 handle(templater.encode_many(pending))
                 pending = []
         handle(templater.encode_many(pending))
     if not examples:
-        raise UserError(f"--data: no usable conversations ({rows_seen} rows, {len(bad)} bad, {dropped} without "
-                        "an assistant token)")
-    longest = max(examples, key=lambda e: len(e.input_ids))
-    if max_positions and len(longest.input_ids) > max_positions:
-        f, r = cfg.data[longest.file_index], longest.row_index + 1
-        raise UserError(f"--max-length {cfg.max_length}: {f} row {r} has {len(longest.input_ids)} tokens, beyond the "
-                        f"model's max_position_embeddings {max_positions}; pass --max-length {max_positions} or less")
-    counts = count_tokens(examples, vocab_size)
-    unseen_filled = 0
+        raise UserError(f"--data: no usable conversations ({tally['rows']} rows, {len(bad)} bad, "
+                        f"{tally['dropped_no_assistant']} without an assistant token)")
+    return examples, tally, bad
+
+
+def draft_vocabulary(cfg: DumpConfig, counts: np.ndarray, vocab_size: int):
+    """(mapping, never-seen ids that filled it): --vocab-mapping as given, else Eagle3's top-N."""
     if cfg.vocab_mapping:
         mapping = load_mapping(cfg.vocab_mapping, vocab_size)
         if cfg.draft_vocab_size and cfg.draft_vocab_size != mapping.draft_size:
             raise UserError(f"--vocab-mapping: {cfg.vocab_mapping} has a draft vocabulary of {mapping.draft_size}, "
                             f"but --draft-vocab-size is {cfg.draft_vocab_size}")
-    else:
-        if cfg.draft_vocab_size and cfg.draft_vocab_size > vocab_size:
-            raise UserError(f"--draft-vocab-size {cfg.draft_vocab_size} is larger than the model's vocabulary "
-                            f"({vocab_size}); give at most {vocab_size}, or leave it out for the full vocabulary")
-        mapping = build_mapping(counts, cfg.draft_vocab_size or vocab_size)
-        seen = int((counts > 0).sum())
-        if cfg.draft_vocab_size and cfg.draft_vocab_size < vocab_size and cfg.draft_vocab_size > seen:
-            unseen_filled = cfg.draft_vocab_size - seen
-            print(f"warning: --draft-vocab-size {cfg.draft_vocab_size} exceeds the {seen} distinct assistant tokens in "
-                  f"the data; {unseen_filled} never-seen ids (lowest first, as SpecForge) fill the draft vocabulary",
-                  file=sys.stderr)
-    lengths = np.array([len(e.input_ids) for e in examples], dtype=np.int64)
-    offsets = np.concatenate([[0], np.cumsum(lengths)])
-    ids = np.concatenate([e.input_ids for e in examples])
-    mask = np.concatenate([e.loss_mask for e in examples])
-    labels = mapping.labels(ids, mask)
-    sources = np.array([[e.file_index, e.row_index] for e in examples], dtype=np.int64)
-    itemsize = 2 if cfg.dtype == "bfloat16" else 4
-    layout = store.Layout.default(hidden_size, itemsize, cfg.max_length)
+        return mapping, 0
+    if cfg.draft_vocab_size and cfg.draft_vocab_size > vocab_size:
+        raise UserError(f"--draft-vocab-size {cfg.draft_vocab_size} is larger than the model's vocabulary "
+                        f"({vocab_size}); give at most {vocab_size}, or leave it out for the full vocabulary")
+    mapping = build_mapping(counts, cfg.draft_vocab_size or vocab_size)
+    seen = int((counts > 0).sum())
+    unseen = 0
+    if cfg.draft_vocab_size and seen < cfg.draft_vocab_size < vocab_size:
+        unseen = cfg.draft_vocab_size - seen
+        print(f"warning: --draft-vocab-size {cfg.draft_vocab_size} exceeds the {seen} distinct assistant tokens in "
+              f"the data; {unseen} never-seen ids (lowest first, as SpecForge) fill the draft vocabulary",
+              file=sys.stderr)
+    return mapping, unseen
+
+
+def layout_for(cfg: DumpConfig, hidden_size: int) -> store.Layout:
+    layout = store.Layout.default(hidden_size, 2 if cfg.dtype == "bfloat16" else 4, cfg.max_length)
     if cfg.chunk_tokens:
         layout.chunk_tokens = cfg.chunk_tokens
         if not cfg.shard_tokens:
@@ -259,43 +286,7 @@ def prepare(cfg: DumpConfig, fingerprints: dict[str, str], template: str | None,
         layout.shard_tokens = cfg.shard_tokens
         if not cfg.chunk_tokens and layout.shard_tokens % layout.chunk_tokens:
             layout.chunk_tokens = layout.shard_tokens
-    assistant = int(mask.sum())
-    counts_attr = {
-        "rows": rows_seen,
-        "sequences": len(examples),
-        "tokens": int(offsets[-1]),
-        "assistant_tokens": assistant,
-        "assistant_tokens_in_draft_vocab": int((labels != -100).sum()),
-        "skipped_input_rows": len(bad),
-        "dropped_no_assistant": dropped,
-        "truncated": int(sum(1 for e in examples if len(e.input_ids) == cfg.max_length)),
-        "draft_vocab_unseen_filled": unseen_filled,
-    }
-    return store.create(
-        cfg.out,
-        hidden_size=hidden_size,
-        hidden_dtype=cfg.dtype,
-        hidden_codec=cfg.hidden_codec,
-        int8_group=cfg.int8_group,
-        layout=layout,
-        input_ids=ids,
-        loss_mask=mask,
-        labels=labels,
-        offsets=offsets,
-        sources=sources,
-        mapping=mapping,
-        token_counts=counts,
-        attrs={
-            "vocab_size": vocab_size,
-            "draft_vocab_size": mapping.draft_size,
-            "data_files": [str(Path(f).name) for f in cfg.data],
-            "pipeline": cfg.pipeline,
-            "fingerprints": {**fingerprints, "vocab": mapping.fingerprint()},
-            "dump_args": to_dict(cfg),
-            "counts": counts_attr,
-            "bad_row_examples": bad[:20],
-        },
-    )
+    return layout
 
 
 # --------------------------------------------------------------------------------------------------

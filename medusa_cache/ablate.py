@@ -35,33 +35,8 @@ def variant_name(layers: int, lr: float) -> str:
 def run_ablate(cfg: TrainConfig, heads: list[int], layers: list[int], lrs: list[float], budgets: list[int],
                topk: int = 10, verify_cost: float | None = None, speculate_prompts: str | None = None,
                speculate_tokens: int = 128) -> dict:
-    if not heads or min(heads) < 1:
-        raise UserError(f"--heads: give head counts >= 1, got {heads}")
-    if not layers or min(layers) < 1:
-        raise UserError(f"--layers: give layer counts >= 1, got {layers}")
-    if not lrs or min(lrs) <= 0:
-        raise UserError(f"--lr: give positive learning rates, got {lrs}")
-    if any(b < 1 for b in budgets):
-        raise UserError(f"--tree-budget: budgets must be >= 1, got {budgets}")
-    if verify_cost is not None and not verify_cost >= 0:
-        raise UserError(f"--verify-cost: must be >= 0, got {verify_cost}")
-    if speculate_prompts and not Path(speculate_prompts).is_file():
-        raise UserError(f"--speculate-prompts: file not found: {speculate_prompts}")
-    if cfg.val_fraction <= 0 and not cfg.val_cache:
-        raise UserError("--val-fraction: ablate needs held-out data (a fraction > 0, or --val-cache)")
-    # check before training that there is something to hold out (else it would fail only after training)
-    if cfg.val_cache:
-        vc = Cache(cfg.val_cache)
-        vc.require_complete(cfg.allow_partial)
-        if len(vc.usable_seqs(cfg.allow_partial, warn=False)) == 0:
-            raise UserError(f"--val-cache: {cfg.val_cache} has no usable sequences to evaluate on")
-    else:
-        c = Cache(cfg.cache)
-        c.require_complete(cfg.allow_partial)
-        n = len(c.usable_seqs(cfg.allow_partial, warn=False))
-        if n < 2:
-            raise UserError(f"--val-fraction: {cfg.cache} has {n} usable sequences; holding out {cfg.val_fraction} "
-                            "of them leaves none to evaluate on: give a larger --val-fraction or a --val-cache")
+    """Train every variant once (each head count is a prefix of the largest), evaluate, choose, report."""
+    check_request(cfg, heads, layers, lrs, budgets, verify_cost, speculate_prompts)
     kmax = max(heads)
     cfg = replace(cfg, num_heads=kmax, clip_per_head=True)
     specs = [(variant_name(la, lr), la, lr) for la in layers for lr in lrs]
@@ -81,6 +56,43 @@ def run_ablate(cfg: TrainConfig, heads: list[int], layers: list[int], lrs: list[
             res = {"variant": name, "label": label(name), **evaluate_ranks(r, k, topk, budgets)}
             write_trees(res, out / "trees", f"{name}_heads{k}_tree")
             rows.append(res)
+    return report(rows, cfg, out, budgets, verify_cost, speculate_prompts, speculate_tokens)
+
+
+def check_request(cfg: TrainConfig, heads: list[int], layers: list[int], lrs: list[float], budgets: list[int],
+                  verify_cost: float | None, speculate_prompts: str | None) -> None:
+    """Every refusal before any training (a mistake found after hours of training costs the hours)."""
+    if not heads or min(heads) < 1:
+        raise UserError(f"--heads: give head counts >= 1, got {heads}")
+    if not layers or min(layers) < 1:
+        raise UserError(f"--layers: give layer counts >= 1, got {layers}")
+    if not lrs or min(lrs) <= 0:
+        raise UserError(f"--lr: give positive learning rates, got {lrs}")
+    if any(b < 1 for b in budgets):
+        raise UserError(f"--tree-budget: budgets must be >= 1, got {budgets}")
+    if verify_cost is not None and not verify_cost >= 0:
+        raise UserError(f"--verify-cost: must be >= 0, got {verify_cost}")
+    if speculate_prompts and not Path(speculate_prompts).is_file():
+        raise UserError(f"--speculate-prompts: file not found: {speculate_prompts}")
+    if cfg.val_fraction <= 0 and not cfg.val_cache:
+        raise UserError("--val-fraction: ablate needs held-out data (a fraction > 0, or --val-cache)")
+    if cfg.val_cache:  # something to hold out (else it would fail only after training)
+        vc = Cache(cfg.val_cache)
+        vc.require_complete(cfg.allow_partial)
+        if len(vc.usable_seqs(cfg.allow_partial, warn=False)) == 0:
+            raise UserError(f"--val-cache: {cfg.val_cache} has no usable sequences to evaluate on")
+    else:
+        c = Cache(cfg.cache)
+        c.require_complete(cfg.allow_partial)
+        n = len(c.usable_seqs(cfg.allow_partial, warn=False))
+        if n < 2:
+            raise UserError(f"--val-fraction: {cfg.cache} has {n} usable sequences; holding out {cfg.val_fraction} "
+                            "of them leaves none to evaluate on: give a larger --val-fraction or a --val-cache")
+
+
+def report(rows: list[dict], cfg: TrainConfig, out: Path, budgets: list[int], verify_cost: float | None,
+           speculate_prompts: str | None, speculate_tokens: int) -> dict:
+    """Measured decoding (optional), the cost-aware choice, best/ and its card, report.md, results.json, plot."""
     model = Cache(cfg.cache).meta.dump_args.get("model")
     if speculate_prompts:
         measure(rows, out, cfg, model, speculate_prompts, speculate_tokens, verify_cost)

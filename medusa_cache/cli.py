@@ -160,7 +160,7 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} -h)\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:  # long by nature: one declaration per subcommand, read top to bottom
     from .dump import DumpConfig
     from .generate import GenerateConfig
     from .train import TrainConfig

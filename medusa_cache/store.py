@@ -249,7 +249,10 @@ def create(
     hidden_compression: str = "zstd",
 ) -> Cache:
     """Preallocate a store. ``hidden_codec="int8"`` stores hidden states as int8 with one float32 scale per
-    ``int8_group`` channels of each row (``hidden_scale``, sharded and written with its unit)."""
+    ``int8_group`` channels of each row (``hidden_scale``, sharded and written with its unit).
+
+    Long on purpose: every array of the format is declared here, once, next to the others (docs/cache-format.md
+    mirrors this function)."""
     import dataclasses
 
     unknown = set(attrs) - {f.name for f in dataclasses.fields(StoreMeta)}

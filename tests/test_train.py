@@ -301,6 +301,11 @@ def test_export_medusa_reference_layout_loads_as_the_reference_loads(tmp_path, d
             others = torch.ones(V, dtype=torch.bool)
             others[tm] = False
             assert (full[:, others] == 0).all()
+        # what README's export figure is measured with: the reference layout's top-1 against the draft top-1
+        from medusa_cache.export import full_vocab_agreement
+
+        want = [float((ref[h](x).argmax(-1) == tm[heads(x)[h].argmax(-1)]).float().mean()) for h in range(K)]
+        assert full_vocab_agreement(heads, mapping, x) == want
 
 
 def test_export_medusa_refuses_multi_layer_heads(tmp_path, trained):

@@ -195,6 +195,28 @@ def greedy(model, prompt: torch.Tensor, max_new: int, stop: set[int]) -> list[in
     return gen[0, len(prompt):].tolist()
 
 
+def cache_greedy_text(model, tok, prompts: str, max_new: int, path, mapping):
+    """A store of each prompt plus the model's own greedy continuation (its ids, never re-tokenised) and the
+    post-norm states of a plain forward; the continuation is the trained part. ``eval``'s ranks on it are what
+    ``speculate`` meets (``evaluate.decoding_walk``)."""
+    import numpy as np
+
+    from . import store
+
+    ids, mask, hidden, offsets = [], [], [], [0]
+    for p in prompt_ids(tok, prompts, None):
+        cont = greedy(model, p, max_new, stop_ids(tok, model))
+        seq = torch.cat([p, torch.tensor(cont, dtype=p.dtype)])
+        with torch.no_grad():
+            hidden.append(model.model(seq[None].to(model.device)).last_hidden_state[0].float().cpu())
+        ids.append(seq.numpy())
+        mask.append(np.r_[np.zeros(len(p)), np.ones(len(cont))].astype(bool))
+        offsets.append(offsets[-1] + len(seq))
+    ids, mask = np.concatenate(ids), np.concatenate(mask)
+    return store.from_arrays(path, torch.cat(hidden), offsets, mapping.labels(ids, mask), mapping, input_ids=ids,
+                             loss_mask=mask, layout=store.Layout(256, 1024))
+
+
 def first_difference(a: list[int], b: list[int]) -> int | None:
     for i, (x, y) in enumerate(zip(a, b, strict=False)):
         if x != y:

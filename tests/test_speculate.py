@@ -115,34 +115,15 @@ def _teacher_forced_ranks_on_greedy_text(tmp_path, model, prompts, max_new: int)
     """A cache of prompt + greedy continuation (the model's own ids, no re-tokenisation), ranked by eval."""
     from transformers import AutoTokenizer
 
-    from medusa_cache import store
     from medusa_cache.evaluate import head_ranks
     from medusa_cache.export import load_heads
-    from medusa_cache.speculate import greedy, prompt_ids, stop_ids
+    from medusa_cache.speculate import cache_greedy_text
 
     tok = AutoTokenizer.from_pretrained(STORIES)
     heads, mapping, _ = load_heads(tmp_path / "h")
-    ids, mask, hidden, offsets = [], [], [], [0]
-    for p in prompt_ids(tok, str(prompts), None):
-        cont = greedy(model, p, max_new, stop_ids(tok, model))
-        seq = torch.cat([p, torch.tensor(cont)])
-        with torch.no_grad():
-            hidden.append(model.model(seq[None]).last_hidden_state[0])
-        ids.append(seq.numpy())
-        mask.append(np.r_[np.zeros(len(p)), np.ones(len(cont))].astype(bool))
-        offsets.append(offsets[-1] + len(seq))
-    ids, mask, h = np.concatenate(ids), np.concatenate(mask), torch.cat(hidden)
-    c = store.create(tmp_path / "greedy.zarr", hidden_size=64, hidden_dtype="float32", layout=store.Layout(64, 256),
-                     input_ids=ids, loss_mask=mask, labels=mapping.labels(ids, mask), offsets=np.array(offsets),
-                     sources=np.zeros((len(offsets) - 1, 2)), mapping=mapping, token_counts=np.zeros(512),
-                     attrs={"vocab_size": 512, "draft_vocab_size": mapping.draft_size, "fingerprints": {}})
-    for k in range(c.n_units):
-        a, b = c.unit_range(k)
-        c.write_unit(k, h[a:b])
-        c.mark_done(k)
-    c.set_attrs(complete=True)
-    r = head_ranks(heads, store.Cache(tmp_path / "greedy.zarr"), np.arange(len(offsets) - 1), topk=10)
-    return [r["rank"][r["seq"] == s] for s in range(len(offsets) - 1)]
+    c = cache_greedy_text(model, tok, str(prompts), max_new, tmp_path / "greedy.zarr", mapping)
+    r = head_ranks(heads, c, np.arange(c.n_seqs), topk=10)
+    return [r["rank"][r["seq"] == s] for s in range(c.n_seqs)]
 
 
 def test_lossless_on_a_tiny_random_llama_with_the_llama3_vocabulary(tmp_path, tiny_llama):

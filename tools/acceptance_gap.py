@@ -22,11 +22,10 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
-from medusa_cache import store  # noqa: E402
 from medusa_cache.demo import DEMO  # noqa: E402
 from medusa_cache.evaluate import decoding_walk, head_ranks, tree_acceptance, validate_tree  # noqa: E402
 from medusa_cache.export import load_heads  # noqa: E402
-from medusa_cache.speculate import greedy, prompt_ids, stop_ids  # noqa: E402
+from medusa_cache.speculate import cache_greedy_text  # noqa: E402
 
 
 def main() -> None:
@@ -40,29 +39,10 @@ def main() -> None:
     model_dir = DEMO / "stories260K"
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(model_dir)
-    ids, mask, hidden, offsets = [], [], [], [0]
-    for p in prompt_ids(tok, str(DEMO / "heldout_prompts.jsonl"), None):
-        cont = greedy(model, p, args.max_new_tokens, stop_ids(tok, model))
-        seq = torch.cat([p, torch.tensor(cont)])
-        with torch.no_grad():
-            hidden.append(model.model(seq[None]).last_hidden_state[0])
-        ids.append(seq.numpy())
-        mask.append(np.r_[np.zeros(len(p)), np.ones(len(cont))].astype(bool))
-        offsets.append(offsets[-1] + len(seq))
-    ids, mask, h = np.concatenate(ids), np.concatenate(mask), torch.cat(hidden)
-    path = Path(tempfile.mkdtemp()) / "c.zarr"
-    c = store.create(path, hidden_size=h.shape[1], hidden_dtype="float32", layout=store.Layout(256, 1024),
-                     input_ids=ids, loss_mask=mask, labels=mapping.labels(ids, mask), offsets=np.array(offsets),
-                     sources=np.zeros((len(offsets) - 1, 2)), mapping=mapping,
-                     token_counts=np.zeros(mapping.target_size), attrs={"vocab_size": mapping.target_size,
-                                                                        "draft_vocab_size": mapping.draft_size,
-                                                                        "fingerprints": {}})
-    for k in range(c.n_units):
-        a, b = c.unit_range(k)
-        c.write_unit(k, h[a:b])
-        c.mark_done(k)
-    c.set_attrs(complete=True)
-    r = head_ranks(heads, store.Cache(path), np.arange(len(offsets) - 1), topk=10)
+    c = cache_greedy_text(model, tok, str(DEMO / "heldout_prompts.jsonl"), args.max_new_tokens,
+                          Path(tempfile.mkdtemp()) / "c.zarr", mapping)
+    offsets = c.offsets
+    r = head_ranks(heads, c, np.arange(c.n_seqs), topk=10)
     print("| tree | position-averaged (eval) | decoding walk (= speculate) | walk without the prefill step |")
     print("|---|---|---|---|")
     for n in (16, 32, 64):

@@ -120,11 +120,14 @@ class BatchStream:
 
     def __init__(self, cache: Cache, labels: np.ndarray, batches: list[list[Piece]], num_heads: int,
                  blocks: list[np.ndarray], start: int = 0, prefetch: int = 4, memory: torch.Tensor | None = None,
-                 lookahead: int = 0):
+                 lookahead: int = 0, targets: torch.Tensor | None = None):
         self.cache, self.labels, self.batches, self.k = cache, labels, batches, num_heads
         self.blocks, self.start, self.memory, self.lookahead = blocks, start, memory, lookahead
-        # in memory, every row's targets are computed once (vectorised) so the reader thread only slices
-        self.targets = torch.from_numpy(all_targets(labels, cache.offsets, num_heads)) if memory is not None else None
+        # in memory, every row's targets are computed once (vectorised; pass ``targets`` to reuse them across
+        # epochs) so each batch only slices
+        if memory is not None and targets is None:
+            targets = torch.from_numpy(all_targets(labels, cache.offsets, num_heads))
+        self.targets = targets
         self.q: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
         self.stop = threading.Event()
         self.thread: threading.Thread | None = None

@@ -35,7 +35,7 @@ from . import rundir
 from .config import check, to_dict
 from .errors import Interrupted, UserError
 from .heads import MedusaHeads
-from .loader import BatchStream, epoch_order, make_batches, make_blocks
+from .loader import BatchStream, all_targets, epoch_order, make_batches, make_blocks
 from .objective import head_losses, validate
 from .store import Cache
 from .vocab import IGNORE
@@ -402,6 +402,7 @@ class Run:
 
             r.models = [DDP(v.heads, device_ids=[torch.device(r.device).index] if r.on_cuda else None) for v in r.vs]
         r.memory = r.cache.read_hidden(0, r.cache.n_tokens) if cfg.in_memory else None
+        r.targets = torch.from_numpy(all_targets(r.labels, r.cache.offsets, cfg.num_heads)) if cfg.in_memory else None
         r.weights = cfg.loss_weights()
         r.metrics_f = open(r.out / "metrics.jsonl", "a") if r.rank == 0 else None
         planned = min(r.total_steps, cfg.max_steps or r.total_steps)
@@ -441,7 +442,7 @@ class Run:
         n_groups = math.ceil(len(batches) / group)
         stream = BatchStream(self.cache, self.labels, mine, cfg.num_heads, self.blocks,
                              self.start_group * cfg.grad_accum, cfg.prefetch, self.memory,
-                             lookahead=cfg.num_heads if self.teacher_w is not None else 0)
+                             lookahead=cfg.num_heads if self.teacher_w is not None else 0, targets=self.targets)
         it = iter(stream)
         g = self.start_group
         try:
@@ -479,6 +480,7 @@ class Run:
             with torch.no_grad():
                 t_logp = (b.ahead.to(device).float() @ self.teacher_w.T).log_softmax(-1)
             teacher = (t_logp, b.ahead_idx.to(device))
+        n_valid = (tg != IGNORE).sum(0)  # per head, shared by every variant
         for v, m in zip(self.vs, self.models, strict=True):
             with m.no_sync() if (self.world > 1 and not sync) else contextlib.nullcontext():  # one all-reduce/step
                 with self.autocast:
@@ -486,8 +488,8 @@ class Run:
                     loss = sum(w * lo for w, lo in zip(self.weights, losses, strict=True)) * scale
                 loss.backward()
             with torch.no_grad():  # window sums stay on the device: no host synchronisation inside a step
-                v.window_loss += torch.stack([lo.detach() for lo in losses]) * (tg != IGNORE).sum(0)
-                v.window_n += (tg != IGNORE).sum(0)
+                v.window_loss += torch.stack([lo.detach() for lo in losses]) * n_valid
+                v.window_n += n_valid
                 if log_now:
                     v.window += torch.stack(stats)
         return len(h)

@@ -64,18 +64,15 @@ def run_train(cache: Path, out: Path, heads: int, extra: list[str]) -> tuple[flo
     return toks, rss if wall else rss
 
 
-def bare_loop_tps(cache: Path, heads: int, batch_tokens: int = 2048, seconds: float = 0.0) -> float:
+def bare_loop_tps(cache: Path, heads: int, batch_tokens: int = 2048) -> float:
     """The floor: the same heads and optimizer over the same cached rows in 2048-token batches, one epoch."""
     from medusa_cache.heads import MedusaHeads
-    from medusa_cache.loader import targets_for
+    from medusa_cache.loader import all_targets
 
     c = store.Cache(cache)
     h = c.read_hidden(0, c.n_tokens).float()
-    labels = c.array("labels")
-    tg = np.concatenate([targets_for(labels, c.offsets, (s, int(c.offsets[s]), int(c.offsets[s + 1])), heads)
-                         for s in range(c.n_seqs)])
-    tg = torch.from_numpy(tg)
-    model = MedusaHeads(c.hidden_size, c.attrs["draft_vocab_size"], heads, 1)
+    tg = torch.from_numpy(all_targets(c.array("labels"), c.offsets, heads))
+    model = MedusaHeads(c.hidden_size, c.meta.draft_vocab_size, heads, 1)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     for _ in range(2):  # two passes, the second one timed, as for train
         t0 = time.perf_counter()

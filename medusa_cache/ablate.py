@@ -76,8 +76,10 @@ def check_request(cfg: TrainConfig, heads: list[int], layers: list[int], lrs: li
         raise UserError(f"--speculate-prompts: file not found: {speculate_prompts}")
     if cfg.val_fraction <= 0 and not cfg.val_cache:
         raise UserError("--val-fraction: ablate needs held-out data (a fraction > 0, or --val-cache)")
+    Cache(cfg.cache).require_reach(max(heads), "--heads")
     if cfg.val_cache:  # something to hold out (else it would fail only after training)
         vc = Cache(cfg.val_cache)
+        vc.require_reach(max(heads), "--heads")
         vc.require_complete(cfg.allow_partial)
         if len(vc.usable_seqs(cfg.allow_partial, warn=False)) == 0:
             raise UserError(f"--val-cache: {cfg.val_cache} has no usable sequences to evaluate on")

@@ -82,6 +82,11 @@ class DumpConfig:
     (about half the bytes of bf16; relative error ~0.5%, see docs/cache-format.md)."""
     int8_group: int = 128
     """--hidden-codec int8: channels sharing one scale (must divide the hidden size)."""
+    keep_rows: Literal["all", "needed"] = "all"
+    """all: a hidden row per token. needed: only rows a head (up to --max-heads) or eval can use, i.e. within
+    --max-heads tokens of an assistant token (docs/cache-format.md); ids, masks and labels stay complete."""
+    max_heads: int = 5
+    """--keep-rows needed: the most heads the cache will serve; train/eval/ablate refuse more."""
     device: str = "cpu"
     """Device for the model pass: cpu, cuda, cuda:N."""
     resume: bool = False
@@ -106,6 +111,7 @@ class DumpConfig:
               f"must be >= 1, got {self.draft_vocab_size}")
         check(self.forward_tokens >= 1, "forward_tokens", f"must be >= 1, got {self.forward_tokens}")
         check(self.int8_group >= 1, "int8_group", f"must be >= 1, got {self.int8_group}")
+        check(1 <= self.max_heads <= 32, "max_heads", f"must be in 1..32, got {self.max_heads}")
         check(not (self.resume and self.overwrite), "resume", "--resume and --overwrite exclude each other")
         check(self.format in FORMATS, "format", f"must be one of {FORMATS}")
         for name in ("chunk_tokens", "shard_tokens"):
@@ -127,6 +133,7 @@ def _fingerprints(cfg: DumpConfig, template: str) -> dict[str, str]:
         "vocab_mapping": vocab,
         "dtype": cfg.dtype,
         "hidden_codec": cfg.hidden_codec if cfg.hidden_codec == "lossless" else f"int8:{cfg.int8_group}",
+        "keep_rows": cfg.keep_rows if cfg.keep_rows == "all" else f"needed:{cfg.max_heads}",
         "format": cfg.format,
         "skip_bad_rows": str(cfg.skip_bad_rows),
         "pipeline": cfg.pipeline if cfg.pipeline == "medusa-cache" else
@@ -188,17 +195,19 @@ def prepare(cfg: DumpConfig, fingerprints: dict[str, str], template: str | None,
     ids = np.concatenate([e.input_ids for e in examples])
     mask = np.concatenate([e.loss_mask for e in examples])
     labels = mapping.labels(ids, mask)
+    row_kept = store.needed_rows(mask, offsets, cfg.max_heads) if cfg.keep_rows == "needed" else None
     counts_attr = {
         **tally, "sequences": len(examples), "tokens": int(offsets[-1]), "assistant_tokens": int(mask.sum()),
         "assistant_tokens_in_draft_vocab": int((labels != -100).sum()), "skipped_input_rows": len(bad),
         "truncated": int(sum(1 for e in examples if len(e.input_ids) == cfg.max_length)),
         "draft_vocab_unseen_filled": unseen_filled,
+        **({"stored_rows": int(row_kept.sum())} if row_kept is not None else {}),
     }
     return store.create(
         cfg.out, hidden_size=hidden_size, hidden_dtype=cfg.dtype, hidden_codec=cfg.hidden_codec,
         int8_group=cfg.int8_group, layout=layout_for(cfg, hidden_size), input_ids=ids, loss_mask=mask, labels=labels,
         offsets=offsets, sources=np.array([[e.file_index, e.row_index] for e in examples], dtype=np.int64),
-        mapping=mapping, token_counts=counts,
+        mapping=mapping, token_counts=counts, row_kept=row_kept, max_heads=cfg.max_heads,
         attrs={"vocab_size": vocab_size, "draft_vocab_size": mapping.draft_size,
                "data_files": [str(Path(f).name) for f in cfg.data], "pipeline": cfg.pipeline,
                "fingerprints": {**fingerprints, "vocab": mapping.fingerprint()}, "dump_args": to_dict(cfg),
@@ -291,12 +300,13 @@ def layout_for(cfg: DumpConfig, hidden_size: int) -> store.Layout:
 
 # --------------------------------------------------------------------------------------------------
 def compute_unit(cache: store.Cache, ids: np.ndarray, k: int, mp: ModelPass, forward_tokens: int) -> torch.Tensor:
-    a, b = cache.unit_range(k)
+    """Unit k's stored rows: its token range computed (each sequence from its start), then the kept rows."""
+    a, b = cache.unit_tokens(k)
     buf = torch.empty((b - a, cache.hidden_size), dtype=store.TORCH_DTYPES[cache.hidden_dtype])
     for batch in plan_batches(cache.offsets, a, b, forward_tokens):
         for (_, e, keep), rows in zip(batch, mp.run(ids, batch), strict=True):
             buf[keep - a : e - a] = rows
-    return buf
+    return buf if cache.row_kept is None else buf[torch.from_numpy(cache.row_kept[a:b])]
 
 
 def open_or_prepare(cfg: DumpConfig) -> store.Cache:
@@ -368,7 +378,7 @@ def _run_units(cfg: DumpConfig, cache: store.Cache | None, rank: int, world_size
     t_prepared = time.perf_counter()
     mp = ModelPass(cfg.model, cfg.dtype, cfg.device)
     t_loaded = time.perf_counter()
-    tokens_todo = sum(cache.unit_range(k)[1] - cache.unit_range(k)[0] for k in todo)
+    tokens_todo = sum(cache.unit_tokens(k)[1] - cache.unit_tokens(k)[0] for k in todo)
     bar = tqdm(total=tokens_todo, desc="dump", unit="tok", unit_scale=True, disable=None)
     pending: Future | None = None
 
@@ -379,7 +389,7 @@ def _run_units(cfg: DumpConfig, cache: store.Cache | None, rank: int, world_size
         nonlocal nonfinite
         if cfg.strict and not torch.isfinite(h).all():
             a, _ = cache.unit_range(k)
-            row = a + int(np.flatnonzero(~torch.isfinite(h).all(dim=1).numpy())[0])
+            row = cache.token_of_row(a + int(np.flatnonzero(~torch.isfinite(h).all(dim=1).numpy())[0]))
             s = int(np.searchsorted(cache.offsets, row, side="right") - 1)
             f, r = sources[s]
             raise UserError(f"--strict: NaN/Inf hidden state at token {row} (sequence {s}, {cfg.data[f]} row "
@@ -399,7 +409,7 @@ def _run_units(cfg: DumpConfig, cache: store.Cache | None, rank: int, world_size
                 if pending is not None:
                     pending.result()
                 pending = pool.submit(write, k, h)
-                a, b = cache.unit_range(k)
+                a, b = cache.unit_tokens(k)
                 bar.update(b - a)
             if pending is not None:
                 pending.result()

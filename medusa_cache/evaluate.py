@@ -274,6 +274,7 @@ def run_eval(heads_dir: str, cache_path: str, topk: int = 10, tree_file: str | N
         raise UserError(f"--cache: {cache_path} uses a different draft vocabulary than the heads in {heads_dir}")
     if cache.hidden_size != heads.hidden_size:
         raise UserError(f"--cache: hidden size {cache.hidden_size} differs from the heads' {heads.hidden_size}")
+    cache.require_reach(heads.num_heads, f"--heads {heads_dir}: num_heads")
     tree = None
     if tree_file:
         try:

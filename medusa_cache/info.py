@@ -25,6 +25,8 @@ def inspect_store(path: str) -> dict[str, Any]:
         "hidden_size": c.hidden_size,
         "hidden_dtype": c.hidden_dtype,
         "hidden_codec": c.codec + (f" (scale per {c.int8_group} channels)" if c.codec == "int8" else ""),
+        "keep_rows": c.meta.keep_rows + (f" (rows for up to {c.meta.max_heads} heads: {c.n_rows} of {c.n_tokens})"
+                                         if c.meta.keep_rows == "needed" else ""),
         "vocab_size": c.meta.vocab_size,
         "draft_vocab_size": c.meta.draft_vocab_size,
         "bytes_on_disk": disk,

@@ -10,6 +10,13 @@ sequence, else ``IGNORE``; ``labels`` already holds ``IGNORE`` for non-assistant
 tokens. So a piece of a sequence carries its own targets, and token batches (``--batch-tokens``) can be
 cut anywhere.
 
+Position mixing (``mix="positions"``, token mode). Heads are position-wise, so a batch need not be made of
+contiguous pieces, whose neighbouring positions are highly correlated. The epoch's sequence order (above) is cut
+into *windows* of whole sequences of ~``window_tokens`` tokens; each window's *trainable* positions (at least one
+head target) are permuted (seed, epoch, window) and the permuted windows, concatenated, are cut into batches of
+``batch_tokens`` positions. Memory: at most two windows. Like the order, the plan is a pure function of (seed,
+epoch) and the labels, so a resumed run starts at the saved batch index.
+
 Reading. A background thread walks the batches ahead of the trainer (``prefetch`` batches), loads each
 block once when its first sequence is needed, and keeps only sequences still to come; memory is bounded
 by the shuffle buffer plus one block, whatever the cache size. ``in_memory`` reads the store once.
@@ -106,6 +113,50 @@ def all_targets(labels: np.ndarray, offsets: np.ndarray, num_heads: int, shift: 
     return out
 
 
+def trainable_rows(labels: np.ndarray, offsets: np.ndarray, num_heads: int, shift: int = 2) -> np.ndarray:
+    """bool [N]: row t has at least one head target (``labels[t+shift .. t+shift+K-1]`` inside its sequence)."""
+    n = len(labels)
+    c = np.concatenate([[0], np.cumsum(labels != IGNORE, dtype=np.int64)])
+    t = np.arange(n)
+    end = offsets[np.searchsorted(offsets, t, side="right")]
+    return c[np.minimum(t + shift + num_heads, end)] - c[np.minimum(t + shift, end)] > 0
+
+
+@dataclass
+class PositionPlan:
+    """One epoch of position-mixed batches: batch g = positions [g*batch, (g+1)*batch) of the permuted windows."""
+
+    windows: list[list[Piece]]  # whole sequences, in the epoch's order
+    window: np.ndarray  # [P] window of each position, in batch order
+    local: np.ndarray  # [P] row of that position inside its window's concatenated rows
+    batch: int
+
+    def __len__(self) -> int:
+        return -(-len(self.window) // self.batch)
+
+
+def make_position_plan(order: np.ndarray, offsets: np.ndarray, trainable: np.ndarray, window_tokens: int,
+                       batch: int, seed: int, epoch: int) -> PositionPlan:
+    windows, cur, n = [], [], 0
+    for s in order:
+        a, b = int(offsets[s]), int(offsets[s + 1])
+        cur.append((int(s), a, b))
+        n += b - a
+        if n >= window_tokens:
+            windows.append(cur)
+            cur, n = [], 0
+    if cur:
+        windows.append(cur)
+    win, loc = [], []
+    for w, pieces in enumerate(windows):
+        base = np.concatenate([[0], np.cumsum([b - a for _, a, b in pieces])])
+        local = np.concatenate([np.flatnonzero(trainable[a:b]) + base[j] for j, (_, a, b) in enumerate(pieces)])
+        perm = np.random.default_rng([seed, epoch, w, 7]).permutation(len(local))
+        win.append(np.full(len(local), w, dtype=np.int64))
+        loc.append(local[perm])
+    return PositionPlan(windows, np.concatenate(win), np.concatenate(loc), batch)
+
+
 @dataclass
 class Batch:
     hidden: torch.Tensor  # [T, H] stored dtype
@@ -116,11 +167,17 @@ class Batch:
 
 
 class BatchStream:
-    """Iterate batches[start:] with a prefetching reader thread."""
+    """Iterate batches[start:] with a prefetching reader thread (or, with ``plan``, the plan's batches from start)."""
 
-    def __init__(self, cache: Cache, labels: np.ndarray, batches: list[list[Piece]], num_heads: int,
+    def __init__(self, cache: Cache, labels: np.ndarray, batches: list[list[Piece]] | None, num_heads: int,
                  blocks: list[np.ndarray], start: int = 0, prefetch: int = 4, memory: torch.Tensor | None = None,
-                 lookahead: int = 0, targets: torch.Tensor | None = None):
+                 lookahead: int = 0, targets: torch.Tensor | None = None, plan: PositionPlan | None = None,
+                 rank: int = 0, world: int = 1):
+        # with a plan, this process takes the plan's batches rank, rank + world, ... (its local batches), from ``start``
+        self.plan, self.first, self.rank, self.world = plan, start, rank, world
+        if plan is not None:  # read whole windows (from the one holding the first position), mix positions after
+            g0 = start * world + rank
+            batches, start = plan.windows, int(plan.window[g0 * plan.batch]) if g0 < len(plan) else len(plan.windows)
         self.cache, self.labels, self.batches, self.k = cache, labels, batches, num_heads
         self.blocks, self.start, self.memory, self.lookahead = blocks, start, memory, lookahead
         # in memory, every row's targets are computed once (vectorised; pass ``targets`` to reuse them across
@@ -146,10 +203,11 @@ class BatchStream:
             for s, _, _ in self.batches[bi]:
                 last_use[s] = bi
         held: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        look = self.lookahead if self.plan is None else 0  # windows are whole sequences: nothing lies after them
         for bi in range(self.start, len(self.batches)):
             parts, targets, ahead = [], [], []
             for s, a, b in self.batches[bi]:
-                b_ext = min(b + self.lookahead, int(offsets[s + 1]))
+                b_ext = min(b + look, int(offsets[s + 1]))
                 if self.memory is not None:
                     parts.append(self.memory[a:b])
                     targets.append(self.targets[a:b])
@@ -173,7 +231,7 @@ class BatchStream:
                     del held[s]
             cat = parts[0] if len(parts) == 1 else torch.cat(parts)
             tg_cat = targets[0] if len(targets) == 1 else torch.cat(targets)
-            yield bi, cat, tg_cat, (torch.cat(ahead) if self.lookahead else None)
+            yield bi, cat, tg_cat, (torch.cat(ahead) if look else None)
 
     def _ahead_idx(self, pieces: list[Piece]) -> np.ndarray:
         offsets, out, base = self.cache.offsets, [], 0
@@ -184,7 +242,44 @@ class BatchStream:
             base += min(b + self.lookahead, end) - a
         return np.concatenate(out)
 
+    def _position_items(self) -> Iterator[Batch]:
+        """The plan's batches: positions gathered from at most two windows held at a time."""
+        plan, k, held = self.plan, self.k, {}
+        windows = self._rows()
+        for j, gi in enumerate(range(self.first * self.world + self.rank, len(plan), self.world), self.first):
+            cut = slice(gi * plan.batch, (gi + 1) * plan.batch)
+            w, loc = plan.window[cut], plan.local[cut]
+            while int(w[-1]) not in held:
+                wi, hw, tw, _ = next(windows)
+                lens = [b - a for _, a, b in plan.windows[wi]]
+                held[wi] = (hw, tw, np.repeat(np.cumsum(lens), lens))  # + end of each row's sequence in the window
+            for old in [x for x in held if x < int(w[0])]:
+                del held[old]
+            parts = []
+            for wi in np.unique(w):
+                sel = loc[w == wi]
+                parts.append((int(wi), sel))
+            hidden = torch.cat([held[wi][0][torch.from_numpy(sel)] for wi, sel in parts])
+            tg = torch.cat([held[wi][1][torch.from_numpy(sel)] for wi, sel in parts])
+            item = Batch(hidden, tg, j)
+            if self.lookahead:  # rows t+1+i of each position (same sequence), gathered once each
+                aheads, idx, base = [], [], 0
+                for wi, sel in parts:
+                    rows = sel[:, None] + 1 + np.arange(k)[None, :]
+                    ok = rows < held[wi][2][sel][:, None]
+                    uniq, inv = np.unique(rows[ok], return_inverse=True)
+                    ix = np.full(rows.shape, -1, dtype=np.int64)
+                    ix[ok] = inv + base
+                    aheads.append(held[wi][0][torch.from_numpy(uniq)])
+                    idx.append(ix)
+                    base += len(uniq)
+                item.ahead, item.ahead_idx = torch.cat(aheads), torch.from_numpy(np.concatenate(idx))
+            yield item
+
     def _items(self) -> Iterator[Batch]:
+        if self.plan is not None:
+            yield from self._position_items()
+            return
         for bi, hidden, tg, ahead in self._rows():
             item = Batch(hidden, tg, bi)
             if ahead is not None:

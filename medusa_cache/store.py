@@ -27,7 +27,8 @@ from zarr.codecs import BloscCodec
 from .errors import UserError
 from .vocab import VocabMapping
 
-FORMAT_VERSION = 3  # 2: fill values that cannot pass as data; 3: optional int8 hidden codec (hidden_scale)
+FORMAT_VERSION = 4  # 2: fill values that cannot pass as data; 3: optional int8 hidden codec (hidden_scale);
+# 4: optional needed-rows layout (keep_rows = "needed": `hidden` holds only the rows `row_kept` marks)
 HIDDEN_DTYPES = {"bfloat16": np.uint16, "float32": np.float32}
 TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 # Fill values that cannot pass as data (format 2): zarr returns the fill value for a chunk that is not in
@@ -35,12 +36,13 @@ TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 # (write_empty_chunks), so a chunk missing from the store's listing is always a loss.
 HIDDEN_FILL = {"bfloat16": 0x7FC0, "float32": float("nan")}  # 0x7FC0: the bf16 quiet-NaN bit pattern
 FILL = {"input_ids": -1, "loss_mask": 255, "labels": -2, "seq_offsets": -1, "seq_source": -1, "d2t": -1,
-        "token_counts": -1, "bad_rows": 255}
+        "token_counts": -1, "bad_rows": 255, "row_kept": 255}
 ARRAYS = ("hidden", "hidden_scale", "bad_rows", "input_ids", "loss_mask", "labels", "seq_offsets", "seq_source", "d2t",
-          "t2d", "token_counts", "unit_done")
+          "t2d", "token_counts", "unit_done", "row_kept")
 PER_UNIT = ("hidden", "hidden_scale", "bad_rows", "unit_done")  # written unit by unit: only done units' chunks
 INT8_FILL = -128  # symmetric quantisation writes -127..127 only, so a lost int8 chunk cannot pass as data
 CODECS = ("lossless", "int8")
+KEEP_ROWS = ("all", "needed")
 _WRITE_ALL = {"array.write_empty_chunks": True}
 
 
@@ -85,6 +87,10 @@ class StoreMeta:
     """lossless or int8 (format 3)."""
     int8_group: int = 0
     """int8: channels per scale."""
+    keep_rows: str = "all"
+    """all (a hidden row per token) or needed (format 4: only rows a head up to `max_heads` can use; `row_kept`)."""
+    max_heads: int = 0
+    """keep_rows needed: the largest number of heads the stored rows serve (train/eval/ablate refuse more); 0 = any."""
     pipeline: str = "medusa-cache"
     """How chats became ids and masks: medusa-cache or specforge (docs/data-pipeline.md)."""
     data_files: list = field(default_factory=list)
@@ -230,6 +236,22 @@ def remove_store(path: str | Path) -> None:
             shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
 
 
+def needed_rows(loss_mask: np.ndarray, offsets: np.ndarray, max_heads: int) -> np.ndarray:
+    """Which token rows a reader with up to ``max_heads`` heads can use (``dump --keep-rows needed``).
+
+    Row t is needed when any token t-K+1 .. t+K+1 of its own sequence is an assistant token (K = max_heads):
+    heads at t train on t+2..t+K+1, ``eval`` scores t when t+1 is an assistant token, and ``eval --targets base``
+    and ``--distill`` read the base model's choice from rows t+1..t+K of a scored position. Vectorised."""
+    mask = np.asarray(loss_mask).astype(bool)
+    n, k = len(mask), int(max_heads)
+    c = np.concatenate([[0], np.cumsum(mask, dtype=np.int64)])
+    t = np.arange(n)
+    seq = np.searchsorted(offsets, t, side="right") - 1
+    lo = np.maximum(t - k + 1, offsets[seq])
+    hi = np.minimum(t + k + 2, offsets[seq + 1])
+    return c[hi] - c[lo] > 0
+
+
 def create(
     path: str | Path,
     *,
@@ -247,9 +269,13 @@ def create(
     hidden_codec: str = "lossless",
     int8_group: int = 128,
     hidden_compression: str = "zstd",
+    row_kept: np.ndarray | None = None,
+    max_heads: int = 0,
 ) -> Cache:
-    """Preallocate a store. ``hidden_codec="int8"`` stores hidden states as int8 with one float32 scale per
-    ``int8_group`` channels of each row (``hidden_scale``, sharded and written with its unit).
+    """Preallocate a store. With ``row_kept`` (bool [N], see ``needed_rows``) ``hidden`` holds only those rows, in
+    token order (format 4, ``keep_rows = "needed"``); ``hidden_scale`` and ``bad_rows`` follow ``hidden``.
+    ``hidden_codec="int8"`` stores hidden states as int8 with one float32 scale per ``int8_group`` channels of each
+    row (``hidden_scale``, sharded and written with its unit).
 
     Long on purpose: every array of the format is declared here, once, next to the others (docs/cache-format.md
     mirrors this function)."""
@@ -259,6 +285,7 @@ def create(
     if unknown:
         raise ValueError(f"store.create: attributes not in StoreMeta: {sorted(unknown)}")
     n = int(offsets[-1])
+    m = n if row_kept is None else int(np.count_nonzero(row_kept))  # rows of `hidden`
     with zarr.config.set(_WRITE_ALL):
         group = zarr.open_group(str(path), mode="w", attributes={"medusa_cache_preparing": True})
         tok = dict(chunks=(layout.chunk_tokens,), shards=(layout.shard_tokens,))
@@ -277,19 +304,25 @@ def create(
             a[...] = data
         t2d = group.create_array("t2d", shape=mapping.t2d.shape, dtype=bool, chunks=(max(1, mapping.target_size),))
         t2d[:] = mapping.t2d
+        if row_kept is not None:
+            if len(row_kept) != n or m == 0:
+                raise ValueError("store.create: row_kept must be [N] and keep at least one row")
+            a = group.create_array("row_kept", shape=(n,), dtype=np.uint8, compressors=[_blosc(1)],
+                                   fill_value=FILL["row_kept"], **tok)
+            a[:] = np.asarray(row_kept).astype(np.uint8)
         if hidden_codec == "int8":
             if hidden_size % int8_group:
                 raise UserError(f"--int8-group: {int8_group} does not divide the hidden size {hidden_size}")
             np_dtype, fill = np.int8, INT8_FILL
             g = hidden_size // int8_group
-            group.create_array("hidden_scale", shape=(n, g), dtype=np.float32, chunks=(layout.chunk_tokens, g),
+            group.create_array("hidden_scale", shape=(m, g), dtype=np.float32, chunks=(layout.chunk_tokens, g),
                                shards=(layout.shard_tokens, g), compressors=[_blosc(4)], fill_value=float("nan"))
         else:
             np_dtype, fill = HIDDEN_DTYPES[hidden_dtype], HIDDEN_FILL[hidden_dtype]
         itemsize = np.dtype(np_dtype).itemsize
         group.create_array(
             "hidden",
-            shape=(n, hidden_size),
+            shape=(m, hidden_size),
             dtype=np_dtype,
             chunks=(layout.chunk_tokens, hidden_size),
             shards=(layout.shard_tokens, hidden_size),
@@ -297,9 +330,9 @@ def create(
             fill_value=fill,
             attributes={"logical_dtype": hidden_dtype, "codec": hidden_codec},
         )
-        group.create_array("bad_rows", shape=(n,), dtype=np.uint8, compressors=[_blosc(1)],
+        group.create_array("bad_rows", shape=(m,), dtype=np.uint8, compressors=[_blosc(1)],
                            fill_value=FILL["bad_rows"], **tok)
-        n_units = max(1, -(-n // layout.shard_tokens))
+        n_units = max(1, -(-m // layout.shard_tokens))
         group.create_array("unit_done", shape=(n_units,), dtype=np.uint8, chunks=(1,), compressors=None,
                            fill_value=0)
     group.attrs.update(
@@ -314,6 +347,7 @@ def create(
             "medusa_cache_preparing": False,  # preparation finished: from here on it is a (resumable) store
             "hidden_codec": hidden_codec,
             **({"int8_group": int8_group} if hidden_codec == "int8" else {}),
+            **({"keep_rows": "needed", "max_heads": int(max_heads)} if row_kept is not None else {}),
             **attrs,
         }
     )
@@ -323,12 +357,13 @@ def create(
 def from_arrays(path: str | Path, hidden: torch.Tensor, offsets, labels, mapping: VocabMapping, *,
                 input_ids=None, loss_mask=None, hidden_dtype: str = "float32", layout: Layout | None = None,
                 hidden_codec: str = "lossless", int8_group: int = 128, hidden_compression: str = "zstd",
-                complete: bool = True,
+                complete: bool = True, row_kept: np.ndarray | None = None, max_heads: int = 0,
                 attrs: dict[str, Any] | None = None) -> Cache:
     """A whole store from arrays already in memory: the one builder tests and tools use for synthetic caches.
 
     ``labels`` are draft ids or IGNORE; ``input_ids`` default to the labels' target ids (0 where ignored) and
     ``loss_mask`` to ``labels != IGNORE``. Every unit is written and marked done; ``complete`` sets the flag.
+    ``hidden`` has a row per token; with ``row_kept`` only those rows are stored.
     """
     from .vocab import IGNORE
 
@@ -344,7 +379,10 @@ def from_arrays(path: str | Path, hidden: torch.Tensor, offsets, labels, mapping
                token_counts=np.zeros(mapping.target_size),
                attrs={"vocab_size": mapping.target_size, "draft_vocab_size": mapping.draft_size,
                       "fingerprints": {"model": "synthetic"}, **(attrs or {})},
-               hidden_codec=hidden_codec, int8_group=int8_group, hidden_compression=hidden_compression)
+               hidden_codec=hidden_codec, int8_group=int8_group, hidden_compression=hidden_compression,
+               row_kept=row_kept, max_heads=max_heads)
+    if row_kept is not None:
+        hidden = hidden[torch.from_numpy(np.asarray(row_kept, dtype=bool))]
     for k in range(c.n_units):
         a, b = c.unit_range(k)
         c.write_unit(k, hidden[a:b])
@@ -385,6 +423,16 @@ class Cache:
         self.offsets: np.ndarray = self.group["seq_offsets"][:]
         self.n_tokens = int(self.offsets[-1])
         self.n_seqs = len(self.offsets) - 1
+        self.n_rows = int(self.hidden.shape[0])  # rows of `hidden`: n_tokens, or fewer with keep_rows "needed"
+        self.row_kept: np.ndarray | None = None  # bool [N] with keep_rows "needed"
+        self.row_start: np.ndarray | None = None  # [N+1]: stored row of token t (when kept) = row_start[t]
+        if self.meta.keep_rows == "needed":
+            if "row_kept" not in self.group:
+                raise UserError(f"{self.path}: keep_rows is 'needed' but array row_kept is missing; the store is "
+                                "damaged: re-dump it")
+            # a lost chunk reads as 255 and counts as not kept here; require_complete and verify name it
+            self.row_kept = self.group["row_kept"][:] == 1
+            self.row_start = np.concatenate([[0], np.cumsum(self.row_kept, dtype=np.int64)])
 
     # ---- metadata -------------------------------------------------------------------------------
     @property
@@ -406,7 +454,34 @@ class Cache:
         return self.group[name][:]
 
     def unit_range(self, k: int) -> tuple[int, int]:
-        return k * self.shard_tokens, min(self.n_tokens, (k + 1) * self.shard_tokens)
+        """Rows of `hidden` in unit k (= token rows, unless keep_rows is "needed")."""
+        return k * self.shard_tokens, min(self.n_rows, (k + 1) * self.shard_tokens)
+
+    def unit_tokens(self, k: int) -> tuple[int, int]:
+        """Token rows [a, b) whose stored rows are unit k's (the tokens the dump computes for it)."""
+        a, b = self.unit_range(k)
+        if self.row_start is None:
+            return a, b
+        return self.token_of_row(a), self.token_of_row(b - 1) + 1
+
+    def token_of_row(self, r):
+        """Token index of stored row(s) ``r`` (identity unless keep_rows is "needed")."""
+        if self.row_start is None:
+            return r
+        t = np.searchsorted(self.row_start, np.asarray(r), side="right") - 1
+        return int(t) if np.ndim(t) == 0 else t
+
+    def stored_offsets(self) -> np.ndarray:
+        """Sequence s's stored rows are [stored_offsets[s], stored_offsets[s+1])."""
+        return self.offsets if self.row_start is None else self.row_start[self.offsets]
+
+    def require_reach(self, num_heads: int, flag: str = "--num-heads") -> None:
+        """Refuse more heads than the stored rows serve (``dump --keep-rows needed --max-heads K``)."""
+        k = self.meta.max_heads
+        if k and num_heads > k:
+            raise UserError(f"{flag} {num_heads}: {self.path} stores hidden rows for at most {k} heads "
+                            f"(dumped with --keep-rows needed --max-heads {k}); use at most {k} heads, or re-dump with "
+                            f"--max-heads {num_heads} (or --keep-rows all)")
 
     def done_units(self) -> np.ndarray:
         return self.group["unit_done"][:].astype(bool)
@@ -448,7 +523,7 @@ class Cache:
                 continue
             key = f"{name}/{a.metadata.encode_chunk_key(coords)}"
             if name in ("hidden", "hidden_scale", "bad_rows"):
-                lo, hi = self.unit_range(coords[0])
+                lo, hi = self.unit_tokens(coords[0])
                 out.append((key, f"{name}: shard {key} (unit {coords[0]}, token rows {lo}:{hi}) is missing"))
             else:
                 out.append((key, f"{name}: chunk {key} is missing"))
@@ -464,6 +539,8 @@ class Cache:
         names = ARRAYS if self.meta.medusa_cache >= 2 else ("hidden", "unit_done")
         if self.codec != "int8":
             names = tuple(n for n in names if n != "hidden_scale")
+        if self.meta.keep_rows != "needed":
+            names = tuple(n for n in names if n != "row_kept")
         problems = []
         for name in names:
             if name not in self.group:
@@ -486,14 +563,27 @@ class Cache:
             seqs = np.setdiff1d(seqs, bad)
         if not self.complete and allow_partial:
             done = self.done_units()
-            a_unit = self.offsets[:-1] // self.shard_tokens
-            b_unit = (np.maximum(self.offsets[1:], 1) - 1) // self.shard_tokens
+            so = self.stored_offsets()
+            a_unit = np.minimum(so[:-1] // self.shard_tokens, self.n_units - 1)
+            b_unit = (np.maximum(so[1:], 1) - 1) // self.shard_tokens
             seqs = seqs[done[a_unit[seqs]] & done[b_unit[seqs]]]
         return seqs
 
     # ---- hidden states --------------------------------------------------------------------------
     def read_hidden(self, start: int, stop: int) -> torch.Tensor:
-        """Rows [start, stop) of the hidden states as a torch tensor in the stored dtype."""
+        """Token rows [start, stop) of the hidden states: the stored dtype, float32 for int8.
+
+        With keep_rows "needed", a row that is not stored reads as 0: no reader with at most ``max_heads`` heads uses
+        it (its targets are all ignored; ``require_reach`` refuses more heads)."""
+        if self.row_start is None:
+            return self.read_rows(start, stop)
+        rows = self.read_rows(int(self.row_start[start]), int(self.row_start[stop]))
+        out = torch.zeros((stop - start, self.hidden_size), dtype=rows.dtype)
+        out[torch.from_numpy(self.row_kept[start:stop])] = rows
+        return out
+
+    def read_rows(self, start: int, stop: int) -> torch.Tensor:
+        """Stored rows [start, stop) of `hidden` (= token rows unless keep_rows is "needed")."""
         try:
             arr = self.hidden[start:stop]
         except Exception as e:  # noqa: BLE001 - a corrupt or missing chunk: name the shard
@@ -533,8 +623,8 @@ class Cache:
             return np.zeros(0, dtype=np.int64)
         flags = self.group["bad_rows"][:]
         if not self.complete:  # rows of units not dumped yet read as the fill value
-            flags = np.where(np.repeat(self.done_units(), self.shard_tokens)[: self.n_tokens], flags, 0)
-        rows = np.flatnonzero(flags)
+            flags = np.where(np.repeat(self.done_units(), self.shard_tokens)[: self.n_rows], flags, 0)
+        rows = self.token_of_row(np.flatnonzero(flags))
         return np.unique(np.searchsorted(self.offsets, rows, side="right") - 1)
 
     def mark_done(self, k: int) -> None:

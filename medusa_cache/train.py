@@ -35,7 +35,7 @@ from . import rundir
 from .config import check, to_dict
 from .errors import Interrupted, UserError
 from .heads import MedusaHeads
-from .loader import BatchStream, all_targets, epoch_order, make_batches, make_blocks
+from .loader import BatchStream, all_targets, epoch_order, make_batches, make_blocks, make_position_plan, trainable_rows
 from .objective import head_losses, validate
 from .store import Cache
 from .vocab import IGNORE
@@ -73,6 +73,12 @@ class TrainConfig:
     """Micro-batches per optimizer step."""
     batch_tokens: int | None = None
     """Token-count micro-batches of this many tokens instead of whole sequences (faster)."""
+    mix: Literal["positions", "pieces"] = "positions"
+    """--batch-tokens: what a batch holds. positions: --batch-tokens trainable positions (at least one head target)
+    drawn from a window of --mix-tokens tokens of whole sequences; pieces: contiguous pieces of sequences through
+    the shuffle buffer (neighbouring, correlated positions; untrainable rows included). README compares them."""
+    mix_tokens: int = 65536
+    """--mix positions: tokens per window whose positions are permuted together (memory: two windows of states)."""
     warmup_ratio: float = 0.015
     """Fraction of optimizer steps spent in linear warmup."""
     schedule: Literal["cosine", "constant", "linear"] = "cosine"
@@ -150,7 +156,8 @@ class TrainConfig:
         for r in self.report_to or []:
             check(r in ("tensorboard", "wandb", "none"), "report_to", f"unknown destination {r!r} (tensorboard, wandb)")
         check(self.checkpoint_minutes >= 0, "checkpoint_minutes", f"must be >= 0, got {self.checkpoint_minutes}")
-        for name in ("shuffle_buffer", "block_tokens", "prefetch", "log_every", "checkpoint_every", "eval_tokens"):
+        for name in ("shuffle_buffer", "block_tokens", "prefetch", "log_every", "checkpoint_every", "eval_tokens",
+                     "mix_tokens"):
             check(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
         w = self.head_loss_weights
         if w is not None:
@@ -181,6 +188,7 @@ def _inputs(cfg: TrainConfig) -> dict:
 
 
 def check_cache_against(cache: Cache, cfg: TrainConfig) -> None:
+    cache.require_reach(cfg.num_heads)
     for name, have in (("hidden_size", cache.hidden_size), ("vocab_size", cache.meta.vocab_size),
                        ("draft_vocab_size", cache.meta.draft_vocab_size)):
         want = getattr(cfg, name)
@@ -255,6 +263,8 @@ def _prepare_run(cfg: TrainConfig, settings: dict, group: int) -> dict | None:
         raise UserError(f"--resume: {out} was trained with {ck['group']} micro-batches per step "
                         f"(processes x --grad-accum), this run has {group}; keep the product the same")
     stored = ck.get("settings")
+    if stored is not None and "mix" not in stored:  # written before --mix existed: batches were pieces
+        stored = {**stored, "mix": "pieces", "mix_tokens": settings["mix_tokens"]}
     if stored is None:  # a checkpoint from before the contract: compare the config it was started with
         old = rundir.stored_train_config(out) or {}
         stored = {k: old.get(k) for k in rundir.RESUME_FIXED}
@@ -383,8 +393,8 @@ class Run:
             raise UserError(f"--cache: {cfg.cache} has no finished sequences to train on")
         r.labels = r.cache.array("labels")
         r.blocks = make_blocks(r.train_seqs, r.cache.offsets, cfg.block_tokens)
-        n_batches = len(make_batches(epoch_order(r.blocks, cfg.seed, 0, cfg.shuffle_buffer), r.cache.offsets,
-                                     cfg.batch_size, cfg.batch_tokens))
+        r.trainable = trainable_rows(r.labels, r.cache.offsets, cfg.num_heads) if r.mixes(cfg) else None
+        n_batches = len(r.epoch_batches(0))
         r.total_steps = math.ceil(n_batches / r.group) * cfg.epochs
         specs = variants or [("", cfg.num_layers, cfg.lr)]
         r.vs = [make_variant(name, cfg, r.cache, r.total_steps, layers, lr, lm_init) for name, layers, lr in specs]
@@ -417,6 +427,20 @@ class Run:
         r.reporters = open_reporters(cfg, r.out) if r.rank == 0 else []
         return r
 
+    @staticmethod
+    def mixes(cfg: TrainConfig) -> bool:
+        return bool(cfg.batch_tokens) and cfg.mix == "positions"
+
+    def epoch_batches(self, epoch: int):
+        """The epoch's batches: a PositionPlan (--mix positions) or a list of pieces per batch; a pure function of
+        (seed, epoch), so a resume recomputes it. Both have the same length every epoch."""
+        cfg = self.cfg
+        order = epoch_order(self.blocks, cfg.seed, epoch, cfg.shuffle_buffer)
+        if self.trainable is not None:
+            return make_position_plan(order, self.cache.offsets, self.trainable, cfg.mix_tokens, cfg.batch_tokens,
+                                      cfg.seed, epoch)
+        return make_batches(order, self.cache.offsets, cfg.batch_size, cfg.batch_tokens)
+
     # ---- fit ------------------------------------------------------------------------------------------
     def fit(self) -> None:
         from . import dist
@@ -436,18 +460,21 @@ class Run:
     def fit_epoch(self) -> tuple[bool, int]:
         """Optimizer steps over this epoch's groups; (stopped early by --max-steps, last group index)."""
         cfg, world, group = self.cfg, self.world, self.group
-        order = epoch_order(self.blocks, cfg.seed, self.epoch, cfg.shuffle_buffer)
-        batches = make_batches(order, self.cache.offsets, cfg.batch_size, cfg.batch_tokens)
-        mine = batches[self.rank::world]  # rank r: micro-batches r, r+W, ...; local group g = mine[g*A:(g+1)*A]
+        batches = self.epoch_batches(self.epoch)
         n_groups = math.ceil(len(batches) / group)
+        # rank r: micro-batches r, r+W, ... (its local batches); local group g = local batches g*A .. (g+1)*A - 1
+        plan = batches if self.trainable is not None else None
+        mine = None if plan is not None else batches[self.rank::world]
+        n_mine = len(range(self.rank, len(batches), world))
         stream = BatchStream(self.cache, self.labels, mine, cfg.num_heads, self.blocks,
                              self.start_group * cfg.grad_accum, cfg.prefetch, self.memory,
-                             lookahead=cfg.num_heads if self.teacher_w is not None else 0, targets=self.targets)
+                             lookahead=cfg.num_heads if self.teacher_w is not None else 0, targets=self.targets,
+                             plan=plan, rank=self.rank, world=world)
         it = iter(stream)
         g = self.start_group
         try:
             for g in range(self.start_group, n_groups):
-                local = range(g * cfg.grad_accum, min((g + 1) * cfg.grad_accum, len(mine)))
+                local = range(g * cfg.grad_accum, min((g + 1) * cfg.grad_accum, n_mine))
                 log_now = (self.step + 1) % cfg.log_every == 0 or g + 1 == n_groups
                 scale = world / min(group, len(batches) - g * group)
                 for j, _ in enumerate(local):
@@ -583,6 +610,7 @@ def open_caches(cfg: TrainConfig) -> tuple[Cache, Cache | None]:
         return cache, None
     val = Cache(cfg.val_cache)
     val.require_complete(cfg.allow_partial)
+    val.require_reach(cfg.num_heads)
     if val.mapping().fingerprint() != cache.mapping().fingerprint():
         raise UserError(f"--val-cache: {cfg.val_cache} uses a different draft vocabulary than {cfg.cache}")
     if val.meta.fingerprints.get("model") != cache.meta.fingerprints.get("model"):

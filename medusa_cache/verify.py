@@ -28,6 +28,8 @@ def spot_check(c: Cache, model: str, n: int = 4, seed: int = 0, device: str = "c
 
     if model_fingerprint(model) != c.meta.fingerprints.get("model"):
         return [f"--model: {model} is not the model this cache was dumped with (fingerprint differs)"]
+    import torch
+
     from .backbone import ModelPass
 
     mp = ModelPass(model, c.hidden_dtype, device)
@@ -38,6 +40,9 @@ def spot_check(c: Cache, model: str, n: int = 4, seed: int = 0, device: str = "c
         a, b = int(c.offsets[s]), int(c.offsets[s + 1])
         ref = mp.run(ids, [(a, b, a)])[0].float()
         got = c.read_hidden(a, b).float()
+        if c.row_kept is not None:  # rows not stored read as 0: compare the stored ones
+            keep = torch.from_numpy(c.row_kept[a:b])
+            ref, got = ref[keep], got[keep]
         tol = 1e-4 if c.hidden_dtype == "float32" and c.codec == "lossless" else 2 ** -6
         err = ((got - ref).abs().amax(dim=1) / ref.abs().amax(dim=1).clamp_min(1e-6)).max().item()
         if not err <= tol:
@@ -63,13 +68,21 @@ def verify(path: str, deep: bool = False, model: str | None = None, samples: int
     off = c.offsets
     if off[0] != 0 or (np.diff(off) <= 0).any():
         problems.append("seq_offsets must start at 0 and strictly increase")
+    m_rows = n if c.row_kept is None else int(c.row_kept.sum())  # rows of `hidden`
     shapes = [("input_ids", (n,)), ("loss_mask", (n,)), ("labels", (n,)), ("seq_source", (s, 2)),
-              ("hidden", (n, c.hidden_size)), ("unit_done", (c.n_units,))]
+              ("hidden", (m_rows, c.hidden_size)), ("bad_rows", (m_rows,)), ("unit_done", (c.n_units,))]
     if c.codec == "int8":
-        shapes.append(("hidden_scale", (n, c.hidden_size // max(c.int8_group, 1))))
+        shapes.append(("hidden_scale", (m_rows, c.hidden_size // max(c.int8_group, 1))))
+    if c.row_kept is not None:
+        shapes.append(("row_kept", (n,)))
+        from .store import needed_rows
+
+        if not np.array_equal(c.row_kept, needed_rows(c.array("loss_mask"), off, c.meta.max_heads)):
+            problems.append(f"row_kept disagrees with loss_mask for --max-heads {c.meta.max_heads}")
     for name, shape in shapes:
         if name not in c.group:
-            problems.append(f"array {name} is missing")
+            if name != "bad_rows":  # stores written before bad_rows existed
+                problems.append(f"array {name} is missing")
         elif tuple(c.group[name].shape) != shape:
             problems.append(f"array {name} has shape {tuple(c.group[name].shape)}, expected {shape}")
     try:
@@ -101,11 +114,11 @@ def verify(path: str, deep: bool = False, model: str | None = None, samples: int
         for k in np.flatnonzero(done):
             a, b = c.unit_range(int(k))
             try:
-                h = c.read_hidden(a, b).float()
+                h = c.read_rows(a, b).float()
             except UserError:
                 problems.append(f"unit {k} (hidden rows {a}:{b}, shard hidden/c/{k}/0) cannot be decoded")
                 continue
-            rows = np.flatnonzero(~torch_isfinite_rows(h)) + a
+            rows = c.token_of_row(np.flatnonzero(~torch_isfinite_rows(h)) + a)
             nonfinite += len(rows)
             bad_seqs.update((np.searchsorted(off, rows, side="right") - 1).tolist())
         if nonfinite:

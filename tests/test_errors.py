@@ -152,6 +152,9 @@ CASES = [
     ("dump-vocab-mapping-plain-dir", "dump", lambda t, e: e.dump(_jsonl(t / "d.jsonl", GOOD), None,
                                                                  "--vocab-mapping", e.existing(t)),
      "is a directory but neither a medusa-cache store nor a heads directory", 2),
+    ("train-beyond-stored-reach", "train", lambda t, e: ["train", "--cache", e.needed(t), "--out", str(t / "o"),
+                                                         "--num-heads", "3"],
+     "stores hidden rows for at most 2 heads (dumped with --keep-rows needed --max-heads 2)", 2),
     ("ablate-nothing-to-hold-out", "ablate", lambda t, e: ["ablate", "--cache", e.one_sequence(t), "--out",
                                                            str(t / "o")],
      "has 1 usable sequences; holding out 0.02 of them leaves none", 2),
@@ -203,6 +206,20 @@ class Env:
 
         shutil.copytree(self.cache, t / "c")
         return str(t / "c")
+
+    @staticmethod
+    def needed(t: Path) -> str:
+        import numpy as np
+        import torch
+
+        from medusa_cache.store import from_arrays, needed_rows
+        from medusa_cache.vocab import VocabMapping
+
+        labels = np.where(np.arange(300) % 50 < 10, np.arange(300) % 30, -100)
+        mapping = VocabMapping(np.zeros(30, dtype=np.int64), np.ones(30, dtype=bool))
+        from_arrays(t / "n", torch.randn(300, 32), [0, 100, 300], labels, mapping,
+                    row_kept=needed_rows(labels != -100, np.array([0, 100, 300]), 2), max_heads=2)
+        return str(t / "n")
 
     @staticmethod
     def partial(t: Path, complete: bool = False, version: int | None = None) -> str:

@@ -172,7 +172,9 @@ class BatchStream:
     def __init__(self, cache: Cache, labels: np.ndarray, batches: list[list[Piece]] | None, num_heads: int,
                  blocks: list[np.ndarray], start: int = 0, prefetch: int = 4, memory: torch.Tensor | None = None,
                  lookahead: int = 0, targets: torch.Tensor | None = None, plan: PositionPlan | None = None,
-                 rank: int = 0, world: int = 1):
+                 rank: int = 0, world: int = 1, packed: bool = False):
+        # packed: int8 stores hand over int8_pack rows; the consumer decodes them (on its device)
+        self.packed = packed
         # with a plan, this process takes the plan's batches rank, rank + world, ... (its local batches), from ``start``
         self.plan, self.first, self.rank, self.world = plan, start, rank, world
         if plan is not None:  # read whole windows (from the one holding the first position), mix positions after
@@ -216,7 +218,7 @@ class BatchStream:
                 if s not in held:  # first use: read its whole block, keep the sequences still to come
                     seqs = self.blocks[block_of[s]]
                     lo, hi = int(offsets[seqs[0]]), int(offsets[seqs[-1] + 1])
-                    rows = self.cache.read_hidden(lo, hi)
+                    rows = self.cache.read_hidden(lo, hi, self.packed)
                     tg = torch.from_numpy(all_targets(self.labels[lo:hi], offsets[seqs[0]: seqs[-1] + 2] - lo, self.k))
                     for t in seqs:
                         t = int(t)

@@ -570,19 +570,20 @@ class Cache:
         return seqs
 
     # ---- hidden states --------------------------------------------------------------------------
-    def read_hidden(self, start: int, stop: int) -> torch.Tensor:
-        """Token rows [start, stop) of the hidden states: the stored dtype, float32 for int8.
+    def read_hidden(self, start: int, stop: int, packed: bool = False) -> torch.Tensor:
+        """Token rows [start, stop) of the hidden states: the stored dtype, float32 for int8 (``packed``: int8 rows
+        of ``int8_pack``, decoded later by ``int8_unpack``, e.g. on the training device).
 
         With keep_rows "needed", a row that is not stored reads as 0: no reader with at most ``max_heads`` heads uses
         it (its targets are all ignored; ``require_reach`` refuses more heads)."""
         if self.row_start is None:
-            return self.read_rows(start, stop)
-        rows = self.read_rows(int(self.row_start[start]), int(self.row_start[stop]))
-        out = torch.zeros((stop - start, self.hidden_size), dtype=rows.dtype)
+            return self.read_rows(start, stop, packed)
+        rows = self.read_rows(int(self.row_start[start]), int(self.row_start[stop]), packed)
+        out = torch.zeros((stop - start, rows.shape[1]), dtype=rows.dtype)
         out[torch.from_numpy(self.row_kept[start:stop])] = rows
         return out
 
-    def read_rows(self, start: int, stop: int) -> torch.Tensor:
+    def read_rows(self, start: int, stop: int, packed: bool = False) -> torch.Tensor:
         """Stored rows [start, stop) of `hidden` (= token rows unless keep_rows is "needed")."""
         try:
             arr = self.hidden[start:stop]
@@ -595,9 +596,10 @@ class Cache:
                     raise UserError(f"{self.path}: shard hidden/c/{k}/0 (token rows {a}:{b}) cannot be read "
                                     f"({e}); run `medusa-cache verify --deep`") from None
             raise UserError(f"{self.path}/hidden: cannot read token rows {start}:{stop} ({e})") from None
-        if self.codec == "int8":  # dequantised to float32, vectorised
+        if self.codec == "int8":  # dequantised to float32, vectorised (or packed, to be decoded where it is used)
             scale = torch.from_numpy(np.ascontiguousarray(self.group["hidden_scale"][start:stop]))
-            return int8_decode(torch.from_numpy(np.ascontiguousarray(arr)), scale, self.int8_group)
+            q = torch.from_numpy(np.ascontiguousarray(arr))
+            return int8_pack(q, scale) if packed else int8_decode(q, scale, self.int8_group)
         return from_stored(np.ascontiguousarray(arr), self.hidden_dtype)
 
     def write_unit(self, k: int, hidden: torch.Tensor) -> int:
@@ -671,6 +673,20 @@ def int8_encode(hidden: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.T
 def int8_decode(q: torch.Tensor, scale: torch.Tensor, group: int) -> torch.Tensor:
     n, h = q.shape
     return (q.reshape(n, -1, group).float() * scale.unsqueeze(-1)).reshape(n, h)
+
+
+def int8_pack(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """One int8 tensor [T, H + 4 * H/g] per row: the codes, then the row's float32 scales as bytes.
+
+    Rows stay rows, so a loader slices, concatenates and indexes packed rows exactly as decoded ones, moves
+    about a quarter of float32's bytes to the device and decodes there (``int8_unpack``)."""
+    return torch.cat([q, scale.contiguous().view(torch.int8)], dim=1)
+
+
+def int8_unpack(packed: torch.Tensor, hidden_size: int, group: int) -> torch.Tensor:
+    """float32 [T, H] from ``int8_pack``'s rows, on whatever device they are."""
+    q, s = packed[:, :hidden_size], packed[:, hidden_size:].contiguous().view(torch.float32)
+    return int8_decode(q, s, group)
 
 
 def to_stored(hidden: torch.Tensor, dtype: str) -> np.ndarray:

@@ -37,7 +37,7 @@ from .errors import Interrupted, UserError
 from .heads import MedusaHeads
 from .loader import BatchStream, all_targets, epoch_order, make_batches, make_blocks, make_position_plan, trainable_rows
 from .objective import head_losses, validate
-from .store import Cache
+from .store import Cache, int8_unpack
 from .vocab import IGNORE
 
 
@@ -411,7 +411,9 @@ class Run:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             r.models = [DDP(v.heads, device_ids=[torch.device(r.device).index] if r.on_cuda else None) for v in r.vs]
-        r.memory = r.cache.read_hidden(0, r.cache.n_tokens) if cfg.in_memory else None
+        # int8 stores stay int8 until the training device (a quarter of float32's bytes in RAM and on the bus)
+        r.packed = r.cache.codec == "int8"
+        r.memory = r.cache.read_hidden(0, r.cache.n_tokens, r.packed) if cfg.in_memory else None
         r.targets = torch.from_numpy(all_targets(r.labels, r.cache.offsets, cfg.num_heads)) if cfg.in_memory else None
         r.weights = cfg.loss_weights()
         r.metrics_f = open(r.out / "metrics.jsonl", "a") if r.rank == 0 else None
@@ -469,7 +471,7 @@ class Run:
         stream = BatchStream(self.cache, self.labels, mine, cfg.num_heads, self.blocks,
                              self.start_group * cfg.grad_accum, cfg.prefetch, self.memory,
                              lookahead=cfg.num_heads if self.teacher_w is not None else 0, targets=self.targets,
-                             plan=plan, rank=self.rank, world=world)
+                             plan=plan, rank=self.rank, world=world, packed=self.packed)
         it = iter(stream)
         g = self.start_group
         try:
@@ -499,13 +501,13 @@ class Run:
 
     def micro_step(self, b, scale: float, sync: bool, log_now: bool) -> int:
         device = self.device
-        h = b.hidden.to(device, non_blocking=True)
+        h = self.unpack(b.hidden.to(device, non_blocking=True))
         h = h.float() if not self.on_cuda else h
         tg = b.targets.to(device)
         teacher = None
         if self.teacher_w is not None:  # the base model's next-token distribution, from the cache alone
             with torch.no_grad():
-                t_logp = (b.ahead.to(device).float() @ self.teacher_w.T).log_softmax(-1)
+                t_logp = (self.unpack(b.ahead.to(device)).float() @ self.teacher_w.T).log_softmax(-1)
             teacher = (t_logp, b.ahead_idx.to(device))
         n_valid = (tg != IGNORE).sum(0)  # per head, shared by every variant
         for v, m in zip(self.vs, self.models, strict=True):
@@ -520,6 +522,10 @@ class Run:
                 if log_now:
                     v.window += torch.stack(stats)
         return len(h)
+
+    def unpack(self, rows: torch.Tensor) -> torch.Tensor:
+        """int8 stores: decode packed rows where they are (the training device); others pass through."""
+        return int8_unpack(rows, self.cache.hidden_size, self.cache.int8_group) if self.packed else rows
 
     def empty_step(self) -> None:  # a rank with no micro-batch in the last group still joins the all-reduce
         for m in self.models:

@@ -9,6 +9,7 @@ import pytest
 import torch
 import zarr
 from conftest import sharegpt_slice, write_jsonl
+from safetensors.torch import load_file
 
 from medusa_cache.dump import DumpConfig, run_dump
 from medusa_cache.errors import UserError
@@ -85,3 +86,27 @@ def test_training_on_int8_and_on_float32_states_agree_closely(int8_pair, tmp_pat
         res[name] = train(TrainConfig(cache=str(d / name), out=str(tmp_path / name), num_heads=2, epochs=2, lr=1e-2,
                                       batch_tokens=512, grad_accum=1, val_fraction=0.2))
     assert np.allclose(res["f32"]["val_top1"], res["q"]["val_top1"], atol=0.02)
+
+
+def test_int8_rows_travel_packed_and_train_exactly_as_their_decoded_values(int8_pair, tmp_path):
+    """The loader hands int8 stores' rows over packed (codes + scale bytes, ~1/4 of float32) and the trainer decodes
+    them on its device: the heads equal those trained on a float32 store of the decoded values, bit for bit."""
+    from medusa_cache.store import from_arrays, int8_pack, int8_unpack
+
+    d, _ = int8_pair
+    q = Cache(d / "q")
+    raw = q.read_hidden(0, 300, packed=True)
+    assert raw.dtype == torch.int8 and raw.shape == (300, q.hidden_size + 4 * q.hidden_size // q.int8_group)
+    assert torch.equal(int8_unpack(raw, q.hidden_size, q.int8_group), q.read_hidden(0, 300))
+    codes, scale = torch.randint(-127, 128, (5, 64), dtype=torch.int8), torch.rand(5, 4)
+    assert torch.equal(int8_unpack(int8_pack(codes, scale), 64, 16), int8_decode(codes, scale, 16))
+    from_arrays(tmp_path / "decoded", q.read_hidden(0, q.n_tokens), q.offsets, q.array("labels"), q.mapping(),
+                input_ids=q.array("input_ids"), loss_mask=q.array("loss_mask"))
+    common = dict(num_heads=3, epochs=1, lr=1e-3, batch_tokens=256, grad_accum=1, seed=5)
+    outs = []
+    for name, cache, extra in (("ref", tmp_path / "decoded", {}), ("stream", d / "q", {}),
+                               ("memory", d / "q", {"in_memory": True})):
+        train(TrainConfig(cache=str(cache), out=str(tmp_path / name), **common, **extra))
+        outs.append(load_file(str(tmp_path / name / "medusa_lm_head.safetensors")))
+    for other in outs[1:]:
+        assert all(torch.equal(outs[0][k], other[k]) for k in outs[0])

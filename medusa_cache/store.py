@@ -395,6 +395,8 @@ def from_arrays(path: str | Path, hidden: torch.Tensor, offsets, labels, mapping
 class Cache:
     """An opened store. ``mode='r'`` for readers (train/eval/inspect), ``'r+'`` for the dump."""
 
+    direct_reads = True  # ShardReader for local stores; tools/bench_storage.py turns it off to measure zarr's path
+
     def __init__(self, path: str | Path, mode: str = "r"):
         self.path = str(path)
         if not exists(self.path):
@@ -423,6 +425,7 @@ class Cache:
         self.offsets: np.ndarray = self.group["seq_offsets"][:]
         self.n_tokens = int(self.offsets[-1])
         self.n_seqs = len(self.offsets) - 1
+        self._readers: dict[str, ShardReader | None] = {}
         self.n_rows = int(self.hidden.shape[0])  # rows of `hidden`: n_tokens, or fewer with keep_rows "needed"
         self.row_kept: np.ndarray | None = None  # bool [N] with keep_rows "needed"
         self.row_start: np.ndarray | None = None  # [N+1]: stored row of token t (when kept) = row_start[t]
@@ -583,10 +586,13 @@ class Cache:
         out[torch.from_numpy(self.row_kept[start:stop])] = rows
         return out
 
-    def read_rows(self, start: int, stop: int, packed: bool = False) -> torch.Tensor:
-        """Stored rows [start, stop) of `hidden` (= token rows unless keep_rows is "needed")."""
+    def read_rows(self, start: int, stop: int, packed: bool = False, direct: bool = True) -> torch.Tensor:
+        """Stored rows [start, stop) of `hidden` (= token rows unless keep_rows is "needed").
+
+        Local stores are read by ``ShardReader`` (shard files directly, 2.5-4.7x zarr's own read path on this
+        machine, tools/bench_storage.py part 4); ``direct=False`` (verify --deep) and URLs use zarr."""
         try:
-            arr = self.hidden[start:stop]
+            arr = self._read("hidden", start, stop, direct)
         except Exception as e:  # noqa: BLE001 - a corrupt or missing chunk: name the shard
             for k in range(start // self.shard_tokens, (stop - 1) // self.shard_tokens + 1):
                 a, b = self.unit_range(k)
@@ -597,15 +603,24 @@ class Cache:
                                     f"({e}); run `medusa-cache verify --deep`") from None
             raise UserError(f"{self.path}/hidden: cannot read token rows {start}:{stop} ({e})") from None
         if self.codec == "int8":  # dequantised to float32, vectorised (or packed, to be decoded where it is used)
-            scale = torch.from_numpy(np.ascontiguousarray(self.group["hidden_scale"][start:stop]))
+            scale = torch.from_numpy(np.ascontiguousarray(self._read("hidden_scale", start, stop, direct)))
             q = torch.from_numpy(np.ascontiguousarray(arr))
             return int8_pack(q, scale) if packed else int8_decode(q, scale, self.int8_group)
         return from_stored(np.ascontiguousarray(arr), self.hidden_dtype)
+
+    def _read(self, name: str, start: int, stop: int, direct: bool) -> np.ndarray:
+        if direct and self.direct_reads and not is_url(self.path):
+            if name not in self._readers:
+                self._readers[name] = ShardReader.open(self.group[name], Path(self.path) / name)
+            if self._readers[name] is not None:
+                return self._readers[name].read(start, stop)
+        return self.group[name][start:stop]
 
     def write_unit(self, k: int, hidden: torch.Tensor) -> int:
         """Write unit k's rows (and its shard of ``bad_rows``: rows holding NaN/Inf). Returns #bad rows."""
         a, b = self.unit_range(k)
         assert hidden.shape == (b - a, self.hidden_size), (hidden.shape, a, b)
+        self._readers = {}  # its shard files are about to change
         bad = (~torch.isfinite(hidden).all(dim=1)).numpy().astype(np.uint8)
         with zarr.config.set(_WRITE_ALL):
             if self.codec == "int8":
@@ -654,6 +669,84 @@ class Cache:
             fs, p = _fs(self.path)
             return int(fs.du(p))
         return sum(f.stat().st_size for f in Path(self.path).rglob("*") if f.is_file())
+
+
+class ShardReader:
+    """Rows of a 2-D token-axis array read straight from its shard files (the layout `create` writes).
+
+    zarr 3.1's read path costs more than decoding on two cores (its async machinery per chunk): reading a shard's
+    index (little-endian uint64 offset/length pairs at the end of the file, zarr's sharding format) and decoding
+    each needed chunk with Blosc directly (uncompressed chunks: a memory map) returns the same bytes, 2.5-4.7x
+    faster here. Any other layout (another codec chain, index at the start) is read through zarr."""
+
+    EMPTY = (1 << 64) - 1
+
+    def __init__(self, directory: Path, shard: int, chunk: int, width: int, dtype: np.dtype, compressed: bool,
+                 fill, n: int):
+        self.dir, self.shard, self.chunk, self.width, self.dtype = directory, shard, chunk, width, dtype
+        self.compressed, self.fill, self.n, self.per_shard = compressed, fill, n, shard // chunk
+        self.index: dict[int, tuple[np.memmap, np.ndarray]] = {}
+
+    @staticmethod
+    def open(array, directory: Path) -> ShardReader | None:
+        from zarr.codecs import BytesCodec, Crc32cCodec, ShardingCodec
+
+        codecs = array.metadata.codecs
+        if array.ndim != 2 or len(codecs) != 1 or not isinstance(codecs[0], ShardingCodec):
+            return None
+        sc = codecs[0]
+        inner, index = list(sc.codecs), list(sc.index_codecs)
+        little = [c for c in inner + index if isinstance(c, BytesCodec)]
+        if (str(sc.index_location.value) != "end" or not isinstance(inner[0], BytesCodec)
+                or any(not isinstance(c, BloscCodec) for c in inner[1:]) or len(inner) > 2
+                or [type(c) for c in index] != [BytesCodec, Crc32cCodec]
+                or any(c.endian is not None and c.endian.value != "little" for c in little)):
+            return None
+        shard, width = array.metadata.chunk_grid.chunk_shape
+        chunk, cw = sc.chunk_shape
+        if cw != width or array.shape[1] != width or shard % chunk:
+            return None
+        return ShardReader(directory, int(shard), int(chunk), int(width), np.dtype(array.dtype), len(inner) == 2,
+                           array.metadata.fill_value, int(array.shape[0]))
+
+    def _shard(self, k: int) -> tuple[np.memmap | None, np.ndarray | None]:
+        """(file, index [chunks, 2]) of shard k, checksum-checked as zarr does; (None, None) when it is absent
+        (it reads as the fill value, as through zarr; `require_complete` and `verify` name it)."""
+        if k not in self.index:
+            import google_crc32c
+
+            f = self.dir / "c" / str(k) / "0"
+            if not f.exists():
+                self.index = {k: (None, None)}
+                return self.index[k]
+            mm = np.memmap(f, dtype=np.uint8, mode="r") if f.stat().st_size else np.zeros(0, np.uint8)
+            m = self.per_shard * 16
+            raw = mm[len(mm) - m - 4 : len(mm) - 4] if len(mm) >= m + 4 else None
+            if raw is None or google_crc32c.value(bytes(raw)) != int(np.frombuffer(mm[-4:], "<u4")[0]):
+                raise ValueError(f"shard c/{k}/0: index checksum mismatch (truncated or corrupt file)")
+            idx = np.frombuffer(raw, "<u8").reshape(-1, 2)
+            used = idx[idx[:, 0] != self.EMPTY]
+            if len(used) and int((used[:, 0] + used[:, 1]).max()) > len(mm) - m - 4:
+                raise ValueError(f"shard c/{k}/0: a chunk lies beyond the end of the file")
+            self.index = {k: (mm, idx)}
+        return self.index[k]
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        from numcodecs import blosc
+
+        out = np.empty((stop - start, self.width), self.dtype)
+        for c in range(start // self.chunk, (stop - 1) // self.chunk + 1 if stop > start else 0):
+            mm, idx = self._shard(c * self.chunk // self.shard)
+            r0 = c * self.chunk
+            a, b = max(r0, start), min(r0 + self.chunk, stop)
+            off, nb = (int(x) for x in idx[c % self.per_shard]) if idx is not None else (self.EMPTY, 0)
+            if off == self.EMPTY:
+                out[a - start : b - start] = self.fill
+                continue
+            raw = mm[off : off + nb]
+            data = np.frombuffer(blosc.decompress(raw) if self.compressed else raw, self.dtype).reshape(-1, self.width)
+            out[a - start : b - start] = data[a - r0 : b - r0]
+        return out
 
 
 def int8_encode(hidden: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -114,7 +114,7 @@ def verify(path: str, deep: bool = False, model: str | None = None, samples: int
         for k in np.flatnonzero(done):
             a, b = c.unit_range(int(k))
             try:
-                h = c.read_rows(a, b).float()
+                h = c.read_rows(a, b, direct=False).float()  # zarr's own decode, checksums included
             except UserError:
                 problems.append(f"unit {k} (hidden rows {a}:{b}, shard hidden/c/{k}/0) cannot be decoded")
                 continue

@@ -2,7 +2,8 @@
 
     python tools/bench_storage.py [--demo medusa-cache-demo] [--fixtures ../shared/fixtures] [--read-tokens 100000]
 
-1. Bytes/token of `hidden` (+ scales) for the lossless bf16 store and the int8 codec, on the fixture chat files
+1. Bytes/token of `hidden` (+ scales, + row_kept) for lossless bf16 and int8, every row and only the needed rows
+   (`--keep-rows needed --max-heads 5`), on the fixture chat files
    through a tiny random Llama (hidden 512) with the Llama-3 tokenizer, and on the stories260K demo data.
 2. int8 reconstruction error (relative L2, worst channel's max abs error over the channel's absmax) on stories260K
    states and on a synthetic distribution with a few channels 10-100x larger than the rest.
@@ -36,7 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def hidden_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for name in ("hidden", "hidden_scale") if (path / name).exists()
+    return sum(f.stat().st_size for name in ("hidden", "hidden_scale", "row_kept") if (path / name).exists()
                for f in (path / name).rglob("*") if f.is_file())
 
 
@@ -58,13 +59,15 @@ def tiny_llama(work: Path, tok_dir: Path) -> Path:
 
 def sizes(work: Path, name: str, model: Path, data: list[str], **kw) -> list[str]:
     rows = []
-    for codec, dtype in (("lossless", "bfloat16"), ("int8", "bfloat16")):
-        out = work / f"{name}-{codec}"
-        run_dump(DumpConfig(model=str(model), data=data, out=str(out), dtype=dtype, hidden_codec=codec, **kw))
+    for codec, keep in (("lossless", "all"), ("lossless", "needed"), ("int8", "all"), ("int8", "needed")):
+        out = work / f"{name}-{codec}{'' if keep == 'all' else '-needed'}"
+        run_dump(DumpConfig(model=str(model), data=data, out=str(out), dtype="bfloat16", hidden_codec=codec,
+                            keep_rows=keep, max_heads=5, **kw))
         c = store.Cache(out)
-        rows.append((codec, hidden_bytes(out) / c.n_tokens, c.hidden_size))
+        rows.append((f"{codec}, {keep} rows", hidden_bytes(out) / c.n_tokens, c.hidden_size, c.n_rows / c.n_tokens))
     raw = 2 * rows[0][2]
-    return [f"| {name} (H {h}) | {codec} | {b:.0f} | {raw / b:.2f}x | {rows[0][1] / b:.2f}x |" for codec, b, h in rows]
+    return [f"| {name} (H {h}) | {codec} | {frac:.2f} | {b:.0f} | {raw / b:.2f}x | {rows[0][1] / b:.2f}x |"
+            for codec, b, h, frac in rows]
 
 
 def int8_error(x: torch.Tensor, group: int) -> tuple[float, float]:
@@ -110,16 +113,19 @@ def synthetic(path: Path, n: int, hidden: int, codec: str, compression: str = "z
                       layout=store.Layout(64, 4096), hidden_codec=codec, hidden_compression=compression)
 
 
-def loader_tps(path: Path, threads: int) -> float:
+def loader_tps(path: Path, threads: int, direct: bool = True) -> float:
+    """Tokens/s delivered by the streaming loader alone (int8: packed rows, decoded later on the device)."""
     torch.set_num_threads(threads)
+    store.Cache.direct_reads = direct
     c = store.Cache(path)
     seqs = np.arange(c.n_seqs)
     blocks = make_blocks(seqs, c.offsets, 16384)
     batches = make_batches(epoch_order(blocks, 0, 0, 64), c.offsets, 1, 4096)
     labels = c.array("labels")
     t0, n = time.perf_counter(), 0
-    for b in BatchStream(c, labels, batches, 4, blocks, prefetch=8):
+    for b in BatchStream(c, labels, batches, 4, blocks, prefetch=8, packed=c.codec == "int8"):
         n += len(b.hidden)
+    store.Cache.direct_reads = True
     return n / (time.perf_counter() - t0)
 
 
@@ -152,7 +158,8 @@ def main() -> None:
     if a.only_read:
         return read_speed(work, a)
     print("## 1. Bytes per token of the hidden states (bf16 uncompressed = 2 x H)\n")
-    print("| data | codec | bytes/token | vs raw bf16 | vs lossless bf16 |\n|---|---|---|---|---|")
+    print("| data | layout (needed rows: --max-heads 5) | rows stored / tokens | bytes/token | vs raw bf16 | "
+          "vs lossless bf16 all rows |\n|---|---|---|---|---|---|")
     chats = [str(fx / "chat" / f) for f in ("fastchat_dummy_sharegpt.json", "glaive_toolcall_sharegpt.json")]
     for row in sizes(work, "fixture chats, Llama-3 tokenizer", tiny_llama(work, tok), chats, max_length=2048,
                      draft_vocab_size=32000, pipeline="specforge", int8_group=128):
@@ -179,21 +186,31 @@ def main() -> None:
     read_speed(work, a)
 
 
+def _synthetic_once(work: Path, a, codec: str, comp: str) -> Path:
+    p = work / f"read-{codec}-{comp}"
+    if not p.exists():
+        synthetic(p, a.read_tokens, 4096, codec, comp)
+    return p
+
+
 def read_speed(work: Path, a) -> None:
     print(f"\n## 4. Read speed at H 4096 ({a.read_tokens} tokens, streaming loader alone, warm page cache)\n")
-    print("| layout | bytes/token | tokens/s, 1 thread | tokens/s, 2 threads | GB/s of bf16 (2 threads) |")
-    print("|---|---|---|---|---|")
+    per_sample_tps(_synthetic_once(work, a, "lossless", "zstd"))  # writes the files and warms the page cache
+    tps, b = per_sample_tps(work / "read-lossless-zstd")
+    print(f"torch.save per sequence (SpecForge offline): {b:.0f} bytes/token, {tps:.0f} tokens/s "
+          f"({tps * 8192 / 1e9:.2f} GB/s of bf16)\n")
+    print("| layout | bytes/token | read by | tokens/s, 1 thread | tokens/s, 2 threads | 2 threads / per-sample |")
+    print("|---|---|---|---|---|---|")
     for codec, comp in (("lossless", "zstd"), ("lossless", "lz4"), ("lossless", "none"), ("int8", "zstd"),
                         ("int8", "none")):
-        p = work / f"read-{codec}-{comp}"
-        synthetic(p, a.read_tokens, 4096, codec, comp)
+        p = _synthetic_once(work, a, codec, comp)
         loader_tps(p, 2)  # warm the page cache
-        t1, t2 = loader_tps(p, 1), loader_tps(p, 2)
-        print(f"| zarr {codec}, {comp} | {hidden_bytes(p) / store.Cache(p).n_tokens:.0f} | {t1:.0f} | {t2:.0f} | "
-              f"{t2 * 8192 / 1e9:.2f} |")
-    per_sample_tps(work / "read-lossless-zstd")  # writes the files and warms the page cache
-    tps, b = per_sample_tps(work / "read-lossless-zstd")
-    print(f"| torch.save per sequence (SpecForge offline) | {b:.0f} | {tps:.0f} | - | {tps * 8192 / 1e9:.2f} |")
+        for direct in (False, True):
+            t1, t2 = loader_tps(p, 1, direct), loader_tps(p, 2, direct)
+            print(f"| {codec}, {comp} | {hidden_bytes(p) / store.Cache(p).n_tokens:.0f} | "
+                  f"{'shard files (default)' if direct else 'zarr'} | {t1:.0f} | {t2:.0f} | {t2 / tps:.2f} |")
+    tps2, _ = per_sample_tps(work / "read-lossless-zstd")
+    print(f"\nper-sample again at the end: {tps2:.0f} tokens/s (the machine's drift over the run)")
     print("\nCores to feed ~225K tokens/s (H200, Llama-3 reference heads), at the 2-thread rate of each layout: "
           "225000 / (tokens/s per 2 cores) x 2.")
 

@@ -1,0 +1,52 @@
+"""Local stores are read from their shard files directly (store.ShardReader): the same bytes zarr returns."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from medusa_cache.store import Cache, Layout, ShardReader, from_arrays, needed_rows
+from medusa_cache.vocab import VocabMapping
+
+
+@pytest.mark.parametrize("codec,compression,dtype", [("lossless", "zstd", "bfloat16"), ("lossless", "none", "float32"),
+                                                     ("lossless", "lz4", "bfloat16"), ("int8", "zstd", "float32"),
+                                                     ("int8", "none", "float32")])
+@pytest.mark.parametrize("keep", ["all", "needed"])
+def test_shard_files_read_equal_zarr_for_every_layout(tmp_path, codec, compression, dtype, keep):
+    rng = np.random.default_rng(0)
+    n = 2500  # not a multiple of the shard: the last shard is partial
+    offsets = np.array([0, 300, 1100, 1900, n])
+    labels = np.where(rng.random(n) < 0.3, rng.integers(0, 20, n), -100)
+    kept = needed_rows(labels != -100, offsets, 2) if keep == "needed" else None
+    c = from_arrays(tmp_path / "c", torch.randn(n, 32), offsets, labels,
+                    VocabMapping(np.zeros(20, np.int64), np.ones(20, bool)), hidden_dtype=dtype,
+                    layout=Layout(64, 512), hidden_codec=codec, int8_group=8, hidden_compression=compression,
+                    row_kept=kept, max_heads=2)
+    c = Cache(tmp_path / "c")
+    names = ["hidden"] + (["hidden_scale"] if codec == "int8" else [])
+    for name in names:
+        assert isinstance(ShardReader.open(c.group[name], tmp_path / "c" / name), ShardReader)
+    ranges = [(0, c.n_rows), (0, 1), (63, 65), (511, 513), (c.n_rows - 5, c.n_rows)]
+    ranges += [tuple(sorted(rng.integers(0, c.n_rows, 2))) for _ in range(30)]
+    for lo, hi in ranges:
+        if hi > lo:
+            assert torch.equal(c.read_rows(lo, hi, packed=codec == "int8"),
+                               c.read_rows(lo, hi, packed=codec == "int8", direct=False)), (lo, hi)
+    assert torch.equal(c.read_hidden(0, c.n_tokens), Cache(tmp_path / "c").read_hidden(0, c.n_tokens))
+
+
+def test_a_truncated_or_missing_shard_is_never_read_as_data(tmp_path):
+    n = 1000
+    c = from_arrays(tmp_path / "c", torch.randn(n, 16), [0, n], np.zeros(n, np.int64),
+                    VocabMapping(np.zeros(4, np.int64), np.ones(4, bool)), layout=Layout(64, 256))
+    shard = tmp_path / "c" / "hidden" / "c" / "1" / "0"
+    data = shard.read_bytes()
+    shard.write_bytes(data[:-3])  # one byte short of its checksum
+    with pytest.raises(ValueError, match="checksum"):
+        ShardReader.open(Cache(tmp_path / "c").group["hidden"], tmp_path / "c" / "hidden").read(256, 300)
+    shard.unlink()  # a missing shard reads as the NaN fill value, as through zarr (and verify names it)
+    assert torch.isnan(Cache(tmp_path / "c").read_hidden(250, 300)[6:]).all()
+    assert not torch.isnan(Cache(tmp_path / "c").read_hidden(250, 300)[:6]).any()
+    assert c.n_tokens == n

@@ -23,11 +23,11 @@ def setup(device: str = "cpu") -> tuple[int, int, str]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device == "cuda" and world > 1:
-        device = f"cuda:{local_rank}"
     if device.startswith("cuda"):
         import torch
 
+        if device == "cuda":  # set_device needs an index: this rank's GPU, or the current one for one process
+            device = f"cuda:{local_rank if world > 1 else torch.cuda.current_device()}"
         torch.cuda.set_device(torch.device(device))  # as torch's examples: collectives use this rank's GPU
     if world > 1 and not dist.is_initialized():
         if device.startswith("cuda"):

@@ -732,9 +732,12 @@ class ShardReader:
         return self.index[k]
 
     def read(self, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop); compressed chunks are decoded on up to ``READ_THREADS`` threads (Blosc releases the
+        GIL), each into its own rows of the output."""
         from numcodecs import blosc
 
         out = np.empty((stop - start, self.width), self.dtype)
+        jobs = []
         for c in range(start // self.chunk, (stop - 1) // self.chunk + 1 if stop > start else 0):
             mm, idx = self._shard(c * self.chunk // self.shard)
             r0 = c * self.chunk
@@ -742,11 +745,33 @@ class ShardReader:
             off, nb = (int(x) for x in idx[c % self.per_shard]) if idx is not None else (self.EMPTY, 0)
             if off == self.EMPTY:
                 out[a - start : b - start] = self.fill
-                continue
-            raw = mm[off : off + nb]
+            else:
+                jobs.append((mm[off : off + nb], r0, a, b))
+
+        def decode(job) -> None:
+            raw, r0, a, b = job
             data = np.frombuffer(blosc.decompress(raw) if self.compressed else raw, self.dtype).reshape(-1, self.width)
             out[a - start : b - start] = data[a - r0 : b - r0]
+
+        if self.compressed and len(jobs) > 1 and READ_THREADS > 1:
+            list(_read_pool().map(decode, jobs))
+        else:
+            for job in jobs:
+                decode(job)
         return out
+
+
+READ_THREADS = min(8, os.cpu_count() or 1)  # chunk-decoding threads of ShardReader (tools/bench_storage.py)
+_POOL = None
+
+
+def _read_pool():
+    global _POOL
+    if _POOL is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _POOL = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="medusa-cache-read")
+    return _POOL
 
 
 def int8_encode(hidden: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -110,7 +110,8 @@ def synthetic(path: Path, n: int, hidden: int, codec: str, compression: str = "z
     g = torch.Generator().manual_seed(0)
     store.from_arrays(path, torch.randn(m, hidden, generator=g).to(torch.bfloat16), offsets, rng.integers(0, 1000, m),
                       VocabMapping(np.zeros(1000, np.int64), np.ones(1000, bool)), hidden_dtype="bfloat16",
-                      layout=store.Layout(64, 4096), hidden_codec=codec, hidden_compression=compression)
+                      layout=store.Layout.default(hidden, 2, 2048), hidden_codec=codec,
+                      hidden_compression=compression)  # the layout `dump` picks for H at --max-length 2048
 
 
 def loader_tps(path: Path, threads: int, direct: bool = True) -> float:

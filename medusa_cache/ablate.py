@@ -3,7 +3,8 @@
 Head counts cost one run. In Medusa-1 the heads share nothing but the global gradient-norm clip. Ablation
 mode clips each head by its own norm (``clip_per_head``) and initialises head i from (seed, i) alone, so
 head i's trajectory does not depend on how many heads train beside it: the K-head model is exactly the
-first K heads of the largest run (a test checks it bit for bit). Note the per-head clip differs from the
+first K heads of the largest run (a test checks it bit for bit; with ``--mix positions`` the batches are the same
+for every head count up to 8, ``train.mix_reach``). Note the per-head clip differs from the
 reference's global clip; with max_grad_norm 0.5 both rarely bind after warmup.
 
 Other axes (layers, lr) are variants trained side by side on the same batches, so each batch is read

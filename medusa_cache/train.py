@@ -308,6 +308,17 @@ def tune_allocator() -> None:
         pass
 
 
+MIX_REACH = 8
+
+
+def mix_reach(num_heads: int, cache: Cache) -> int:
+    """--mix positions draws the rows with a target for any of the first R heads, R = max(num_heads, 8) (or the
+    cache's --max-heads). R does not depend on the head count below it, so a K-head run draws the same batches as
+    the first K heads of a larger one (ablate's exactness, up to 8 heads); the few rows without a target for the
+    heads actually trained cost compute, not correctness."""
+    return max(num_heads, cache.meta.max_heads or MIX_REACH)
+
+
 class _StopSignals:
     """SIGINT/SIGTERM set a flag instead of killing the run; the loop checks it after each optimizer step.
 
@@ -393,7 +404,8 @@ class Run:
             raise UserError(f"--cache: {cfg.cache} has no finished sequences to train on")
         r.labels = r.cache.array("labels")
         r.blocks = make_blocks(r.train_seqs, r.cache.offsets, cfg.block_tokens)
-        r.trainable = trainable_rows(r.labels, r.cache.offsets, cfg.num_heads) if r.mixes(cfg) else None
+        r.trainable = trainable_rows(r.labels, r.cache.offsets, mix_reach(cfg.num_heads, r.cache)) \
+            if r.mixes(cfg) else None
         n_batches = len(r.epoch_batches(0))
         r.total_steps = math.ceil(n_batches / r.group) * cfg.epochs
         specs = variants or [("", cfg.num_layers, cfg.lr)]

@@ -116,3 +116,23 @@ def test_killed_dump_on_s3_resumes(tiny_llama, local_and_s3, s3):
     assert main(_args(tiny_llama, data, out) + ["--resume"]) == 0
     a, b = zarr.open_group(str(local), mode="r"), zarr.open_group(out, mode="r")
     assert np.array_equal(a["hidden"][:], b["hidden"][:]) and b.attrs["complete"]
+
+
+def test_int8_needed_rows_store_on_s3_equals_local_and_trains_the_same(tmp_path, tiny_llama, local_and_s3, s3):
+    """Both new layouts at once on object storage (read through zarr there, through the shard files locally)."""
+    from medusa_cache.cli import main
+    from medusa_cache.train import TrainConfig, train
+    from medusa_cache.verify import verify
+
+    data, _, _ = local_and_s3
+    extra = ["--keep-rows", "needed", "--max-heads", "3", "--hidden-codec", "int8", "--int8-group", "16"]
+    assert main(_args(tiny_llama, data, str(tmp_path / "local")) + extra) == 0
+    assert main(_args(tiny_llama, data, f"{s3}/needed") + extra) == 0
+    a, b = zarr.open_group(str(tmp_path / "local"), mode="r"), zarr.open_group(f"{s3}/needed", mode="r")
+    for name in ("hidden", "hidden_scale", "row_kept", "labels"):
+        assert np.array_equal(a[name][:], b[name][:]), name
+    assert verify(f"{s3}/needed", deep=True)["healthy"]
+    for name, cache in (("l", str(tmp_path / "local")), ("r", f"{s3}/needed")):
+        train(TrainConfig(cache=cache, out=str(tmp_path / name), num_heads=3, epochs=1, lr=1e-3, batch_tokens=512))
+    x, y = (load_file(str(tmp_path / n / "medusa_lm_head.safetensors")) for n in ("l", "r"))
+    assert all(torch.equal(x[k], y[k]) for k in x)

@@ -154,3 +154,16 @@ def test_a_runtime_error_on_one_rank_stops_every_rank_and_the_dump_stays_resumab
     p, dt = _torchrun_script(script, "train", "--cache", str(out), "--out", str(tmp_path / "h"), "--num-heads", "2",
                              "--grad-accum", "1", "--batch-tokens", "256", "--epochs", "2")
     assert p.returncode != 0 and "injected fault" in p.stderr and dt < 60, (p.returncode, dt, p.stderr[-2000:])
+
+
+def test_needed_rows_int8_dump_with_2_processes_equals_1_process(tmp_path, tiny_llama, one_process):
+    """Units are shards of the stored rows: any process count writes the same bytes for the new layouts too."""
+    data, _ = one_process
+    extra = ["--keep-rows", "needed", "--max-heads", "3", "--hidden-codec", "int8", "--int8-group", "16"]
+    torchrun(1, *dump_args(tiny_llama, data, tmp_path / "one"), *extra)
+    torchrun(2, *dump_args(tiny_llama, data, tmp_path / "two"), *extra)
+    same(tmp_path / "one", tmp_path / "two")
+    ga, gb = zarr.open_group(str(tmp_path / "one"), mode="r"), zarr.open_group(str(tmp_path / "two"), mode="r")
+    for name in ("hidden_scale", "row_kept"):
+        assert np.array_equal(ga[name][:], gb[name][:]), name
+    assert ga["hidden"].shape[0] < ga["input_ids"].shape[0]

@@ -141,6 +141,10 @@ def _fingerprints(cfg: DumpConfig, template: str) -> dict[str, str]:
     }
 
 
+# fingerprints added after 0.1.0: a store written before one existed was dumped with its default setting
+FINGERPRINT_DEFAULTS = {"hidden_codec": "lossless", "keep_rows": "all"}
+
+
 def _mapping_hash(path: str) -> str:
     """Fingerprint of --vocab-mapping: a file's bytes, a heads directory's mapping file, or a store's d2t/t2d."""
     p = Path(path)
@@ -324,7 +328,7 @@ def open_or_prepare(cfg: DumpConfig) -> store.Cache:
         store.remove_store(out)
     if cfg.resume and store.is_store(out):
         cache = store.Cache(out, mode="r+")
-        old = cache.meta.fingerprints
+        old = {**FINGERPRINT_DEFAULTS, **cache.meta.fingerprints}
         diff = [k for k in fps if old.get(k) != fps[k]]
         if diff:
             raise UserError(f"--resume: {out} was dumped with a different {', '.join(diff)}; "

@@ -154,6 +154,16 @@ def test_resume_with_different_settings_names_what_differs(tmp_path, tiny_llama,
     with pytest.raises(UserError, match="different vocab_mapping"):
         run_dump(DumpConfig(**cfg, draft_vocab_size=100, resume=True))
     run_dump(DumpConfig(**cfg, resume=True))  # same settings: accepted (already complete)
+    with pytest.raises(UserError, match="different keep_rows"):
+        run_dump(DumpConfig(**cfg, keep_rows="needed", resume=True))
+    # a store written before the codec and row-layout fingerprints existed was dumped with their defaults
+    g = zarr.open_group(str(out), mode="r+")
+    fps = dict(g.attrs["fingerprints"])
+    del fps["hidden_codec"], fps["keep_rows"]
+    g.attrs["fingerprints"] = fps
+    run_dump(DumpConfig(**cfg, resume=True))
+    with pytest.raises(UserError, match="different hidden_codec"):
+        run_dump(DumpConfig(**cfg, hidden_codec="int8", int8_group=16, resume=True))
 
 
 def test_qwen2_dump_and_spec_forge_mapping(tmp_path, tiny_qwen, small_chat):

@@ -83,8 +83,9 @@ class DumpConfig:
     int8_group: int = 128
     """--hidden-codec int8: channels sharing one scale (must divide the hidden size)."""
     keep_rows: Literal["all", "needed"] = "all"
-    """all: a hidden row per token. needed: only rows a head (up to --max-heads) or eval can use, i.e. within
-    --max-heads tokens of an assistant token (docs/cache-format.md); ids, masks and labels stay complete."""
+    """all: a hidden row per token. needed: only the rows heads (up to K = --max-heads), eval and distillation read:
+    row t when a token t-K+1 .. t+K+1 of its sequence is an assistant token (docs/cache-format.md); ids, masks and
+    labels stay complete."""
     max_heads: int = 5
     """--keep-rows needed: the most heads the cache will serve; train/eval/ablate refuse more."""
     device: str = "cpu"

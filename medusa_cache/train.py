@@ -311,12 +311,12 @@ def tune_allocator() -> None:
 MIX_REACH = 8
 
 
-def mix_reach(num_heads: int, cache: Cache) -> int:
-    """--mix positions draws the rows with a target for any of the first R heads, R = max(num_heads, 8) (or the
-    cache's --max-heads). R does not depend on the head count below it, so a K-head run draws the same batches as
-    the first K heads of a larger one (ablate's exactness, up to 8 heads); the few rows without a target for the
-    heads actually trained cost compute, not correctness."""
-    return max(num_heads, cache.meta.max_heads or MIX_REACH)
+def mix_reach(num_heads: int) -> int:
+    """--mix positions draws the rows with a target for any of the first R heads, R = max(num_heads, 8). R depends
+    neither on a smaller head count nor on the store's layout, so a K-head run draws the same batches as the first
+    K heads of a larger one (ablate's exactness, up to 8 heads) and a needed-rows store the same as a full one; the
+    few rows without a target for the heads trained cost compute, not correctness (their loss terms are empty)."""
+    return max(num_heads, MIX_REACH)
 
 
 class _StopSignals:
@@ -404,7 +404,7 @@ class Run:
             raise UserError(f"--cache: {cfg.cache} has no finished sequences to train on")
         r.labels = r.cache.array("labels")
         r.blocks = make_blocks(r.train_seqs, r.cache.offsets, cfg.block_tokens)
-        r.trainable = trainable_rows(r.labels, r.cache.offsets, mix_reach(cfg.num_heads, r.cache)) \
+        r.trainable = trainable_rows(r.labels, r.cache.offsets, mix_reach(cfg.num_heads)) \
             if r.mixes(cfg) else None
         n_batches = len(r.epoch_batches(0))
         r.total_steps = math.ceil(n_batches / r.group) * cfg.epochs

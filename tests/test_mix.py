@@ -87,7 +87,7 @@ def test_positions_drawn_do_not_depend_on_the_head_count(tmp_path):
 
     cache, labels = _cache(tmp_path)
     order = np.arange(cache.n_seqs)
-    plans = [make_position_plan(order, cache.offsets, trainable_rows(labels, cache.offsets, mix_reach(k, cache)),
+    plans = [make_position_plan(order, cache.offsets, trainable_rows(labels, cache.offsets, mix_reach(k)),
                                 1000, 128, seed=0, epoch=0) for k in (1, 3, 5)]
     assert all(np.array_equal(p.local, plans[0].local) for p in plans)
-    assert mix_reach(12, cache) == 12  # beyond the reach, the head count decides
+    assert mix_reach(12) == 12  # beyond the reach, the head count decides

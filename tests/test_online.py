@@ -33,7 +33,7 @@ def test_heads_trained_from_a_float32_cache_equal_heads_trained_online(tmp_path,
     ids = store.Cache(tmp_path / "c").array("input_ids")
     calls = []
 
-    def online_rows(self, start, stop):
+    def online_rows(self, start, stop, packed=False):
         seqs = [s for s in range(self.n_seqs) if self.offsets[s] >= start and self.offsets[s + 1] <= stop]
         calls.append(len(seqs))
         return torch.cat([backbone.run(ids, [(int(self.offsets[s]), int(self.offsets[s + 1]),

@@ -180,7 +180,15 @@ def options(r: dict, verify_cost: float) -> list[dict]:
     return opts
 
 
+MIN_HELDOUT_SEQUENCES = 10  # below this a bootstrap over sequences (trees: over half of them) says little
+
+
 def separation_warning(rows: list[dict], best_row: dict, best_opt: dict, verify_cost: float) -> str | None:
+    n = best_row["sequences"]
+    if n < MIN_HELDOUT_SEQUENCES:
+        return (f"the held-out set has only {n} sequences ({best_row['positions']} positions): its 95% intervals "
+                "(resampled over sequences; trees are fitted on half and scored on the other half) are not "
+                "meaningful; hold out more with --val-fraction or pass --val-cache")
     others = [(r, o) for r in rows for o in r["options"] if (r is not best_row or o is not best_opt)]
     if not others:
         return None

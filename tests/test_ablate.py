@@ -201,3 +201,14 @@ def test_ablate_reports_intervals_a_cost_aware_best_measured_decoding_and_cards(
 
     with Image.open(out / "acceptance.png") as im:
         assert im.size[0] > im.size[1]
+
+
+def test_a_held_out_set_of_a_few_sequences_is_called_out():
+    from medusa_cache.ablate import separation_warning
+
+    opt = {"name": "chain", "acceptance": 3.0, "ci": [3.0, 3.0], "expected_speedup": 2.9}
+    other = {"name": "tree16", "acceptance": 2.0, "ci": [2.0, 2.0], "expected_speedup": 1.9}
+    row = {"variant": "L1_lr0.003", "num_heads": 5, "sequences": 2, "positions": 400, "options": [opt, other]}
+    assert "only 2 sequences" in separation_warning([row], row, opt, 0.0)
+    row["sequences"] = 12  # enough sequences and intervals apart: no warning
+    assert separation_warning([row], row, opt, 0.0) is None

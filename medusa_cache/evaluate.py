@@ -48,6 +48,8 @@ def head_ranks(heads: MedusaHeads, cache: Cache, seqs: np.ndarray, topk: int = 1
     under greedy decoding depends on); it exists while t+1+i is inside the sequence.
     """
     t2d_index = torch.from_numpy(cache.mapping().target_to_draft()) if base_lm_head is not None else None
+    if base_lm_head is not None:
+        base_lm_head = base_lm_head.to(device)  # it scores rows on the device (it was left on the CPU: a GPU run)
     K = heads.num_heads
     labels, mask = cache.array("labels"), cache.array("loss_mask").astype(np.int32)
     seqs = np.sort(np.asarray(seqs, dtype=np.int64))

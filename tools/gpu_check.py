@@ -4,7 +4,7 @@
 
 1. dump on CUDA (stories260K, float32) and `verify --deep --model` recomputing sequences on the CPU;
 2. train on CUDA from that cache, then `speculate --device cuda` (chain and a tree): identical to greedy decoding;
-3. torchrun with one process on CUDA (NCCL, `set_device`, `device_id`);
+3. `train --distill`, `eval --base-model` and `ablate` on CUDA; torchrun with one process (NCCL, `set_device`);
 4. the training step at the Llama-3 reference head size (H 4096, draft 32000, 4 heads, bf16 autocast): `train` in
    memory and streaming, lossless bf16 and int8 (rows decoded on the GPU), each against a bare loop over the same
    rows (cross-entropy with ignore_index and a fused AdamW step, nothing else), all measured in this run;
@@ -79,6 +79,21 @@ def stories_speculate(out: Path, device: str) -> dict:
         if not s["identical_to_greedy"]:
             raise RuntimeError(f"{name}: output differs from greedy decoding: {s.get('mismatches')}")
     return res
+
+
+def more_commands(out: Path, device: str) -> dict:
+    """train --distill, eval --base-model and ablate on the device, from check 1's cache."""
+    from medusa_cache.demo import DEMO
+
+    model = str(DEMO / "stories260K")
+    cli("train", "--cache", str(out / "cache"), "--out", str(out / "distill"), "--num-heads", "3", "--epochs", "3",
+        "--lr", "3e-3", "--batch-tokens", "256", "--distill", model, "--device", device, "--overwrite")
+    ev = json.loads(cli("eval", "--heads", str(out / "distill"), "--cache", str(out / "cache"), "--base-model", model,
+                        "--device", device, "--json"))
+    cli("ablate", "--cache", str(out / "cache"), "--out", str(out / "ablate"), "--heads", "1,3", "--epochs", "1",
+        "--lr", "3e-3", "--batch-tokens", "1024", "--val-fraction", "0.1", "--device", device, "--overwrite")
+    res = json.loads((out / "ablate" / "results.json").read_text())
+    return {"eval_base_top1": ev.get("top1"), "ablate_best": res.get("best", {}).get("num_heads")}
 
 
 def torchrun_one(out: Path, device: str) -> dict:
@@ -202,7 +217,8 @@ def main() -> None:
                       "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}), flush=True)
     d = a.device
     checks = [("dump_verify", lambda: stories_path(out, d)), ("speculate", lambda: stories_speculate(out, d)),
-              ("torchrun", lambda: torchrun_one(out, d)), ("step", lambda: step_ratios(out, a.tokens, d)),
+              ("more", lambda: more_commands(out, d)), ("torchrun", lambda: torchrun_one(out, d)),
+              ("step", lambda: step_ratios(out, a.tokens, d)),
               ("loader", lambda: loader_alone(out, a.read_tokens))]
     for name, fn in checks:
         if a.only is None or name in a.only:

@@ -206,6 +206,9 @@ class BatchStream:
                 last_use[s] = bi
         held: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         look = self.lookahead if self.plan is None else 0  # windows are whole sequences: nothing lies after them
+        if self.memory is None and self.cache.reads_into():
+            yield from self._direct_rows(look)
+            return
         for bi in range(self.start, len(self.batches)):
             parts, targets, ahead = [], [], []
             for s, a, b in self.batches[bi]:
@@ -234,6 +237,25 @@ class BatchStream:
             cat = parts[0] if len(parts) == 1 else torch.cat(parts)
             tg_cat = targets[0] if len(targets) == 1 else torch.cat(targets)
             yield bi, cat, tg_cat, (torch.cat(ahead) if look else None)
+
+    def _direct_rows(self, look: int) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+        """``_rows`` for local stores: each batch's pieces decoded straight into one buffer (no block held, no
+        per-sequence copy, no concatenation); memory is the prefetched batches alone. Same values, same order."""
+        offsets, k = self.cache.offsets, self.k
+        width, dtype = self.cache.hidden_width(self.packed)
+        for bi in range(self.start, len(self.batches)):
+            pieces = self.batches[bi]
+            spans = [(a, b) for _, a, b in pieces]
+            if look:
+                spans += [(a, min(b + look, int(offsets[s + 1]))) for s, a, b in pieces]
+            buf = torch.empty((sum(b - a for a, b in spans), width), dtype=dtype)
+            o = 0
+            for a, b in spans:
+                self.cache.read_hidden_into(a, b, buf[o : o + b - a], self.packed)
+                o += b - a
+            n = sum(b - a for _, a, b in pieces)
+            tg = np.concatenate([targets_for(self.labels, offsets, piece, k) for piece in pieces])
+            yield bi, buf[:n], torch.from_numpy(tg), (buf[n:] if look else None)
 
     def _ahead_idx(self, pieces: list[Piece]) -> np.ndarray:
         offsets, out, base = self.cache.offsets, [], 0

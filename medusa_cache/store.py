@@ -608,13 +608,43 @@ class Cache:
             return int8_pack(q, scale) if packed else int8_decode(q, scale, self.int8_group)
         return from_stored(np.ascontiguousarray(arr), self.hidden_dtype)
 
+    def _reader(self, name: str) -> ShardReader | None:
+        if not self.direct_reads or is_url(self.path):
+            return None
+        if name not in self._readers:
+            self._readers[name] = ShardReader.open(self.group[name], Path(self.path) / name)
+        return self._readers[name]
+
     def _read(self, name: str, start: int, stop: int, direct: bool) -> np.ndarray:
-        if direct and self.direct_reads and not is_url(self.path):
-            if name not in self._readers:
-                self._readers[name] = ShardReader.open(self.group[name], Path(self.path) / name)
-            if self._readers[name] is not None:
-                return self._readers[name].read(start, stop)
-        return self.group[name][start:stop]
+        r = self._reader(name) if direct else None
+        return r.read(start, stop) if r is not None else self.group[name][start:stop]
+
+    def reads_into(self) -> bool:
+        """Whether ``read_hidden_into`` can fill a caller's buffer without intermediate copies (local, all rows)."""
+        return self.row_start is None and self._reader("hidden") is not None and (
+            self.codec != "int8" or self._reader("hidden_scale") is not None)
+
+    def hidden_width(self, packed: bool) -> tuple[int, torch.dtype]:
+        """(columns, dtype) of what ``read_hidden(..., packed)`` returns."""
+        if self.codec == "int8":
+            return (self.hidden_size + 4 * (self.hidden_size // self.int8_group), torch.int8) if packed else \
+                (self.hidden_size, torch.float32)
+        return self.hidden_size, TORCH_DTYPES[self.hidden_dtype]
+
+    def read_hidden_into(self, start: int, stop: int, out: torch.Tensor, packed: bool = False) -> None:
+        """``out[:] = read_hidden(start, stop, packed)`` with the chunks decoded straight into ``out`` (``reads_into``).
+
+        The loader fills each batch's buffer this way: no per-block read, per-sequence copy or concatenation."""
+        if self.codec == "int8" and packed:
+            h = self.hidden_size
+            self._readers["hidden"].read(start, stop, out[:, :h].numpy())
+            self._readers["hidden_scale"].read(start, stop, out[:, h:].view(torch.float32).numpy())
+        elif self.codec == "int8":
+            out.copy_(self.read_rows(start, stop))
+        elif self.hidden_dtype == "bfloat16":
+            self._readers["hidden"].read(start, stop, out.view(torch.int16).numpy().view(np.uint16))
+        else:
+            self._readers["hidden"].read(start, stop, out.numpy())
 
     def write_unit(self, k: int, hidden: torch.Tensor) -> int:
         """Write unit k's rows (and its shard of ``bad_rows``: rows holding NaN/Inf). Returns #bad rows."""
@@ -717,8 +747,7 @@ class ShardReader:
 
             f = self.dir / "c" / str(k) / "0"
             if not f.exists():
-                self.index = {k: (None, None)}
-                return self.index[k]
+                return None, None
             mm = np.memmap(f, dtype=np.uint8, mode="r") if f.stat().st_size else np.zeros(0, np.uint8)
             m = self.per_shard * 16
             raw = mm[len(mm) - m - 4 : len(mm) - 4] if len(mm) >= m + 4 else None
@@ -728,15 +757,18 @@ class ShardReader:
             used = idx[idx[:, 0] != self.EMPTY]
             if len(used) and int((used[:, 0] + used[:, 1]).max()) > len(mm) - m - 4:
                 raise ValueError(f"shard c/{k}/0: a chunk lies beyond the end of the file")
-            self.index = {k: (mm, idx)}
+            if len(self.index) >= 16:  # a few shards stay open: batches draw pieces from anywhere in the store
+                self.index.pop(next(iter(self.index)))
+            self.index[k] = (mm, idx)
         return self.index[k]
 
-    def read(self, start: int, stop: int) -> np.ndarray:
-        """Rows [start, stop); compressed chunks are decoded on up to ``READ_THREADS`` threads (Blosc releases the
-        GIL), each into its own rows of the output."""
+    def read(self, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Rows [start, stop) (into ``out`` when given, which may be a strided view); compressed chunks are decoded on
+        up to ``READ_THREADS`` threads (Blosc releases the GIL), each into its own rows of the output."""
         from numcodecs import blosc
 
-        out = np.empty((stop - start, self.width), self.dtype)
+        if out is None:
+            out = np.empty((stop - start, self.width), self.dtype)
         jobs = []
         for c in range(start // self.chunk, (stop - 1) // self.chunk + 1 if stop > start else 0):
             mm, idx = self._shard(c * self.chunk // self.shard)

@@ -50,3 +50,33 @@ def test_a_truncated_or_missing_shard_is_never_read_as_data(tmp_path):
     assert torch.isnan(Cache(tmp_path / "c").read_hidden(250, 300)[6:]).all()
     assert not torch.isnan(Cache(tmp_path / "c").read_hidden(250, 300)[:6]).any()
     assert c.n_tokens == n
+
+
+@pytest.mark.parametrize("codec,dtype", [("lossless", "bfloat16"), ("lossless", "float32"), ("int8", "float32")])
+def test_batches_decoded_straight_into_their_buffers_equal_the_block_reader(tmp_path, monkeypatch, codec, dtype):
+    """The loader's direct path (pieces decoded into one buffer per batch) yields exactly the block path's batches."""
+    from medusa_cache.loader import BatchStream, epoch_order, make_batches, make_blocks
+
+    rng = np.random.default_rng(1)
+    n = 3000
+    offsets = np.concatenate([[0], np.cumsum(rng.integers(50, 300, 30))])
+    offsets = offsets[offsets < n].tolist() + [n]
+    labels = np.where(rng.random(n) < 0.5, rng.integers(0, 20, n), -100)
+    from_arrays(tmp_path / "c", torch.randn(n, 32), offsets, labels, VocabMapping(np.zeros(20, np.int64),
+                np.ones(20, bool)), hidden_dtype=dtype, layout=Layout(64, 512), hidden_codec=codec, int8_group=8)
+    c = Cache(tmp_path / "c")
+    blocks = make_blocks(np.arange(c.n_seqs), c.offsets, 700)
+    batches = make_batches(epoch_order(blocks, 0, 0, 4), c.offsets, 1, 256)
+
+    def collect(direct: bool) -> list:
+        monkeypatch.setattr(Cache, "direct_reads", direct)
+        cache = Cache(tmp_path / "c")
+        assert cache.reads_into() == direct
+        return [(b.hidden, b.targets, b.ahead, b.ahead_idx) for b in
+                BatchStream(cache, cache.array("labels"), batches, 3, blocks, start=2, lookahead=3,
+                            packed=codec == "int8")]
+
+    fast, ref = collect(True), collect(False)
+    assert len(fast) == len(ref) == len(batches) - 2
+    for x, y in zip(fast, ref, strict=True):
+        assert all(torch.equal(u, v) for u, v in zip(x, y, strict=True))

@@ -82,6 +82,9 @@ class DumpConfig:
     (about half the bytes of bf16; relative error ~0.5%, see docs/cache-format.md)."""
     int8_group: int = 128
     """--hidden-codec int8: channels sharing one scale (must divide the hidden size)."""
+    hidden_compression: Literal["zstd", "lz4", "none"] = "zstd"
+    """Lossless compression of the `hidden` chunks: zstd (smallest), lz4, none (fastest to read on few cores;
+    README's read-speed table)."""
     keep_rows: Literal["all", "needed"] = "all"
     """all: a hidden row per token. needed: only the rows heads (up to K = --max-heads), eval and distillation read:
     row t when a token t-K+1 .. t+K+1 of its sequence is an assistant token (docs/cache-format.md); ids, masks and
@@ -135,6 +138,7 @@ def _fingerprints(cfg: DumpConfig, template: str) -> dict[str, str]:
         "dtype": cfg.dtype,
         "hidden_codec": cfg.hidden_codec if cfg.hidden_codec == "lossless" else f"int8:{cfg.int8_group}",
         "keep_rows": cfg.keep_rows if cfg.keep_rows == "all" else f"needed:{cfg.max_heads}",
+        "hidden_compression": cfg.hidden_compression,
         "format": cfg.format,
         "skip_bad_rows": str(cfg.skip_bad_rows),
         "pipeline": cfg.pipeline if cfg.pipeline == "medusa-cache" else
@@ -143,7 +147,7 @@ def _fingerprints(cfg: DumpConfig, template: str) -> dict[str, str]:
 
 
 # fingerprints added after 0.1.0: a store written before one existed was dumped with its default setting
-FINGERPRINT_DEFAULTS = {"hidden_codec": "lossless", "keep_rows": "all"}
+FINGERPRINT_DEFAULTS = {"hidden_codec": "lossless", "keep_rows": "all", "hidden_compression": "zstd"}
 
 
 def _mapping_hash(path: str) -> str:
@@ -210,7 +214,8 @@ def prepare(cfg: DumpConfig, fingerprints: dict[str, str], template: str | None,
     }
     return store.create(
         cfg.out, hidden_size=hidden_size, hidden_dtype=cfg.dtype, hidden_codec=cfg.hidden_codec,
-        int8_group=cfg.int8_group, layout=layout_for(cfg, hidden_size), input_ids=ids, loss_mask=mask, labels=labels,
+        int8_group=cfg.int8_group, hidden_compression=cfg.hidden_compression, layout=layout_for(cfg, hidden_size),
+        input_ids=ids, loss_mask=mask, labels=labels,
         offsets=offsets, sources=np.array([[e.file_index, e.row_index] for e in examples], dtype=np.int64),
         mapping=mapping, token_counts=counts, row_kept=row_kept, max_heads=cfg.max_heads,
         attrs={"vocab_size": vocab_size, "draft_vocab_size": mapping.draft_size,

@@ -159,11 +159,17 @@ def test_resume_with_different_settings_names_what_differs(tmp_path, tiny_llama,
     # a store written before the codec and row-layout fingerprints existed was dumped with their defaults
     g = zarr.open_group(str(out), mode="r+")
     fps = dict(g.attrs["fingerprints"])
-    del fps["hidden_codec"], fps["keep_rows"]
+    del fps["hidden_codec"], fps["keep_rows"], fps["hidden_compression"]
     g.attrs["fingerprints"] = fps
     run_dump(DumpConfig(**cfg, resume=True))
     with pytest.raises(UserError, match="different hidden_codec"):
         run_dump(DumpConfig(**cfg, hidden_codec="int8", int8_group=16, resume=True))
+    with pytest.raises(UserError, match="different hidden_compression"):
+        run_dump(DumpConfig(**cfg, hidden_compression="none", resume=True))
+    plain = tmp_path / "plain"
+    run_dump(DumpConfig(**{**cfg, "out": str(plain)}, hidden_compression="none"))
+    assert zarr.open_group(str(plain), mode="r")["hidden"].compressors == ()
+    assert torch.equal(Cache(plain).read_hidden(0, 100), Cache(out).read_hidden(0, 100))
 
 
 def test_qwen2_dump_and_spec_forge_mapping(tmp_path, tiny_qwen, small_chat):

@@ -135,3 +135,17 @@ def dumped(tmp_path_factory, tiny_llama) -> Path:
     run_dump(DumpConfig(model=str(tiny_llama), data=[str(data)], out=str(d / "cache"), draft_vocab_size=300,
                         dtype="float32", max_length=256, chunk_tokens=256, shard_tokens=1024))
     return d / "cache"
+
+
+def killed_copy(src: Path, dst: Path, units: tuple[int, ...]) -> Path:
+    """A copy of a complete store as a kill leaves it: ``units`` not done, their shards absent."""
+    import zarr
+
+    shutil.copytree(src, dst)
+    g = zarr.open_group(str(dst), mode="r+")
+    g.attrs["complete"] = False
+    for k in units:
+        g["unit_done"][k] = 0
+        for key in (f"hidden/c/{k}/0", f"hidden_scale/c/{k}/0", f"bad_rows/c/{k}"):
+            (dst / key).unlink(missing_ok=True)
+    return dst

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import shutil
-
 import numpy as np
 import pytest
 import torch
 import zarr
-from conftest import sharegpt_slice, write_jsonl
+from conftest import killed_copy, sharegpt_slice, write_jsonl
 from safetensors.torch import load_file
 
 from medusa_cache.dump import DumpConfig, run_dump
@@ -60,14 +58,7 @@ def test_int8_store_reads_close_to_float32_and_is_healthy(int8_pair):
 
 def test_int8_resume_is_bit_identical_and_a_missing_scale_chunk_is_named(int8_pair, tmp_path):
     d, common = int8_pair
-    part = tmp_path / "part"
-    shutil.copytree(d / "q", part)
-    g = zarr.open_group(str(part), mode="r+")
-    g.attrs["complete"] = False
-    for k in (0, 2):  # what a kill leaves: units not done, their shards absent
-        g["unit_done"][k] = 0
-        for key in ("hidden/c/{k}/0", "hidden_scale/c/{k}/0", "bad_rows/c/{k}"):
-            (part / key.format(k=k)).unlink()
+    part = killed_copy(d / "q", tmp_path / "part", (0, 2))
     run_dump(DumpConfig(out=str(part), resume=True, hidden_codec="int8", int8_group=16, **common))
     ref, got = zarr.open_group(str(d / "q"), mode="r"), zarr.open_group(str(part), mode="r")
     for name in ("hidden", "hidden_scale", "bad_rows", "labels"):

@@ -7,13 +7,11 @@ heads are refused by name.
 
 from __future__ import annotations
 
-import shutil
-
 import numpy as np
 import pytest
 import torch
 import zarr
-from conftest import sharegpt_slice, write_jsonl
+from conftest import killed_copy, sharegpt_slice, write_jsonl
 
 from medusa_cache.dump import DumpConfig, run_dump
 from medusa_cache.errors import UserError
@@ -125,14 +123,7 @@ def test_dump_keeps_the_needed_rows_of_the_model_run(dumped_needed, tiny_llama):
 
 def test_a_killed_needed_rows_dump_resumes_bit_identical(dumped_needed, tmp_path):
     d, needed = dumped_needed
-    part = tmp_path / "part"
-    shutil.copytree(d / "needed", part)
-    g = zarr.open_group(str(part), mode="r+")
-    g.attrs["complete"] = False
-    for k in (0, 3):  # what a kill leaves: units not done, their shards absent
-        g["unit_done"][k] = 0
-        for key in ("hidden/c/{k}/0", "hidden_scale/c/{k}/0", "bad_rows/c/{k}"):
-            (part / key.format(k=k)).unlink()
+    part = killed_copy(d / "needed", tmp_path / "part", (0, 3))
     assert len(Cache(part).usable_seqs(allow_partial=True)) < Cache(part).n_seqs
     run_dump(DumpConfig(**{**needed, "out": str(part), "resume": True}))
     ref, got = zarr.open_group(str(d / "needed"), mode="r"), zarr.open_group(str(part), mode="r")

@@ -132,3 +132,21 @@ def test_a_killed_needed_rows_dump_resumes_bit_identical(dumped_needed, tmp_path
     assert verify(str(part), deep=True)["healthy"]
     (part / "row_kept" / "c" / "0").unlink()
     assert any("row_kept/c/0" in p for p in verify(str(part))["problems"])
+
+
+@pytest.mark.parametrize("layout", ["all", "needed"])
+def test_the_plain_zarr_reader_in_the_format_doc_reads_both_layouts(pair, layout):
+    """docs/cache-format.md's first snippet, run as written on each layout, reads sequence 3's stored rows."""
+    import re
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "cache-format.md").read_text()
+    code = re.search(r"```python\n(.*?)```", doc, re.S).group(1).replace('"cache.zarr"', repr(str(pair / layout)))
+    ns: dict = {}
+    exec(code, ns)
+    c = Cache(pair / layout)
+    a, b = int(c.offsets[3]), int(c.offsets[4])
+    want = c.read_hidden(a, b)
+    if c.row_kept is not None:
+        want = want[torch.from_numpy(c.row_kept[a:b])]
+    assert np.array_equal(ns["h"], want.numpy()) and np.array_equal(ns["labels"], c.array("labels")[a:b])

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .store import Cache
+from .store import Cache, any_in_window
 from .vocab import IGNORE
 
 Piece = tuple[int, int, int]  # (sequence index, start row, stop row) in token coordinates
@@ -115,11 +115,7 @@ def all_targets(labels: np.ndarray, offsets: np.ndarray, num_heads: int, shift: 
 
 def trainable_rows(labels: np.ndarray, offsets: np.ndarray, num_heads: int, shift: int = 2) -> np.ndarray:
     """bool [N]: row t has at least one head target (``labels[t+shift .. t+shift+K-1]`` inside its sequence)."""
-    n = len(labels)
-    c = np.concatenate([[0], np.cumsum(labels != IGNORE, dtype=np.int64)])
-    t = np.arange(n)
-    end = offsets[np.searchsorted(offsets, t, side="right")]
-    return c[np.minimum(t + shift + num_heads, end)] - c[np.minimum(t + shift, end)] > 0
+    return any_in_window(labels != IGNORE, offsets, shift, shift + num_heads)
 
 
 @dataclass
@@ -245,17 +241,17 @@ class BatchStream:
         width, dtype = self.cache.hidden_width(self.packed)
         for bi in range(self.start, len(self.batches)):
             pieces = self.batches[bi]
-            spans = [(a, b) for _, a, b in pieces]
-            if look:
-                spans += [(a, min(b + look, int(offsets[s + 1]))) for s, a, b in pieces]
+            # with lookahead each piece is read once, extended; the piece rows are then gathered from it
+            spans = [(a, min(b + look, int(offsets[s + 1])) if look else b) for s, a, b in pieces]
             buf = torch.empty((sum(b - a for a, b in spans), width), dtype=dtype)
-            o = 0
-            for a, b in spans:
+            o, own = 0, []
+            for (a, b), (_, _, piece_end) in zip(spans, pieces, strict=True):
                 self.cache.read_hidden_into(a, b, buf[o : o + b - a], self.packed)
+                own.append(np.arange(o, o + piece_end - a))
                 o += b - a
-            n = sum(b - a for _, a, b in pieces)
             tg = np.concatenate([targets_for(self.labels, offsets, piece, k) for piece in pieces])
-            yield bi, buf[:n], torch.from_numpy(tg), (buf[n:] if look else None)
+            hidden = buf[torch.from_numpy(np.concatenate(own))] if look else buf
+            yield bi, hidden, torch.from_numpy(tg), (buf if look else None)
 
     def _ahead_idx(self, pieces: list[Piece]) -> np.ndarray:
         offsets, out, base = self.cache.offsets, [], 0

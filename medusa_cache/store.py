@@ -241,15 +241,18 @@ def needed_rows(loss_mask: np.ndarray, offsets: np.ndarray, max_heads: int) -> n
 
     Row t is needed when any token t-K+1 .. t+K+1 of its own sequence is an assistant token (K = max_heads):
     heads at t train on t+2..t+K+1, ``eval`` scores t when t+1 is an assistant token, and ``eval --targets base``
-    and ``--distill`` read the base model's choice from rows t+1..t+K of a scored position. Vectorised."""
-    mask = np.asarray(loss_mask).astype(bool)
-    n, k = len(mask), int(max_heads)
-    c = np.concatenate([[0], np.cumsum(mask, dtype=np.int64)])
-    t = np.arange(n)
+    and ``--distill`` read the base model's choice from rows t+1..t+K of a scored position."""
+    return any_in_window(np.asarray(loss_mask).astype(bool), offsets, 1 - max_heads, max_heads + 2)
+
+
+def any_in_window(flags: np.ndarray, offsets: np.ndarray, lo: int, hi: int) -> np.ndarray:
+    """bool [N]: any of ``flags[t+lo : t+hi]`` inside t's own sequence, for every row t (vectorised, one cumsum)."""
+    c = np.concatenate([[0], np.cumsum(flags, dtype=np.int64)])
+    t = np.arange(len(flags))
     seq = np.searchsorted(offsets, t, side="right") - 1
-    lo = np.maximum(t - k + 1, offsets[seq])
-    hi = np.minimum(t + k + 2, offsets[seq + 1])
-    return c[hi] - c[lo] > 0
+    a = np.clip(t + lo, offsets[seq], offsets[seq + 1])
+    b = np.clip(t + hi, offsets[seq], offsets[seq + 1])
+    return c[b] - c[a] > 0
 
 
 def create(

@@ -404,8 +404,8 @@ class Run:
             raise UserError(f"--cache: {cfg.cache} has no finished sequences to train on")
         r.labels = r.cache.array("labels")
         r.blocks = make_blocks(r.train_seqs, r.cache.offsets, cfg.block_tokens)
-        r.trainable = trainable_rows(r.labels, r.cache.offsets, mix_reach(cfg.num_heads)) \
-            if r.mixes(cfg) else None
+        mixes = bool(cfg.batch_tokens) and cfg.mix == "positions"  # --mix only shapes token batches
+        r.trainable = trainable_rows(r.labels, r.cache.offsets, mix_reach(cfg.num_heads)) if mixes else None
         n_batches = len(r.epoch_batches(0))
         r.total_steps = math.ceil(n_batches / r.group) * cfg.epochs
         specs = variants or [("", cfg.num_layers, cfg.lr)]
@@ -440,10 +440,6 @@ class Run:
         r.stop = _StopSignals()
         r.reporters = open_reporters(cfg, r.out) if r.rank == 0 else []
         return r
-
-    @staticmethod
-    def mixes(cfg: TrainConfig) -> bool:
-        return bool(cfg.batch_tokens) and cfg.mix == "positions"
 
     def epoch_batches(self, epoch: int):
         """The epoch's batches: a PositionPlan (--mix positions) or a list of pieces per batch; a pure function of

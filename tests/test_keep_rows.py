@@ -35,6 +35,10 @@ def test_needed_rows_is_the_window_around_assistant_tokens():
     # scored position (t+1..t+K); seq 1: row 12 itself (t-K+1..t) and row 13 (t-1), never rows of seq 0
     want = np.array([0, 0, 0, 1, 1, 1, 1, 1, 1, 0, 0, 0] + [1, 1, 0, 0], dtype=bool)
     assert np.array_equal(got, want)
+    # the window never crosses into the neighbouring sequence, on either side
+    mask = np.array([0, 0, 0, 1] + [0, 0, 0, 0] + [1, 0, 0, 0])
+    got = needed_rows(mask, np.array([0, 4, 8, 12]), max_heads=2)
+    assert got.tolist() == [1, 1, 1, 1] + [0, 0, 0, 0] + [1, 1, 0, 0]
 
 
 @pytest.fixture(scope="module")

@@ -592,8 +592,8 @@ class Cache:
     def read_rows(self, start: int, stop: int, packed: bool = False, direct: bool = True) -> torch.Tensor:
         """Stored rows [start, stop) of `hidden` (= token rows unless keep_rows is "needed").
 
-        Local stores are read by ``ShardReader`` (shard files directly, 2.5-4.7x zarr's own read path on this
-        machine, tools/bench_storage.py part 4); ``direct=False`` (verify --deep) and URLs use zarr."""
+        Local stores are read by ``ShardReader`` (shard files directly, several times faster than zarr's own read
+        path: README, tools/bench_storage.py part 4); ``direct=False`` (verify --deep) and URLs use zarr."""
         try:
             arr = self._read("hidden", start, stop, direct)
         except Exception as e:  # noqa: BLE001 - a corrupt or missing chunk: name the shard
@@ -709,15 +709,14 @@ class ShardReader:
 
     zarr 3.1's read path costs more than decoding on two cores (its async machinery per chunk): reading a shard's
     index (little-endian uint64 offset/length pairs at the end of the file, zarr's sharding format) and decoding
-    each needed chunk with Blosc directly (uncompressed chunks: a memory map) returns the same bytes, 2.5-4.7x
-    faster here. Any other layout (another codec chain, index at the start) is read through zarr."""
+    each needed chunk with Blosc directly (uncompressed chunks: a memory map) returns the same bytes, several times
+    faster (README). Any other layout (another codec chain, index at the start) is read through zarr."""
 
     EMPTY = (1 << 64) - 1
 
-    def __init__(self, directory: Path, shard: int, chunk: int, width: int, dtype: np.dtype, compressed: bool,
-                 fill, n: int):
+    def __init__(self, directory: Path, shard: int, chunk: int, width: int, dtype: np.dtype, compressed: bool, fill):
         self.dir, self.shard, self.chunk, self.width, self.dtype = directory, shard, chunk, width, dtype
-        self.compressed, self.fill, self.n, self.per_shard = compressed, fill, n, shard // chunk
+        self.compressed, self.fill, self.per_shard = compressed, fill, shard // chunk
         self.index: dict[int, tuple[np.memmap, np.ndarray]] = {}
 
     @staticmethod
@@ -740,7 +739,7 @@ class ShardReader:
         if cw != width or array.shape[1] != width or shard % chunk:
             return None
         return ShardReader(directory, int(shard), int(chunk), int(width), np.dtype(array.dtype), len(inner) == 2,
-                           array.metadata.fill_value, int(array.shape[0]))
+                           array.metadata.fill_value)
 
     def _shard(self, k: int) -> tuple[np.memmap | None, np.ndarray | None]:
         """(file, index [chunks, 2]) of shard k, checksum-checked as zarr does; (None, None) when it is absent

@@ -20,49 +20,126 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from .errors import UserError
 from .evaluate import evaluate_ranks, head_ranks, render_table, write_trees
 from .export import export, load_heads, save_heads
+from .progress import progress
 from .store import Cache
 from .train import TrainConfig, train
 
 
-def variant_name(layers: int, lr: float) -> str:
-    return f"L{layers}_lr{lr:g}"
+def variant_name(layers: int, lr: float, vocab: int | None = None) -> str:
+    return (f"V{vocab}_" if vocab else "") + f"L{layers}_lr{lr:g}"
+
+
+def parse_variant(name: str) -> tuple[int | None, int, float]:
+    """'V8000_L1_lr0.003' -> (8000, 1, 0.003); 'L1_lr0.003' -> (None, 1, 0.003)."""
+    vocab = None
+    if name.startswith("V"):
+        v, name = name.split("_", 1)
+        vocab = int(v[1:])
+    layers, lr = name[1:].split("_lr")
+    return vocab, int(layers), float(lr)
 
 
 def run_ablate(cfg: TrainConfig, heads: list[int], layers: list[int], lrs: list[float], budgets: list[int],
                topk: int = 10, verify_cost: float | None = None, speculate_prompts: str | None = None,
-               speculate_tokens: int = 128) -> dict:
-    """Train every variant once (each head count is a prefix of the largest), evaluate, choose, report."""
-    check_request(cfg, heads, layers, lrs, budgets, verify_cost, speculate_prompts)
+               speculate_tokens: int = 128, vocabs: list[int] | None = None) -> dict:
+    """Train every variant once (each head count is a prefix of the largest), evaluate, choose, report.
+
+    ``vocabs``: draft vocabulary sizes, each re-mapped from the one cache (``train --draft-vocab-size``): one
+    training run per size (its variants side by side, head counts exact prefixes as without it), all in one report.
+    """
+    check_request(cfg, heads, layers, lrs, budgets, verify_cost, speculate_prompts, vocabs, topk, speculate_tokens)
+    command = ablate_command(cfg, heads, layers, lrs, budgets, topk, verify_cost, speculate_prompts,
+                             speculate_tokens, vocabs)
     kmax = max(heads)
     cfg = replace(cfg, num_heads=kmax, clip_per_head=True)
-    specs = [(variant_name(la, lr), la, lr) for la in layers for lr in lrs]
-    result = train(cfg, specs)
+    out = Path(cfg.out)
+    runs = []  # (vocab, train config, variant specs)
+    if vocabs:
+        from .rundir import claim
+
+        claim(out, kind="train", overwrite=cfg.overwrite, inputs={"--cache": cfg.cache, "--val-cache": cfg.val_cache})
+        for n in vocabs:
+            runs.append((n, replace(cfg, draft_vocab_size=n, out=str(out / "runs" / f"V{n}"), overwrite=False),
+                         [(variant_name(la, lr, n), la, lr) for la in layers for lr in lrs]))
+    else:
+        runs.append((None, cfg, [(variant_name(la, lr), la, lr) for la in layers for lr in lrs]))
+    results = [train(c, specs) for _, c, specs in runs]
     from . import dist
 
     if dist.active() and torch.distributed.get_rank() != 0:
         return {}  # under torchrun the ranks train together; rank 0 evaluates and reports
-    out = Path(cfg.out)
-    cache = Cache(cfg.val_cache) if cfg.val_cache else Cache(cfg.cache)
-    val = cache.usable_seqs(cfg.allow_partial, warn=False) if cfg.val_cache else result["val_seqs"]
     rows = []
-    for name, _, _ in tqdm(specs, desc="ablate: evaluate", unit="variant", disable=None):
-        hv, _, _ = load_heads(out / "variants" / name)
+    jobs = [(Path(c.out) / "variants" / name, name, res) for (_, c, specs), res in zip(runs, results, strict=True)
+            for name, _, _ in specs]
+    for d, name, result in progress(jobs, "ablate: evaluate", "variant"):
+        hv, mapping, _ = load_heads(d)
+        cache = Cache(cfg.val_cache) if cfg.val_cache else Cache(cfg.cache)
+        if cache.mapping().fingerprint() != mapping.fingerprint():
+            cache.remap(mapping)
+        val = cache.usable_seqs(cfg.allow_partial, warn=False) if cfg.val_cache else result["val_seqs"]
         r = head_ranks(hv, cache, val, topk, cfg.device)
+        cover = {"cache": round(Cache(cfg.cache).coverage([mapping.draft_size])[mapping.draft_size], 4),
+                 "heldout": round(heldout_coverage(cache, mapping, val), 4)}
         for k in sorted(set(heads)):
-            res = {"variant": name, "label": label(name), **evaluate_ranks(r, k, topk, budgets)}
+            res = {"variant": name, "label": label(name), "dir": str(d), "draft_vocab_size": mapping.draft_size,
+                   "coverage": cover, **evaluate_ranks(r, k, topk, budgets)}
             write_trees(res, out / "trees", f"{name}_heads{k}_tree")
             rows.append(res)
-    return report(rows, cfg, out, budgets, verify_cost, speculate_prompts, speculate_tokens)
+    return report(rows, cfg, out, budgets, verify_cost, speculate_prompts, speculate_tokens, command)
+
+
+def heldout_coverage(cache: Cache, mapping, seqs: np.ndarray) -> float:
+    """Fraction of the assistant tokens of sequences ``seqs`` that ``mapping``'s draft vocabulary holds."""
+    ids, mask = cache.array("input_ids"), cache.array("loss_mask").astype(bool)
+    rows = np.concatenate([np.arange(cache.offsets[s], cache.offsets[s + 1]) for s in seqs]) if len(seqs) else \
+        np.zeros(0, dtype=np.int64)
+    rows = rows[mask[rows]]
+    return float(mapping.t2d[ids[rows]].mean()) if len(rows) else 0.0
+
+
+def ablate_command(cfg: TrainConfig, heads: list[int], layers: list[int], lrs: list[float], budgets: list[int],
+                   topk: int, verify_cost: float | None, speculate_prompts: str | None, speculate_tokens: int,
+                   vocabs: list[int] | None = None) -> str:
+    """The ``medusa-cache ablate`` call that gives these settings (the provenance of the heads it writes)."""
+    import dataclasses
+    import shlex
+
+    from .export import command_line
+
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
+    base = command_line("ablate", dataclasses.asdict(cfg), defaults,
+                        skip=("resume", "overwrite", "num_heads", "num_layers", "lr", "clip_per_head"))
+    extra = ["--heads", ",".join(map(str, heads)), "--layers", ",".join(map(str, layers)),
+             "--lr", ",".join(f"{x:g}" for x in lrs), "--tree-budget", ",".join(map(str, budgets)),
+             "--topk", str(topk)]
+    if vocabs:
+        extra += ["--draft-vocab", ",".join(map(str, vocabs))]
+    if verify_cost is not None:
+        extra += ["--verify-cost", f"{verify_cost:g}"]
+    if speculate_prompts:
+        extra += ["--speculate-prompts", speculate_prompts, "--speculate-tokens", str(speculate_tokens)]
+    return base + " " + shlex.join(extra)
 
 
 def check_request(cfg: TrainConfig, heads: list[int], layers: list[int], lrs: list[float], budgets: list[int],
-                  verify_cost: float | None, speculate_prompts: str | None) -> None:
+                  verify_cost: float | None, speculate_prompts: str | None, vocabs: list[int] | None = None,
+                  topk: int = 10, speculate_tokens: int = 128) -> None:
     """Every refusal before any training (a mistake found after hours of training costs the hours)."""
+    if topk < 1:
+        raise UserError(f"--topk: must be >= 1, got {topk}")
+    if speculate_tokens < 1:
+        raise UserError(f"--speculate-tokens: must be >= 1, got {speculate_tokens}")
+    if vocabs is not None:
+        c = Cache(cfg.cache)
+        if not vocabs or min(vocabs) < 1 or max(vocabs) > c.meta.vocab_size or len(set(vocabs)) != len(vocabs):
+            raise UserError(f"--draft-vocab: give distinct sizes in 1..{c.meta.vocab_size} (the model's vocabulary), "
+                            f"got {vocabs}")
+        if cfg.draft_vocab_size is not None:
+            raise UserError("--draft-vocab: pass the sizes to sweep there, not --draft-vocab-size as well")
     if not heads or min(heads) < 1:
         raise UserError(f"--heads: give head counts >= 1, got {heads}")
     if not layers or min(layers) < 1:
@@ -91,10 +168,15 @@ def check_request(cfg: TrainConfig, heads: list[int], layers: list[int], lrs: li
         if n < 2:
             raise UserError(f"--val-fraction: {cfg.cache} has {n} usable sequences; holding out {cfg.val_fraction} "
                             "of them leaves none to evaluate on: give a larger --val-fraction or a --val-cache")
+    model = Cache(cfg.cache).meta.dump_args.get("model")
+    if verify_cost is None and not speculate_prompts and not (model and Path(model, "config.json").exists()):
+        raise UserError(f"--verify-cost: the expected speedup needs the verification cost per tree node, timed with "
+                        f"the cache's model ({model!r}, not a model directory here): pass --verify-cost C (relative "
+                        "to a one-token step) or --speculate-prompts FILE to measure it by real decoding")
 
 
 def report(rows: list[dict], cfg: TrainConfig, out: Path, budgets: list[int], verify_cost: float | None,
-           speculate_prompts: str | None, speculate_tokens: int) -> dict:
+           speculate_prompts: str | None, speculate_tokens: int, command: str | None = None) -> dict:
     """Measured decoding (optional), the cost-aware choice, best/ and its card, report.md, results.json, plot."""
     model = Cache(cfg.cache).meta.dump_args.get("model")
     if speculate_prompts:
@@ -105,21 +187,33 @@ def report(rows: list[dict], cfg: TrainConfig, out: Path, budgets: list[int], ve
                                                      for m in [r["measured"]] if m and m["nodes"]])))
             cost_source = f"measured by speculate on this machine ({len(measured)} runs, median)"
     if verify_cost is None:
-        verify_cost, cost_source = DEFAULT_VERIFY_COST, f"the documented default ({DEFAULT_VERIFY_COST} per node)"
+        verify_cost, cost_source = timed_verify_cost(model, cfg.device, max(budgets, default=16))
     elif not speculate_prompts or "cost_source" not in locals():
         cost_source = "--verify-cost"
+    params = model_parameters(model)
+    H = Cache(cfg.cache).hidden_size
     for r in rows:
+        _, layers_r, _ = parse_variant(r["variant"])
+        r["head_cost"] = round(r["num_heads"] * (layers_r * (H * H + H) + H * r["draft_vocab_size"]) / params, 5) \
+            if params else 0.0
         r["options"] = options(r, verify_cost)
     best_row, best_opt = max(((r, o) for r in rows for o in r["options"]), key=lambda x: x[1]["expected_speedup"])
-    hv, _, _ = load_heads(out / "variants" / best_row["variant"])
+    hv, mapping, _ = load_heads(best_row["dir"])
     hv.heads = hv.heads[: best_row["num_heads"]]
     (out / "best").mkdir(exist_ok=True)
-    save_heads(hv, Cache(cfg.cache), cfg, out / "best")
+    vocab, layers, lr = parse_variant(best_row["variant"])
+    chosen = replace(cfg, num_heads=best_row["num_heads"], num_layers=layers, lr=lr, draft_vocab_size=vocab)
+    save_heads(hv, cache_for(cfg, mapping), chosen, out / "best",
+               command=(command + f"  # best/: the first {best_row['num_heads']} heads of variant "
+                        f"{best_row['variant']}") if command else None)
     (out / "best" / "tree.json").write_text(json.dumps(best_opt["tree"]))
     export(out / "best", "vllm", out / "best-vllm", overwrite=True)
     table = render_table(rows, budgets)
-    rule = (f"best = highest expected speedup = acceptance / (1 + {verify_cost:.4g} x tree nodes), the verification "
-            f"cost per node from {cost_source}")
+    rule = (f"best = highest expected speedup = acceptance / (1 + {verify_cost:.4g} x tree nodes + heads' weights / "
+            f"model's weights), the verification cost per node from {cost_source}; the heads' cost (ResBlocks and an "
+            f"H x draft-vocabulary output layer each, read every step) "
+            + (f"relative to the model's {params:,} parameters" if params else
+               "not counted (the model is not at hand)"))
     summary = {"best": {"variant": best_row["variant"], "label": label(best_row["variant"]),
                         "num_heads": best_row["num_heads"], "tree": best_opt["name"], "nodes": best_opt["nodes"],
                         "acceptance": best_opt["acceptance"], "ci": best_opt["ci"],
@@ -135,6 +229,7 @@ def report(rows: list[dict], cfg: TrainConfig, out: Path, budgets: list[int], ve
         f"# Ablation on {cfg.cache}\n\n{caption}\n\nAcceptance = tokens per step (1 + accepted draft tokens), "
         "teacher forced, with a 95% interval from a bootstrap over held-out *sequences*. Trees are fitted on half "
         f"the held-out sequences and reported on the other half.\n\n{table}\n\n"
+        + (vocab_table(rows, H) + "\n\n" if len({r["draft_vocab_size"] for r in rows}) > 1 else "")
         + (measured_table(rows) + "\n\n" if speculate_prompts else "")
         + f"**Best: {label(best_row['variant'])}, {best_row['num_heads']} heads, {best_opt['name']}** "
         f"(acceptance {best_opt['acceptance']:.3f}, expected speedup {best_opt['expected_speedup']:.3f}). "
@@ -142,6 +237,8 @@ def report(rows: list[dict], cfg: TrainConfig, out: Path, budgets: list[int], ve
         + "Heads in `best/` (its tree in `best/tree.json`, model card `best/README.md`), vLLM layout in "
         "`best-vllm/`, all fitted trees in `trees/`, plot `acceptance.png`.\n")
     plot_note = plot(rows, budgets, out / "acceptance.png", caption)
+    if len({r["draft_vocab_size"] for r in rows}) > 1:
+        plot_note = plot_vocab(rows, budgets, out / "vocab.png") or plot_note
     from .card import write_card
 
     (out / "best" / "eval.json").write_text(json.dumps(summary["best"], indent=2))
@@ -158,15 +255,71 @@ def report(rows: list[dict], cfg: TrainConfig, out: Path, budgets: list[int], ve
     return summary
 
 
-# Verification cost per tree node relative to a one-token step, when nothing measured it: a memory-bound GPU at
-# batch 1 verifies a few dozen tokens for little more than one (an assumption, stated in report.md).
-DEFAULT_VERIFY_COST = 0.005
+def timed_verify_cost(model: str | None, device: str, nodes: int, context: int = 256, repeats: int = 5
+                      ) -> tuple[float, str]:
+    """(cost per tree node relative to a one-token step, where it came from), timed on this device: forwards of
+    1 and of ``nodes`` tokens over a KV cache of ``context`` tokens, median of ``repeats`` each. A constant would
+    be a guess (0.005 suits a memory-bound GPU; on a CPU a node costs ~0.1); a model that is not at hand gives
+    an error naming the ways to supply the cost."""
+    import time
+
+    from transformers import AutoModelForCausalLM, DynamicCache
+
+    if not model or not Path(model, "config.json").exists():
+        raise UserError(f"ablate: the expected speedup needs the verification cost of the model ({model!r} is not a "
+                        "model directory here): pass --verify-cost C (per tree node, relative to a one-token step) "
+                        "or --speculate-prompts FILE to measure it by real decoding")
+    m = AutoModelForCausalLM.from_pretrained(model).to(device).eval()
+    g = torch.Generator().manual_seed(0)
+    ctx = torch.randint(0, m.config.vocab_size, (1, context), generator=g).to(device)
+
+    def step(n: int) -> float:
+        times = []
+        for _ in range(repeats + 1):  # the first is a warm-up
+            with torch.inference_mode():
+                kv = DynamicCache()
+                m(ctx, cache=kv, use_cache=True)
+                x = torch.randint(0, m.config.vocab_size, (1, n), generator=g).to(device)
+                if device.startswith("cuda"):
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                m(x, cache=kv, use_cache=True)
+                if device.startswith("cuda"):
+                    torch.cuda.synchronize()
+                times.append(time.perf_counter() - t0)
+        return float(np.median(times[1:]))
+
+    t1, tn = step(1), step(nodes)
+    cost = max(0.0, (tn / t1 - 1) / nodes)
+    return cost, (f"timed on this device ({device}): a 1-token step {t1 * 1e3:.2f} ms, a {nodes}-token step "
+                  f"{tn * 1e3:.2f} ms over a {context}-token KV cache")
+
+
+def model_parameters(model: str | None) -> int | None:
+    """Parameters of the model directory's safetensors files (their headers only), or None when it is not here."""
+    if not model or not Path(model).is_dir():
+        return None
+    from safetensors import safe_open
+
+    total = 0
+    for f in sorted(Path(model).glob("*.safetensors")):
+        with safe_open(str(f), "pt") as st:
+            for k in st.keys():
+                total += int(np.prod(st.get_slice(k).get_shape()))
+    return total or None
 
 
 def label(variant: str) -> str:
-    """L1_lr0.003 -> '1 layer, lr 3e-3'."""
-    layers, lr = variant[1:].split("_lr")
-    return f"{layers} layer{'s' if layers != '1' else ''}, lr {float(lr):.0e}".replace("e-0", "e-")
+    """L1_lr0.003 -> '1 layer, lr 3e-3'; V8000_L1_lr0.003 -> 'draft 8000, 1 layer, lr 3e-3'."""
+    vocab, layers, lr = parse_variant(variant)
+    text = f"{layers} layer{'s' if layers != 1 else ''}, lr {lr:.0e}".replace("e-0", "e-")
+    return f"draft {vocab}, {text}" if vocab else text
+
+
+def cache_for(cfg: TrainConfig, mapping) -> Cache:
+    """The training cache read with ``mapping`` (re-mapped when the heads trained with another vocabulary)."""
+    c = Cache(cfg.cache)
+    return c if c.mapping().fingerprint() == mapping.fingerprint() else c.remap(mapping)
 
 
 def options(r: dict, verify_cost: float) -> list[dict]:
@@ -176,7 +329,7 @@ def options(r: dict, verify_cost: float) -> list[dict]:
     opts += [{"name": f"tree{n}", "nodes": t["nodes"], "acceptance": t["acceptance"], "ci": t["ci"], "tree": t["tree"]}
              for n, t in r["trees"].items()]
     for o in opts:
-        o["expected_speedup"] = round(o["acceptance"] / (1 + verify_cost * o["nodes"]), 4)
+        o["expected_speedup"] = round(o["acceptance"] / (1 + verify_cost * o["nodes"] + r.get("head_cost", 0.0)), 4)
     return opts
 
 
@@ -218,20 +371,62 @@ def measure(rows: list[dict], out: Path, cfg: TrainConfig, model: str | None, pr
 
     if not model:
         raise UserError("--speculate-prompts: the cache does not record the model it was dumped with")
-    cost = verify_cost if verify_cost is not None else DEFAULT_VERIFY_COST
-    for r in tqdm(rows, desc="ablate: speculate", unit="run", disable=None):
+    cost = verify_cost if verify_cost is not None else timed_verify_cost(model, cfg.device, 16)[0]
+    for r in progress(rows, "ablate: speculate", "run"):
         o = max(options(r, cost), key=lambda x: x["expected_speedup"])
         d = out / "speculate" / f"{r['variant']}_heads{r['num_heads']}"
-        hv, _, _ = load_heads(out / "variants" / r["variant"])
+        hv, mapping, _ = load_heads(r["dir"])
         hv.heads = hv.heads[: r["num_heads"]]
         d.mkdir(parents=True, exist_ok=True)
-        save_heads(hv, Cache(cfg.cache), cfg, d)
+        save_heads(hv, cache_for(cfg, mapping), cfg, d)
         (d / "tree.json").write_text(json.dumps(o["tree"]))
         res = run_speculate(SpeculateConfig(model=model, heads=str(d), prompts=prompts, tree=str(d / "tree.json"),
                                             max_new_tokens=tokens, device=cfg.device))
         r["measured"] = {"tree": o["name"], "nodes": o["nodes"], "tokens_per_step": res["tokens_per_step"],
                          "speedup": res["speedup"], "step_cost_ratio": res["step_cost_ratio"],
                          "identical_to_greedy": res["identical_to_greedy"]}
+
+
+def vocab_table(rows: list[dict], hidden_size: int) -> str:
+    """Per draft vocabulary size: coverage (the ceiling of any head's top-1) and each head's output-layer size."""
+    lines = ["Draft vocabularies, each re-mapped from this one cache (one backbone pass instead of one dump per "
+             "size). Coverage = fraction of assistant tokens inside the vocabulary: of the whole cache (the counts it "
+             "was built from) and of the held-out sequences; a head can never predict a token outside it.", "",
+             "| draft vocabulary | coverage (cache) | coverage (held out) | output layer per head (H x N) |",
+             "|---|---|---|---|"]
+    for n in sorted({r["draft_vocab_size"] for r in rows}):
+        c = next(r["coverage"] for r in rows if r["draft_vocab_size"] == n)
+        lines.append(f"| {n:,} | {c['cache']:.4f} | {c['heldout']:.4f} | {hidden_size * n:,} |")
+    return "\n".join(lines)
+
+
+def plot_vocab(rows: list[dict], budgets: list[int], path: Path) -> str | None:
+    """Acceptance (the largest fitted tree and the chain) against head count, one line per draft vocabulary size."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "vocab.png not written: matplotlib is missing (pip install 'medusa-cache[plot]')"
+    fig, ax = plt.subplots(figsize=(6, 4.4))
+    base = parse_variant(rows[0]["variant"])[1:]
+    big = str(max(budgets)) if budgets else None
+    for n in sorted({r["draft_vocab_size"] for r in rows}):
+        rs = [r for r in rows if r["draft_vocab_size"] == n and parse_variant(r["variant"])[1:] == base]
+        ks = [r["num_heads"] for r in rs]
+        line = ax.plot(ks, [r["chain_acceptance"] for r in rs], ls="--", marker="o", ms=3, label=f"{n:,} chain")
+        if big:
+            ax.plot(ks, [r["trees"][big]["acceptance"] for r in rs], marker="o", color=line[0].get_color(),
+                    label=f"{n:,} tree {big}")
+    ax.set_xlabel("heads")
+    ax.set_ylabel("acceptance (tokens per step, teacher forced)")
+    ax.set_title("acceptance by draft vocabulary size")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return None
 
 
 def measured_table(rows: list[dict]) -> str:

@@ -23,6 +23,7 @@ def _dump(args: argparse.Namespace) -> None:
     from .dump import DumpConfig, print_summary, run_dump
 
     cfg = build_config(DumpConfig, args, args.config)
+    dist.set_threads(cfg.threads)
     rank, world, device = dist.setup(cfg.device)
     cfg.device = device
     s = run_dump(cfg, rank, world)
@@ -33,7 +34,7 @@ def _dump(args: argparse.Namespace) -> None:
 def _inspect(args: argparse.Namespace) -> None:
     from .info import inspect_store, render
 
-    info = inspect_store(args.store)
+    info = inspect_store(args.store, args.coverage)
     print(json.dumps(info, indent=2) if args.json else render(info))
 
 
@@ -61,7 +62,9 @@ def _generate(args: argparse.Namespace) -> None:
 
 def _demo(args: argparse.Namespace) -> None:
     from .demo import run_demo
+    from .dist import set_threads
 
+    set_threads(args.threads)
     run_demo(args.out, args.epochs)
 
 
@@ -77,6 +80,7 @@ def _train(args: argparse.Namespace) -> None:
         if base:
             base = {k: v for k, v in base.items() if k not in ("resume", "overwrite")}
     cfg = build_config(TrainConfig, args, args.config, base=base)
+    dist.set_threads(cfg.threads)
     rank, _, cfg.device = dist.setup(cfg.device)
     res = train(cfg)
     if rank == 0:
@@ -86,16 +90,24 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _export(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
     from .export import export
 
-    base = export(args.dir, args.format, args.out, overwrite=args.overwrite, base_model=args.base_model)
-    print(f"wrote {args.format} heads to {args.out} (base_model_name_or_path: {base})")
+    base = export(args.dir, args.format, args.out, overwrite=args.overwrite, base_model=args.base_model,
+                  safetensors=args.safetensors)
+    files = sorted(f for f in Path(args.out).iterdir() if f.is_file())
+    size = sum(f.stat().st_size for f in files)
+    print(f"wrote {args.format} heads to {args.out}: {', '.join(f.name for f in files)} ({size / 1e6:.1f} MB; "
+          f"base_model_name_or_path: {base})")
 
 
 def _speculate(args: argparse.Namespace) -> None:
+    from .dist import set_threads
     from .speculate import SpeculateConfig, render, run_speculate
 
     cfg = build_config(SpeculateConfig, args)
+    set_threads(cfg.threads)
     res = run_speculate(cfg)
     print(json.dumps(res, indent=2) if cfg.json else render(res))
     if cfg.out:
@@ -117,13 +129,26 @@ def _comma_list(kind: type, what: str):
     return parse
 
 
+def _positive(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}")
+    return v
+
+
+THREADS_HELP = "CPU threads for torch (default: torch's own, one per core); lower it on a machine other jobs share"
 _ints = _comma_list(int, "integers")
 _floats = _comma_list(float, "numbers")
 
 
 def _eval(args: argparse.Namespace) -> None:
+    from .dist import set_threads
     from .evaluate import render_table, run_eval
 
+    set_threads(args.threads)
     base = args.base_model
     res = run_eval(args.heads, args.cache, args.topk, args.tree, args.tree_budget or [], args.trees_out, args.device,
                    base)
@@ -148,9 +173,10 @@ def _ablate(args: argparse.Namespace) -> None:
     layers, lrs = args.layers or [cfg.num_layers], args.lr or [cfg.lr]
     cfg = build_config(TrainConfig, rest, args.config, num_heads=max(args.heads), num_layers=max(layers),
                        lr=max(lrs))
+    dist.set_threads(cfg.threads)
     _, _, cfg.device = dist.setup(cfg.device)
     run_ablate(cfg, args.heads, layers, lrs, args.tree_budget, args.topk, args.verify_cost, args.speculate_prompts,
-               args.speculate_tokens)
+               args.speculate_tokens, args.draft_vocab)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -188,6 +214,9 @@ def build_parser() -> argparse.ArgumentParser:  # long by nature: one declaratio
                        epilog="example:\n  medusa-cache inspect cache.zarr --json | head", formatter_class=RAW)
     i.add_argument("store", help="the cache store (a directory or an fsspec URL)")
     i.add_argument("--json", action="store_true", help="print JSON")
+    i.add_argument("--coverage", type=_ints, metavar="SIZES",
+                   help="draft vocabulary sizes whose coverage of the assistant tokens to show (default: "
+                        "1000,4000,8000,16000,32000)")
     i.set_defaults(func=_inspect)
 
     vf = sub.add_parser("verify", help="check a cache: layout, labels, mapping, progress; --deep decodes all data",
@@ -196,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:  # long by nature: one declaratio
     vf.add_argument("store", help="the cache store (a directory or an fsspec URL)")
     vf.add_argument("--deep", action="store_true", help="decode every chunk and look for NaN/Inf")
     vf.add_argument("--model", help="recompute a few random sequences with this model and compare")
-    vf.add_argument("--samples", type=int, default=4, help="sequences recomputed with --model (default: 4)")
+    vf.add_argument("--samples", type=_positive, default=4, help="sequences recomputed with --model (default: 4)")
     vf.add_argument("--allow-partial", action="store_true",
                     help="accept an incomplete store (a dump still running or killed) as healthy")
     vf.add_argument("--json", action="store_true", help="print JSON")
@@ -215,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:  # long by nature: one declaratio
                               "--trees-out trees", formatter_class=RAW)
     v.add_argument("--heads", required=True, help="heads directory written by train")
     v.add_argument("--cache", required=True, help="store to evaluate on (ideally held out)")
-    v.add_argument("--topk", type=int, default=10, help="top-k predictions considered per head (default: 10)")
+    v.add_argument("--topk", type=_positive, default=10, help="top-k predictions considered per head (default: 10)")
     g = v.add_mutually_exclusive_group()
     g.add_argument("--tree", help="JSON file with a Medusa tree: a list of paths of top-k indices")
     g.add_argument("--tree-budget", type=_ints, help="fit trees of these node counts, e.g. 16,32,64")
@@ -225,6 +254,7 @@ def build_parser() -> argparse.ArgumentParser:  # long by nature: one declaratio
     v.add_argument("--trees-out", help="directory to write the fitted trees (tree_N.json)")
     v.add_argument("--device", default="cpu", help="device for the heads: cpu, cuda or cuda:N (default: cpu)")
     v.add_argument("--json", action="store_true", help="print JSON")
+    v.add_argument("--threads", type=_positive, help=THREADS_HELP)
     v.set_defaults(func=_eval)
 
     a = sub.add_parser("ablate", help="train and evaluate several head counts / layers / lrs in one pass",
@@ -235,14 +265,18 @@ def build_parser() -> argparse.ArgumentParser:  # long by nature: one declaratio
     a.add_argument("--layers", type=_ints, help="ResBlocks per head (default: the config's num_layers, else 1)")
     a.add_argument("--lr", type=_floats, help="learning rates (default: the config's lr, else 1e-4)")
     a.add_argument("--tree-budget", type=_ints, default=[16, 32, 64], help="tree sizes (default: 16,32,64)")
-    a.add_argument("--topk", type=int, default=10, help="top-k predictions per head considered for trees (default: 10)")
+    a.add_argument("--draft-vocab", type=_ints, metavar="SIZES",
+                   help="draft vocabulary sizes to sweep, e.g. 8000,16000,32000: each re-mapped from this one cache "
+                        "(train --draft-vocab-size), every size x head count in one report (default: the cache's)")
+    a.add_argument("--topk", type=_positive, default=10, help="top-k predictions per head considered for trees (default: 10)")
     a.add_argument("--verify-cost", type=float,
                    help="cost of verifying one tree node relative to a one-token step, for the cost-aware choice of "
-                        "the best (default: measured by --speculate-prompts, else 0.005)")
+                        "the best (default: measured by --speculate-prompts, else timed with the cache's model on "
+                        "--device)")
     a.add_argument("--speculate-prompts",
                    help="prompts file: also decode for real (speculate) with each head count's best tree and report "
                         "measured tokens per step and speedup")
-    a.add_argument("--speculate-tokens", type=int, default=128, help="new tokens per prompt for --speculate-prompts")
+    a.add_argument("--speculate-tokens", type=_positive, default=128, help="new tokens per prompt for --speculate-prompts")
     a.add_argument("--config", help="JSON train config; explicit flags override it")
     add_config_args(a, TrainConfig, skip=("num_heads", "num_layers", "lr", "clip_per_head"))
     a.set_defaults(func=_ablate)
@@ -265,7 +299,8 @@ def build_parser() -> argparse.ArgumentParser:  # long by nature: one declaratio
     dm = sub.add_parser("demo", help="generate -> dump -> ablate -> speculate on the bundled stories260K, offline, CPU",
                         epilog="example:\n  medusa-cache demo --out /tmp/demo --epochs 4", formatter_class=RAW)
     dm.add_argument("--out", default="medusa-cache-demo", help="working directory (default: medusa-cache-demo)")
-    dm.add_argument("--epochs", type=int, default=4, help="training epochs (default: 4)")
+    dm.add_argument("--epochs", type=_positive, default=4, help="training epochs (default: 4)")
+    dm.add_argument("--threads", type=_positive, help=THREADS_HELP)
     dm.set_defaults(func=_demo)
 
     e = sub.add_parser("export", help="write trained heads in a serving layout (vLLM or Medusa reference)",
@@ -278,8 +313,32 @@ def build_parser() -> argparse.ArgumentParser:  # long by nature: one declaratio
     e.add_argument("--overwrite", action="store_true",
                    help="replace an existing --out (only a directory medusa-cache wrote, never an input)")
     e.add_argument("--base-model", help="base_model_name_or_path to write (default: the model path used at dump time)")
+    e.add_argument("--safetensors", action="store_true",
+                   help="--format medusa: also write medusa_lm_head.safetensors (the reference loader reads only "
+                        "medusa_lm_head.pt; each file holds full-vocabulary rows)")
     e.set_defaults(func=_export)
     return p
+
+
+def library_failure(e: BaseException) -> str | None:
+    """One line for a failure of a library on bad input (a path, a template, a store, a credential), naming the
+    thing and what to do; None for anything else (a bug: its traceback is kept)."""
+    name, module = type(e).__name__, type(e).__module__
+    if module.startswith("jinja2"):
+        where = f" (line {e.lineno})" if getattr(e, "lineno", None) else ""
+        return (f"the chat template does not render: {name}: {e}{where}; fix --chat-template or the tokenizer's "
+                "chat_template")
+    if isinstance(e, ModuleNotFoundError) and e.name in ("s3fs", "gcsfs", "adlfs"):
+        return f"this store URL needs the {e.name} package: pip install 'medusa-cache[s3]' (or {e.name})"
+    if module.startswith(("botocore", "aiobotocore")):
+        hint = "set AWS credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or a profile)" if "Credentials" in name \
+            else "check the bucket name, the endpoint (AWS_ENDPOINT_URL) and your permissions"
+        return f"object storage: {name}: {e}; {hint}"
+    if module.startswith("zarr") or (isinstance(e, json.JSONDecodeError) and "zarr" in str(e.doc)[:200]):
+        return f"the store's Zarr metadata cannot be read ({name}: {e}); the store is damaged: re-dump it"
+    if isinstance(e, OSError) and getattr(e, "filename", None):
+        return f"{e.filename}: {e.strerror or e}"
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -289,6 +348,12 @@ def main(argv: list[str] | None = None) -> int:
         args.func(args)
     except UserError as e:
         print(f"medusa-cache {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # noqa: BLE001 - expected failures of the libraries become one line; bugs stay tracebacks
+        message = library_failure(e)
+        if message is None:
+            raise
+        print(f"medusa-cache {args.command}: error: {message}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # `medusa-cache inspect STORE | head`: the reader left; stop quietly
         import os

@@ -80,7 +80,7 @@ class Example:
     row_index: int
 
 
-def read_rows(path: Path, file_index: int, fmt: str = "auto", pipeline: str = "medusa-cache"
+def read_rows(path: Path, file_index: int, fmt: str = "auto", pipeline: str = "medusa-cache", flag: str = "--data"
               ) -> Iterator[Row | RowError]:
     """Yield normalised rows of one JSON/JSONL file; per-row problems are yielded as RowError values.
 
@@ -88,7 +88,7 @@ def read_rows(path: Path, file_index: int, fmt: str = "auto", pipeline: str = "m
     instead of by ``ROLE_MAP``.
     """
     if not path.exists():
-        raise UserError(f"--data: file not found: {path}")
+        raise UserError(f"{flag}: file not found: {path}")
     raw = path.read_bytes()
     if raw.startswith(b"\xef\xbb\xbf"):
         raise UserError(f"{path}:1: the file starts with a UTF-8 byte-order mark (BOM); JSON does not allow one: "

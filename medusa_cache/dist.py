@@ -17,6 +17,14 @@ import torch.distributed as dist
 from .errors import UserError
 
 
+def set_threads(threads: int | None) -> None:
+    """``--threads``: torch's intra-op CPU threads (None keeps torch's default of one per core)."""
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
 def setup(device: str = "cpu") -> tuple[int, int, str]:
     """(rank, world_size, device) for this process."""
     check_device(device)

@@ -38,6 +38,7 @@ from .backbone import ModelPass, load_tokenizer, plan_batches
 from .config import check, to_dict
 from .data import FORMATS, RowError, Templater, read_rows
 from .errors import UserError
+from .progress import Progress
 from .vocab import build_mapping, count_tokens, load_mapping
 
 
@@ -80,8 +81,9 @@ class DumpConfig:
     hidden_codec: Literal["lossless", "int8"] = "lossless"
     """How hidden states are stored: lossless (--dtype as computed) or int8 with a scale per --int8-group channels
     (about half the bytes of bf16; relative error ~0.5%, see docs/cache-format.md)."""
-    int8_group: int = 128
-    """--hidden-codec int8: channels sharing one scale (must divide the hidden size)."""
+    int8_group: int | None = None
+    """--hidden-codec int8: channels sharing one scale (must divide the hidden size; default: the largest divisor
+    of the hidden size that is <= 128, e.g. 128 for 4096, 96 for 576)."""
     hidden_compression: Literal["zstd", "lz4", "none"] = "zstd"
     """Lossless compression of the `hidden` chunks: zstd (smallest), lz4, none (fastest to read on few cores;
     README's read-speed table)."""
@@ -93,6 +95,8 @@ class DumpConfig:
     """--keep-rows needed: the most heads the cache will serve; train/eval/ablate refuse more."""
     device: str = "cpu"
     """Device for the model pass: cpu, cuda, cuda:N."""
+    threads: int | None = None
+    """CPU threads for torch (default: torch's own, one per core); lower it on a machine other jobs share."""
     resume: bool = False
     """Continue an interrupted dump in --out (refused if model, tokenizer, template, data or settings differ)."""
     overwrite: bool = False
@@ -107,6 +111,7 @@ class DumpConfig:
     """Tokens per shard = per write unit (default: >= 16 x --max-length); a multiple of --chunk-tokens."""
 
     def __post_init__(self) -> None:
+        check(self.threads is None or self.threads >= 1, "threads", f"must be >= 1, got {self.threads}")
         check(self.model is not None, "model", "is required")
         check(bool(self.data), "data", "at least one data file is required")
         check(self.out is not None, "out", "is required")
@@ -114,7 +119,7 @@ class DumpConfig:
         check(self.draft_vocab_size is None or self.draft_vocab_size >= 1, "draft_vocab_size",
               f"must be >= 1, got {self.draft_vocab_size}")
         check(self.forward_tokens >= 1, "forward_tokens", f"must be >= 1, got {self.forward_tokens}")
-        check(self.int8_group >= 1, "int8_group", f"must be >= 1, got {self.int8_group}")
+        check(self.int8_group is None or self.int8_group >= 1, "int8_group", f"must be >= 1, got {self.int8_group}")
         check(1 <= self.max_heads <= 32, "max_heads", f"must be in 1..32, got {self.max_heads}")
         check(not (self.resume and self.overwrite), "resume", "--resume and --overwrite exclude each other")
         check(self.format in FORMATS, "format", f"must be one of {FORMATS}")
@@ -326,6 +331,7 @@ def open_or_prepare(cfg: DumpConfig) -> store.Cache:
 
     mcfg = AutoConfig.from_pretrained(cfg.model)
     mcfg = getattr(mcfg, "text_config", None) or mcfg
+    resolve_model_options(cfg, mcfg.hidden_size)
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.model)
     template = Path(cfg.chat_template).read_text(encoding="utf-8") if cfg.chat_template else None
     fps = _fingerprints(cfg, template or getattr(tokenizer, "chat_template", None) or "")
@@ -344,6 +350,20 @@ def open_or_prepare(cfg: DumpConfig) -> store.Cache:
         raise UserError(f"--resume: {out} is not a medusa-cache store")
     return prepare(cfg, fps, template, mcfg.vocab_size, mcfg.hidden_size, tokenizer,
                    getattr(mcfg, "max_position_embeddings", None))
+
+
+def default_int8_group(hidden_size: int) -> int:
+    """The largest divisor of the hidden size that is <= 128 (128 for 4096 and 3584, 96 for SmolLM2's 576)."""
+    return max(g for g in range(1, min(128, hidden_size) + 1) if hidden_size % g == 0)
+
+
+def resolve_model_options(cfg: DumpConfig, hidden_size: int) -> None:
+    """Options that depend on the model, checked and filled in before anything is tokenised or created."""
+    if cfg.int8_group is None:
+        cfg.int8_group = default_int8_group(hidden_size)
+    elif cfg.hidden_codec == "int8" and hidden_size % cfg.int8_group:
+        raise UserError(f"--int8-group: {cfg.int8_group} does not divide the model's hidden size {hidden_size}; "
+                        f"pass a divisor (e.g. {default_int8_group(hidden_size)}) or leave it out")
 
 
 def run_dump(cfg: DumpConfig, rank: int = 0, world_size: int = 1) -> dict:
@@ -389,7 +409,7 @@ def _run_units(cfg: DumpConfig, cache: store.Cache | None, rank: int, world_size
     mp = ModelPass(cfg.model, cfg.dtype, cfg.device)
     t_loaded = time.perf_counter()
     tokens_todo = sum(cache.unit_tokens(k)[1] - cache.unit_tokens(k)[0] for k in todo)
-    bar = tqdm(total=tokens_todo, desc="dump", unit="tok", unit_scale=True, disable=None)
+    bar = Progress(tokens_todo, "dump", "token", enabled=rank == 0)
     pending: Future | None = None
 
     nonfinite = 0
@@ -449,6 +469,7 @@ def summary(cache: store.Cache, t0: float, written: int, computed: int) -> dict:
         "hidden_size": cache.hidden_size,
         "hidden_dtype": cache.hidden_dtype,
         "hidden_codec": cache.codec,
+        **({"int8_group": cache.int8_group} if cache.codec == "int8" else {}),
         "draft_vocab_size": cache.meta.draft_vocab_size,
         "written_tokens": written,
         "real_over_computed": round(written / computed, 4) if computed else None,

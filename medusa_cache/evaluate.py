@@ -29,11 +29,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from .errors import UserError
 from .heads import MedusaHeads
 from .loader import BatchStream, make_batches, make_blocks, targets_for
+from .progress import progress
 from .store import Cache
 from .vocab import IGNORE
 
@@ -57,8 +57,7 @@ def head_ranks(heads: MedusaHeads, cache: Cache, seqs: np.ndarray, topk: int = 1
     batches = make_batches(seqs, cache.offsets, 1, None)
     out_rank, out_has, out_seq = [], [], []
     heads = heads.to(device).eval()
-    for b in tqdm(BatchStream(cache, labels, batches, K, blocks), total=len(batches), desc="eval", unit="seq",
-                  leave=False, disable=None):
+    for b in progress(BatchStream(cache, labels, batches, K, blocks), "eval", "seq", total=len(batches)):
         piece = batches[b.index][0]
         pos = targets_for(mask, cache.offsets, piece, 1, shift=1)[:, 0] == 1
         if not pos.any():
@@ -117,15 +116,39 @@ def _path_code(path, base: int) -> int:
     return c
 
 
-def validate_tree(tree: list, num_heads: int, where: str = "--tree") -> list[tuple[int, ...]]:
-    paths = [tuple(int(x) for x in p) for p in tree]
+def validate_tree(tree: list, num_heads: int, where: str = "--tree", topk: int | None = None
+                  ) -> list[tuple[int, ...]]:
+    """A Medusa tree (``medusa_choices``: a JSON list of paths of top-k indices), checked whole: a list of
+    non-empty lists of non-negative integers, at most ``num_heads`` deep, prefix-closed, and (with ``topk``) every
+    index below it. Anything else is refused by name, never read as something else (0.5 is not 0)."""
+    if not isinstance(tree, list) or not tree:
+        raise UserError(f"{where}: a tree is a non-empty JSON list of paths (lists of top-k indices), e.g. "
+                        f"[[0], [1], [0, 0]]; got {type(tree).__name__}")
+    for p in tree:
+        if not isinstance(p, list) or not all(isinstance(x, int) and not isinstance(x, bool) for x in p):
+            raise UserError(f"{where}: path {json.dumps(p)} is not a list of integer top-k indices")
+    paths = [tuple(p) for p in tree]
     s = set(paths)
     for p in paths:
         if not p or len(p) > num_heads or min(p) < 0:
             raise UserError(f"{where}: path {list(p)} must have 1..{num_heads} non-negative top-k indices")
+        if topk is not None and max(p) >= topk:
+            raise UserError(f"{where}: path {list(p)} uses top-k index {max(p)}, but --topk is {topk} (indices "
+                            f"0..{topk - 1}); raise --topk or use another tree")
         if len(p) > 1 and p[:-1] not in s:
             raise UserError(f"{where}: path {list(p)} has no parent {list(p[:-1])} (trees must be prefix-closed)")
     return sorted(s, key=lambda p: (len(p), p))
+
+
+def load_tree(path: str, num_heads: int, topk: int | None = None, flag: str = "--tree") -> list[tuple[int, ...]]:
+    """The one tree loader of eval, ablate and speculate: a JSON file read and validated (``validate_tree``)."""
+    try:
+        tree = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{flag}: cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"{flag}: {path}:{e.lineno}: not JSON ({e.msg})") from None
+    return validate_tree(tree, num_heads, f"{flag} {path}", topk)
 
 
 def accepted_lengths(rank: np.ndarray, tree: list[tuple[int, ...]]) -> np.ndarray:
@@ -268,21 +291,22 @@ def run_eval(heads_dir: str, cache_path: str, topk: int = 10, tree_file: str | N
     from .dist import check_device
 
     check_device(device)
+    if topk < 1:
+        raise UserError(f"--topk: must be >= 1, got {topk}")
     if any(b < 1 for b in budgets or []):
         raise UserError(f"--tree-budget: tree sizes must be >= 1, got {budgets}")
     cache = Cache(cache_path)
     cache.require_complete(partial_flag=None)  # eval scores whole caches only
+    heads_model = (config.get("cache_fingerprint") or {}).get("model")
+    if heads_model and heads_model != cache.meta.fingerprints.get("model"):
+        raise UserError(f"--cache: {cache_path} was dumped with another model than the one the heads in {heads_dir} "
+                        "were trained on (model fingerprints differ); their scores would mean nothing")
     if mapping.fingerprint() != cache.mapping().fingerprint():
-        raise UserError(f"--cache: {cache_path} uses a different draft vocabulary than the heads in {heads_dir}")
+        cache.remap(mapping)  # score against the heads' draft vocabulary: tokens outside it are misses
     if cache.hidden_size != heads.hidden_size:
         raise UserError(f"--cache: hidden size {cache.hidden_size} differs from the heads' {heads.hidden_size}")
     cache.require_reach(heads.num_heads, f"--heads {heads_dir}: num_heads")
-    tree = None
-    if tree_file:
-        try:
-            tree = validate_tree(json.loads(Path(tree_file).read_text()), heads.num_heads, f"--tree {tree_file}")
-        except (OSError, json.JSONDecodeError) as e:
-            raise UserError(f"--tree: cannot read {tree_file}: {e}") from None
+    tree = load_tree(tree_file, heads.num_heads, topk) if tree_file else None
     base = None
     if base_model:
         from .backbone import read_lm_head

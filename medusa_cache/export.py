@@ -33,7 +33,9 @@ from .heads import MedusaHeads
 from .vocab import VocabMapping
 
 
-def save_heads(heads: MedusaHeads, cache, cfg, out: Path) -> None:
+def save_heads(heads: MedusaHeads, cache, cfg, out: Path, command: str | None = None) -> None:
+    """The heads directory; ``command``: the command that produced the heads when it was not ``train cfg``
+    (ablate), so the provenance names what ran."""
     mapping: VocabMapping = cache.mapping()
     config = {
         "medusa_num_heads": heads.num_heads,
@@ -43,7 +45,7 @@ def save_heads(heads: MedusaHeads, cache, cfg, out: Path) -> None:
         "draft_vocab_size": mapping.draft_size,
         "base_model_name_or_path": cfg.base_model_name_or_path or cache.meta.dump_args.get("model"),
         "cache_fingerprint": cache.meta.fingerprints,
-        "provenance": provenance(cache, cfg),
+        "provenance": provenance(cache, cfg, command),
     }
     save_file(heads.reference_state_dict(), str(out / "medusa_lm_head.safetensors"))
     save_file({"d2t": torch.from_numpy(mapping.d2t), "t2d": torch.from_numpy(mapping.t2d)},
@@ -69,7 +71,7 @@ def command_line(command: str, values: dict, defaults: dict, skip: tuple[str, ..
     return shlex.join(parts)
 
 
-def provenance(cache, cfg) -> dict:
+def provenance(cache, cfg, command: str | None = None) -> dict:
     """What produced heads: the data (files, token counts, pipeline), the training settings, the commands."""
     import dataclasses
 
@@ -86,7 +88,7 @@ def provenance(cache, cfg) -> dict:
                  "assistant_tokens": counts.get("assistant_tokens"), "pipeline": cache.meta.pipeline},
         "train": {k: v for k, v in train_values.items() if k not in ("resume", "overwrite")},
         "commands": [command_line("dump", dump_args, dump_defaults, skip=("resume", "overwrite")),
-                     command_line("train", train_values, train_defaults, skip=("resume", "overwrite"))],
+                     command or command_line("train", train_values, train_defaults, skip=("resume", "overwrite"))],
     }
 
 
@@ -106,8 +108,12 @@ def load_heads(d: str | Path) -> tuple[MedusaHeads, VocabMapping, dict]:
 
 
 def export(src: str | Path, fmt: str, out: str | Path, overwrite: bool = False,
-           base_model: str | None = None) -> str | None:
-    """Write ``src``'s heads in ``fmt`` layout to ``out``; returns the base_model_name_or_path written."""
+           base_model: str | None = None, safetensors: bool = False) -> str | None:
+    """Write ``src``'s heads in ``fmt`` layout to ``out``; returns the base_model_name_or_path written.
+
+    ``fmt="medusa"`` writes the one file the reference's loader opens (``medusa_lm_head.pt``, full-vocabulary
+    rows); ``safetensors=True`` adds the same tensors as ``medusa_lm_head.safetensors`` (each file is about
+    heads x H x vocabulary x 4 bytes, larger than a small model)."""
     from .rundir import claim
 
     heads, mapping, config = load_heads(src)
@@ -157,7 +163,8 @@ def export(src: str | Path, fmt: str, out: str | Path, overwrite: bool = False,
             "hidden_size": H,
             "vocab_size": mapping.target_size,
         }
-        save_file(tensors, str(out / "medusa_lm_head.safetensors"))
+        if safetensors:
+            save_file(tensors, str(out / "medusa_lm_head.safetensors"))
         # The reference's loader (MedusaModel.from_pretrained) opens only medusa_lm_head.pt: a plain state dict
         torch.save({k: v.contiguous() for k, v in tensors.items()}, out / "medusa_lm_head.pt")
     (out / "config.json").write_text(json.dumps(cfg, indent=2))

@@ -21,11 +21,11 @@ from pathlib import Path
 from typing import ClassVar, Literal
 
 import torch
-from tqdm.auto import tqdm
 
 from .config import check
 from .data import RowError, read_rows
 from .errors import UserError
+from .progress import Progress
 
 
 @dataclass
@@ -43,7 +43,10 @@ class GenerateConfig:
     temperature: float = 0.0
     """0 = greedy."""
     batch_size: int = 32
-    """Prompts per generate() call."""
+    """Prompts per generate() call (at most; see --batch-tokens)."""
+    batch_tokens: int = 16384
+    """Most padded prompt tokens per generate() call: rows are grouped by length, and long prompts go in smaller
+    batches (a 5,000-token prompt padded into a batch of 32 costs more than all the short ones)."""
     seed: int = 0
     """Sampling seed (temperature > 0)."""
     resume: bool = False
@@ -52,6 +55,8 @@ class GenerateConfig:
     """Replace an existing --out."""
     device: str = "cpu"
     """cpu or cuda."""
+    threads: int | None = None
+    """CPU threads for torch (default: torch's own choice, one per core); lower it on a machine other jobs share."""
     pipeline: Literal["medusa-cache", "specforge"] = "medusa-cache"
     """Chat rows: turns converted as `dump --pipeline` does (specforge: SpecForge's roles, dropped turns and
     default system prompt), so the regenerated conversation is the one that pipeline will train on."""
@@ -65,6 +70,8 @@ class GenerateConfig:
         check(self.max_new_tokens >= 1, "max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
         check(self.temperature >= 0, "temperature", f"must be >= 0, got {self.temperature}")
         check(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
+        check(self.batch_tokens >= 1, "batch_tokens", f"must be >= 1, got {self.batch_tokens}")
+        check(self.threads is None or self.threads >= 1, "threads", f"must be >= 1, got {self.threads}")
         check(not (self.resume and self.overwrite), "resume", "--resume and --overwrite exclude each other")
 
 
@@ -81,7 +88,7 @@ def _complete_lines(path: Path) -> int:
 def generate(cfg: GenerateConfig) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .dist import check_device
+    from .dist import check_device, set_threads
     from .rundir import check_apart
 
     check_device(cfg.device)
@@ -91,38 +98,68 @@ def generate(cfg: GenerateConfig) -> int:
         raise UserError(f"--out: {out} exists and is not a file (generate writes one JSONL file)")
     if out.exists() and not (cfg.resume or cfg.overwrite):
         raise UserError(f"--out: {out} already exists; pass --resume to continue it or --overwrite to replace it")
-    rows = [r for r in read_rows(Path(cfg.prompts), 0, pipeline=cfg.pipeline)]
+    rows = [r for r in read_rows(Path(cfg.prompts), 0, pipeline=cfg.pipeline, flag="--prompts")]
     bad = [r for r in rows if isinstance(r, RowError)]
     if bad:
         raise UserError(str(bad[0]))
-    done = _complete_lines(out) if (cfg.resume and out.exists()) else 0
-    if cfg.overwrite or not out.exists():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text("")
+    if not rows:
+        raise UserError(f"--prompts: {cfg.prompts} holds no rows")
+    for r in rows:
+        if r.text is None and r.token_ids is None and not _answerable(r.messages):
+            raise UserError(f"--prompts: {r.where}: nothing to generate: the conversation has no assistant turn and "
+                            "does not end with a user or tool turn to answer")
+        if r.text is None and r.messages is None:
+            raise UserError(f"--prompts: {r.where}: a token row ({{\"input_ids\"}}) has no text to continue; "
+                            "give {\"text\"} or chat rows")
+    set_threads(cfg.threads)
     tok = AutoTokenizer.from_pretrained(cfg.model)
     tok.padding_side = "left"
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token or tok.unk_token
+    if any(r.text is None for r in rows) and not getattr(tok, "chat_template", None):
+        raise UserError("--prompts: chat rows need a tokenizer with a chat template")
+    done = _complete_lines(out) if (cfg.resume and out.exists()) else 0
+    if cfg.overwrite or not out.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text("")
     model = AutoModelForCausalLM.from_pretrained(cfg.model).to(cfg.device).eval()
     torch.manual_seed(cfg.seed)
     todo = rows[done:]
-    bar = tqdm(total=len(rows), initial=done, desc="generate", unit="row", disable=None)
-    with out.open("a", encoding="utf-8") as f:
-        for i in range(0, len(todo), cfg.batch_size):
-            batch = todo[i : i + cfg.batch_size]
-            if any(r.text is None for r in batch):
-                results = [_regenerate_chat(model, tok, r, cfg) for r in batch]
-            else:
-                results = [{"text": text, "input_ids": ids, "trained": mask} for text, ids, mask in
-                           _continue_with_ids(model, tok, [r.text for r in batch], cfg)]
+    window = cfg.batch_size * WINDOW_BATCHES
+    with out.open("a", encoding="utf-8") as f, Progress(len(rows), "generate", "row", initial=done) as bar:
+        for i in range(0, len(todo), window):
+            results = _generate_window(model, tok, todo[i : i + window], cfg, bar)
             f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in results))
             f.flush()
             os.fsync(f.fileno())
-            bar.update(len(batch))
-    bar.close()
     return len(rows)
 
 
+WINDOW_BATCHES = 4  # rows are grouped by prompt length within windows of this many batches (less padding)
+
+
+def _answerable(messages: list[dict] | None) -> bool:
+    """A chat row yields something: it has an assistant turn to regenerate or ends with a turn to answer."""
+    return bool(messages) and (any(m["role"] == "assistant" for m in messages)
+                               or messages[-1]["role"] in ("user", "tool"))
+
+
+def _generate_window(model, tok, rows: list, cfg: GenerateConfig, bar: Progress) -> list[dict]:
+    """The results of ``rows`` in their order; text rows and chat rows each batched, grouped by length."""
+    results: list[dict | None] = [None] * len(rows)
+    text = [i for i, r in enumerate(rows) if r.text is not None]
+    lengths = {i: len(tok(rows[i].text)["input_ids"]) for i in text}
+    for idx in _batches(sorted(text, key=lengths.get), lengths, cfg):
+        for i, (t, ids, mask) in zip(idx, _continue_with_ids(model, tok, [rows[i].text for i in idx], cfg),
+                                     strict=True):
+            results[i] = {"text": t, "input_ids": ids, "trained": mask}
+        bar.update(len(idx))
+    chats = [i for i, r in enumerate(rows) if r.text is None]
+    if chats:
+        for i, msgs in zip(chats, _regenerate_chats(model, tok, [rows[i] for i in chats], cfg), strict=True):
+            results[i] = {"messages": msgs}
+        bar.update(len(chats))
+    return results  # type: ignore[return-value]
 @torch.inference_mode()
 def _generate_ids(model, tok, prompts: list[str], cfg: GenerateConfig, add_special_tokens: bool = True
                   ) -> list[tuple[list[int], list[int]]]:
@@ -162,10 +199,23 @@ def _continue(model, tok, prompts: list[str], cfg: GenerateConfig, add_special_t
     return [_continuation(tok, p, n) for p, n in _generate_ids(model, tok, prompts, cfg, add_special_tokens)]
 
 
-def _regenerate_chat(model, tok, row, cfg: GenerateConfig) -> dict:
-    if not getattr(tok, "chat_template", None):
-        raise UserError("--prompts: chat rows need a tokenizer with a chat template")
-    messages = row.messages
+def _batches(order: list[int], lengths: dict[int, int], cfg: GenerateConfig) -> list[list[int]]:
+    """Consecutive runs of ``order`` (sorted by length) of at most --batch-size rows and --batch-tokens padded
+    prompt tokens (a prompt longer than --batch-tokens goes alone)."""
+    out: list[list[int]] = []
+    for i in order:
+        if out and len(out[-1]) < cfg.batch_size and \
+                max(lengths[j] for j in out[-1] + [i]) * (len(out[-1]) + 1) <= cfg.batch_tokens:
+            out[-1].append(i)
+        else:
+            out.append([i])
+    return out
+
+
+def _conversation(row, tok, cfg: GenerateConfig) -> list[dict]:
+    """The turns to regenerate: as ``dump --pipeline`` will see them, and a conversation that ends with a user or
+    tool turn gets an assistant turn appended (a prompts file of user turns gets its answers)."""
+    messages = list(row.messages)
     if cfg.pipeline == "specforge":  # the conversation SpecForge's parser will render (prompt inserted, turns cut)
         from .specforge_pipeline import arrange, detect_template
 
@@ -173,10 +223,34 @@ def _regenerate_chat(model, tok, row, cfg: GenerateConfig) -> dict:
         prompt = default if cfg.system_prompt is None else ("" if cfg.system_prompt.lower() == "none" else
                                                              cfg.system_prompt)
         messages = arrange(messages, prompt)
-    msgs = []
-    for m in messages:
-        if m["role"] == "assistant":
-            prompt = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-            m = {"role": "assistant", "content": _continue(model, tok, [prompt], cfg, add_special_tokens=False)[0]}
-        msgs.append(m)
-    return {"messages": msgs}
+    if messages and messages[-1]["role"] in ("user", "tool"):
+        messages.append({"role": "assistant", "content": None})
+    return messages
+
+
+def _regenerate_chats(model, tok, rows: list, cfg: GenerateConfig) -> list[list[dict]]:
+    """Every assistant turn of every row regenerated from the conversation up to it: round k answers the k-th
+    assistant turn of all rows that have one, in batches of ``--batch-size`` grouped by prompt length (left
+    padding), so a batch of chats costs as many ``generate()`` calls as a batch of text rows per turn."""
+    convs = [_conversation(r, tok, cfg) for r in rows]
+    done: list[list[dict]] = [[] for _ in rows]  # the regenerated conversation so far
+    pos = [0] * len(rows)  # next message of each conversation
+    while True:
+        jobs = []
+        for i, conv in enumerate(convs):
+            while pos[i] < len(conv) and conv[pos[i]]["role"] != "assistant":
+                done[i].append(conv[pos[i]])
+                pos[i] += 1
+            if pos[i] < len(conv):
+                jobs.append((i, tok.apply_chat_template(done[i], tokenize=False, add_generation_prompt=True)))
+        if not jobs:
+            return done
+        lengths = {i: len(tok(p, add_special_tokens=False)["input_ids"]) for i, p in jobs}
+        jobs.sort(key=lambda j: lengths[j[0]])
+        prompt = dict(jobs)
+        for idx in _batches([i for i, _ in jobs], lengths, cfg):
+            batch = [(i, prompt[i]) for i in idx]
+            answers = _continue(model, tok, [p for _, p in batch], cfg, add_special_tokens=False)
+            for (i, _), answer in zip(batch, answers, strict=True):
+                done[i].append({"role": "assistant", "content": answer})
+                pos[i] += 1

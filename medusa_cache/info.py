@@ -7,7 +7,12 @@ from typing import Any
 from .store import Cache
 
 
-def inspect_store(path: str) -> dict[str, Any]:
+DEFAULT_COVERAGE = (1000, 4000, 8000, 16000, 32000)
+
+
+def inspect_store(path: str, coverage: list[int] | None = None) -> dict[str, Any]:
+    """What ``inspect`` prints; ``coverage``: draft vocabulary sizes whose share of the assistant tokens is shown
+    (each the top-N a dump or ``train --draft-vocab-size N`` builds from this cache's counts)."""
     c = Cache(path)
     counts = c.meta.counts
     done = c.done_units()
@@ -33,6 +38,8 @@ def inspect_store(path: str) -> dict[str, Any]:
         "bytes_per_token": round(disk / max(1, c.n_tokens), 1),
         "chunk_tokens": c.meta.chunk_tokens,
         "shard_tokens": c.shard_tokens,
+        "draft_vocab_coverage": {str(n): round(v, 4) for n, v in c.coverage(
+            sorted({min(n, c.meta.vocab_size) for n in (coverage or DEFAULT_COVERAGE)})).items()},
         "counts": counts,
         "fingerprints": c.meta.fingerprints,
     }

@@ -28,6 +28,7 @@ import torch
 
 from .config import check
 from .errors import UserError
+from .progress import progress
 
 
 @dataclass
@@ -52,12 +53,18 @@ class SpeculateConfig:
     """Model dtype for both greedy and Medusa decoding."""
     device: str = "cpu"
     """cpu, cuda or cuda:N."""
+    threads: int | None = None
+    """CPU threads for torch (default: torch's own, one per core); lower it on a machine other jobs share."""
     out: str | None = None
     """Directory for results.json and report.md (optional)."""
     json: bool = False
     """Print the results as JSON."""
+    allow_other_model: bool = False
+    """Decode with heads trained on another model's states (refused by default: decoding stays lossless, but the heads
+    were not trained for this model, so the tokens per step mean little)."""
 
     def __post_init__(self) -> None:
+        check(self.threads is None or self.threads >= 1, "threads", f"must be >= 1, got {self.threads}")
         check(self.model is not None, "model", "is required")
         check(self.heads is not None, "heads", "is required")
         check(self.prompts is not None, "prompts", "is required")
@@ -168,9 +175,12 @@ def prompt_ids(tok, path: str, limit: int | None) -> list[torch.Tensor]:
     from .data import RowError, read_rows
 
     out = []
-    for row in read_rows(Path(path), 0):
+    for row in read_rows(Path(path), 0, flag="--prompts"):
         if isinstance(row, RowError):
-            raise UserError(str(row))
+            raise UserError(f"--prompts: {row}")
+        if row.messages is None and row.text is None:
+            raise UserError(f"--prompts: {row.where}: a token row has no prompt to decode from; give {{\"text\"}} or "
+                            "chat rows")
         if row.text is not None:
             ids = tok(row.text, return_tensors="pt")["input_ids"][0]
         else:
@@ -184,6 +194,8 @@ def prompt_ids(tok, path: str, limit: int | None) -> list[torch.Tensor]:
         out.append(ids)
         if limit and len(out) >= limit:
             break
+    if not out:
+        raise UserError(f"--prompts: {path} holds no prompts")
     return out
 
 
@@ -228,7 +240,7 @@ def run_speculate(cfg: SpeculateConfig) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .dist import check_device
-    from .evaluate import validate_tree
+    from .evaluate import load_tree
     from .export import load_heads
 
     check_device(cfg.device)
@@ -236,30 +248,38 @@ def run_speculate(cfg: SpeculateConfig) -> dict:
     if cfg.chain:
         paths = [(0,) * d for d in range(1, heads.num_heads + 1)]
     else:
-        try:
-            paths = validate_tree(json.loads(Path(cfg.tree).read_text()), heads.num_heads, f"--tree {cfg.tree}")
-        except (OSError, json.JSONDecodeError) as e:
-            raise UserError(f"--tree: cannot read {cfg.tree}: {e}") from None
+        paths = load_tree(cfg.tree, heads.num_heads)
     dtype = torch.float32 if cfg.dtype == "float32" else torch.bfloat16
-    try:
-        model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=dtype).to(cfg.device).eval()
+    from transformers import AutoConfig
+
+    from .fingerprint import model_fingerprint
+
+    try:  # everything that can refuse the run before the model is loaded
+        mc = AutoConfig.from_pretrained(cfg.model)
         tok = AutoTokenizer.from_pretrained(cfg.model)
     except Exception as e:  # noqa: BLE001
         raise UserError(f"--model: cannot load {cfg.model}: {e}") from None
-    if model.config.hidden_size != heads.hidden_size or model.config.vocab_size != mapping.target_size:
-        mc = model.config
+    if mc.hidden_size != heads.hidden_size or mc.vocab_size != mapping.target_size:
         raise UserError(f"--heads: {cfg.heads} were trained for hidden size {heads.hidden_size} and vocabulary "
                         f"{mapping.target_size}, the model has {mc.hidden_size} and {mc.vocab_size}")
+    trained_on = (hcfg.get("cache_fingerprint") or {}).get("model")
+    if trained_on and trained_on != "synthetic" and trained_on != model_fingerprint(cfg.model) \
+            and not cfg.allow_other_model:
+        raise UserError(f"--heads: {cfg.heads} were trained on states of another model than {cfg.model} (model "
+                        "fingerprints differ); decoding stays identical to greedy, but its tokens per step would "
+                        "say nothing about these heads: pass the model they were trained for, or --allow-other-model")
+    prompts = prompt_ids(tok, cfg.prompts, cfg.max_prompts)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=dtype).to(cfg.device).eval()
+    except Exception as e:  # noqa: BLE001
+        raise UserError(f"--model: cannot load {cfg.model}: {e}") from None
     heads = heads.to(cfg.device).eval()
     dec = MedusaDecoder(model, heads, torch.from_numpy(mapping.draft_to_target), Tree(paths))
     stop = stop_ids(tok, model)
-    prompts = prompt_ids(tok, cfg.prompts, cfg.max_prompts)
-    from tqdm.auto import tqdm
-
     greedy(model, prompts[0], 4, stop)  # warm-up
     dec.generate(prompts[0].to(cfg.device), 4, stop)
     rows, mismatches = [], []
-    for i, p in enumerate(tqdm(prompts, desc="speculate", unit="prompt", disable=None)):
+    for i, p in enumerate(progress(prompts, "speculate", "prompt")):
         p = p.to(cfg.device)
         t0 = time.perf_counter()
         ref = greedy(model, p, cfg.max_new_tokens, stop)

@@ -11,6 +11,7 @@ never share a chunk) only after its shard is written; the ``complete`` attribute
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -25,10 +26,12 @@ import zarr
 from zarr.codecs import BloscCodec
 
 from .errors import UserError
-from .vocab import VocabMapping
+from .vocab import VocabMapping, build_mapping
 
-FORMAT_VERSION = 4  # 2: fill values that cannot pass as data; 3: optional int8 hidden codec (hidden_scale);
-# 4: optional needed-rows layout (keep_rows = "needed": `hidden` holds only the rows `row_kept` marks)
+FORMAT_VERSION = 5  # 2: fill values that cannot pass as data; 3: optional int8 hidden codec (hidden_scale);
+# 4: optional needed-rows layout (keep_rows = "needed": `hidden` holds only the rows `row_kept` marks);
+# 5: every chunk of every array ends with a CRC32C of its bytes (zarr's crc32c codec, last in the chain), which
+#    every read checks: a byte changed on disk is a named error, never data (older stores read as before)
 HIDDEN_DTYPES = {"bfloat16": np.uint16, "float32": np.float32}
 TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 # Fill values that cannot pass as data (format 2): zarr returns the fill value for a chunk that is not in
@@ -41,8 +44,6 @@ ARRAYS = ("hidden", "hidden_scale", "bad_rows", "input_ids", "loss_mask", "label
           "t2d", "token_counts", "unit_done", "row_kept")
 PER_UNIT = ("hidden", "hidden_scale", "bad_rows", "unit_done")  # written unit by unit: only done units' chunks
 INT8_FILL = -128  # symmetric quantisation writes -127..127 only, so a lost int8 chunk cannot pass as data
-CODECS = ("lossless", "int8")
-KEEP_ROWS = ("all", "needed")
 _WRITE_ALL = {"array.write_empty_chunks": True}
 
 
@@ -131,7 +132,12 @@ def _blosc(typesize: int, cname: str = "zstd") -> BloscCodec:
     return BloscCodec(cname=cname, clevel=3 if cname == "zstd" else 1, shuffle="bitshuffle", typesize=typesize)
 
 
-COMPRESSIONS = ("zstd", "lz4", "none")  # for `hidden` (tools/bench_storage.py measures bytes vs read speed)
+def _chain(typesize: int, cname: str | None = "zstd") -> list:
+    """A chunk's bytes-to-bytes codecs (format 5): Blosc (``cname`` None: none), then a CRC32C of the result."""
+    from zarr.codecs import Crc32cCodec
+
+    return ([_blosc(typesize, cname)] if cname else []) + [Crc32cCodec()]
+
 
 
 def is_url(path: str | Path) -> bool:
@@ -294,7 +300,7 @@ def create(
         tok = dict(chunks=(layout.chunk_tokens,), shards=(layout.shard_tokens,))
         for name, data in (("input_ids", input_ids.astype(np.int32)), ("loss_mask", loss_mask.astype(np.uint8)),
                            ("labels", labels.astype(np.int32))):
-            a = group.create_array(name, shape=(n,), dtype=data.dtype, compressors=[_blosc(data.itemsize)],
+            a = group.create_array(name, shape=(n,), dtype=data.dtype, compressors=_chain(data.itemsize),
                                    fill_value=FILL[name], **tok)
             a[:] = data
         for name, data, chunks in (
@@ -303,14 +309,16 @@ def create(
             ("d2t", mapping.d2t.astype(np.int64), (max(1, mapping.draft_size),)),
             ("token_counts", token_counts.astype(np.int64), (max(1, len(token_counts)),)),
         ):
-            a = group.create_array(name, shape=data.shape, dtype=np.int64, chunks=chunks, fill_value=FILL[name])
+            a = group.create_array(name, shape=data.shape, dtype=np.int64, chunks=chunks, fill_value=FILL[name],
+                                   compressors=_chain(8))
             a[...] = data
-        t2d = group.create_array("t2d", shape=mapping.t2d.shape, dtype=bool, chunks=(max(1, mapping.target_size),))
+        t2d = group.create_array("t2d", shape=mapping.t2d.shape, dtype=bool, chunks=(max(1, mapping.target_size),),
+                                 compressors=_chain(1))
         t2d[:] = mapping.t2d
         if row_kept is not None:
             if len(row_kept) != n or m == 0:
                 raise ValueError("store.create: row_kept must be [N] and keep at least one row")
-            a = group.create_array("row_kept", shape=(n,), dtype=np.uint8, compressors=[_blosc(1)],
+            a = group.create_array("row_kept", shape=(n,), dtype=np.uint8, compressors=_chain(1),
                                    fill_value=FILL["row_kept"], **tok)
             a[:] = np.asarray(row_kept).astype(np.uint8)
         if hidden_codec == "int8":
@@ -319,7 +327,7 @@ def create(
             np_dtype, fill = np.int8, INT8_FILL
             g = hidden_size // int8_group
             group.create_array("hidden_scale", shape=(m, g), dtype=np.float32, chunks=(layout.chunk_tokens, g),
-                               shards=(layout.shard_tokens, g), compressors=[_blosc(4)], fill_value=float("nan"))
+                               shards=(layout.shard_tokens, g), compressors=_chain(4), fill_value=float("nan"))
         else:
             np_dtype, fill = HIDDEN_DTYPES[hidden_dtype], HIDDEN_FILL[hidden_dtype]
         itemsize = np.dtype(np_dtype).itemsize
@@ -329,14 +337,14 @@ def create(
             dtype=np_dtype,
             chunks=(layout.chunk_tokens, hidden_size),
             shards=(layout.shard_tokens, hidden_size),
-            compressors=None if hidden_compression == "none" else [_blosc(itemsize, hidden_compression)],
+            compressors=_chain(itemsize, None if hidden_compression == "none" else hidden_compression),
             fill_value=fill,
             attributes={"logical_dtype": hidden_dtype, "codec": hidden_codec},
         )
-        group.create_array("bad_rows", shape=(m,), dtype=np.uint8, compressors=[_blosc(1)],
+        group.create_array("bad_rows", shape=(m,), dtype=np.uint8, compressors=_chain(1),
                            fill_value=FILL["bad_rows"], **tok)
         n_units = max(1, -(-m // layout.shard_tokens))
-        group.create_array("unit_done", shape=(n_units,), dtype=np.uint8, chunks=(1,), compressors=None,
+        group.create_array("unit_done", shape=(n_units,), dtype=np.uint8, chunks=(1,), compressors=_chain(1, None),
                            fill_value=0)
     group.attrs.update(
         {
@@ -417,18 +425,28 @@ class Cache:
                 f"{self.path}: cache format version {version} is newer than this medusa-cache reads "
                 f"({FORMAT_VERSION}); upgrade medusa-cache"
             )
-        self.hidden = self.group["hidden"]
         self.meta = StoreMeta.from_attrs(self.attrs, self.path)
+        for name in ("hidden", *SMALL_ARRAYS, "hidden_scale"):  # every array's metadata parses, or it is named
+            try:
+                self.group[name]
+            except KeyError:
+                pass  # a missing array: `verify` names it, readers fail on it by name
+            except Exception as e:  # noqa: BLE001 - a zarr.json cut short or edited
+                raise UserError(f"{self.path}/{name}/zarr.json: the array's metadata cannot be read ({type(e).__name__}: "
+                                f"{e}); the store is damaged: re-dump it (or restore the file)") from None
+        self.hidden = self.group["hidden"]
         self.hidden_dtype: str = self.meta.hidden_dtype
         self.codec: str = self.meta.hidden_codec
         self.int8_group: int = self.meta.int8_group
         self.hidden_size: int = self.meta.hidden_size
         self.shard_tokens: int = self.meta.shard_tokens
         self.n_units: int = self.meta.n_units
-        self.offsets: np.ndarray = self.group["seq_offsets"][:]
+        self.offsets: np.ndarray = self.stored("seq_offsets")
         self.n_tokens = int(self.offsets[-1])
         self.n_seqs = len(self.offsets) - 1
         self._readers: dict[str, ShardReader | None] = {}
+        self._remapped: tuple[VocabMapping, np.ndarray] | None = None  # remap(): another draft vocabulary
+        self.remapped_from: int | None = None  # remap(): the draft vocabulary size the store holds
         self.n_rows = int(self.hidden.shape[0])  # rows of `hidden`: n_tokens, or fewer with keep_rows "needed"
         self.row_kept: np.ndarray | None = None  # bool [N] with keep_rows "needed"
         self.row_start: np.ndarray | None = None  # [N+1]: stored row of token t (when kept) = row_start[t]
@@ -437,7 +455,7 @@ class Cache:
                 raise UserError(f"{self.path}: keep_rows is 'needed' but array row_kept is missing; the store is "
                                 "damaged: re-dump it")
             # a lost chunk reads as 255 and counts as not kept here; require_complete and verify name it
-            self.row_kept = self.group["row_kept"][:] == 1
+            self.row_kept = self.stored("row_kept") == 1
             self.row_start = np.concatenate([[0], np.cumsum(self.row_kept, dtype=np.int64)])
 
     # ---- metadata -------------------------------------------------------------------------------
@@ -454,10 +472,52 @@ class Cache:
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
     def mapping(self) -> VocabMapping:
-        return VocabMapping(self.group["d2t"][:].astype(np.int64), self.group["t2d"][:].astype(bool))
+        if self._remapped is not None:
+            return self._remapped[0]
+        return VocabMapping(self.stored("d2t").astype(np.int64), self.stored("t2d").astype(bool))
 
     def array(self, name: str) -> np.ndarray:
-        return self.group[name][:]
+        if name == "labels" and self._remapped is not None:
+            return self._remapped[1]
+        return self.stored(name)
+
+    def stored(self, name: str) -> np.ndarray:
+        """A whole array as stored, every chunk checksum-checked (format 5) and any failure named."""
+        try:
+            return self.group[name][:]
+        except Exception as e:  # noqa: BLE001 - a chunk that fails its checksum or cannot be decoded
+            raise ChunkError(f"{self.path}/{name}: cannot be read ({type(e).__name__}: {e}); a chunk changed on disk or "
+                             "is damaged: `medusa-cache verify` names it; re-dump the store (or restore the file)"
+                             ) from None
+
+    def remap(self, mapping: VocabMapping) -> Cache:
+        """Read this cache with another draft vocabulary (same target vocabulary): ``mapping()`` returns it and the
+        labels are derived from ``input_ids`` and ``loss_mask`` as the dump derives them (``VocabMapping.labels``),
+        so everything downstream sees what a dump with ``mapping`` would have stored. Nothing is written."""
+        if mapping.target_size != self.meta.vocab_size:
+            raise UserError(f"{self.path}: a draft vocabulary over {mapping.target_size} target ids cannot re-map a "
+                            f"cache of vocabulary size {self.meta.vocab_size}")
+        labels = mapping.labels(self.stored("input_ids"), self.stored("loss_mask").astype(bool))
+        self._remapped = (mapping, labels)
+        self.remapped_from = self.meta.draft_vocab_size
+        self.meta = dataclasses.replace(self.meta, draft_vocab_size=mapping.draft_size)
+        return self
+
+    def top_mapping(self, draft_vocab_size: int, flag: str = "--draft-vocab-size") -> VocabMapping:
+        """The draft vocabulary ``dump --draft-vocab-size N`` would have built from this data: Eagle3's top-N of the
+        stored ``token_counts`` (assistant tokens), same rule and tie-break (``vocab.build_mapping``)."""
+        if draft_vocab_size > self.meta.vocab_size:
+            raise UserError(f"{flag} {draft_vocab_size} is larger than the model's vocabulary "
+                            f"({self.meta.vocab_size}); give at most {self.meta.vocab_size}")
+        return build_mapping(self.stored("token_counts"), draft_vocab_size)
+
+    def coverage(self, sizes: list[int]) -> dict[int, float]:
+        """Fraction of this cache's assistant tokens inside each size's top-N draft vocabulary (built from this
+        cache's own counts): the ceiling of any head's top-1."""
+        counts = np.sort(self.stored("token_counts").astype(np.int64))[::-1]
+        total = max(1, int(counts.sum()))
+        cum = np.cumsum(counts)
+        return {n: float(cum[min(n, len(cum)) - 1] / total) for n in sizes}
 
     def unit_range(self, k: int) -> tuple[int, int]:
         """Rows of `hidden` in unit k (= token rows, unless keep_rows is "needed")."""
@@ -490,7 +550,7 @@ class Cache:
                             f"--max-heads {num_heads} (or --keep-rows all)")
 
     def done_units(self) -> np.ndarray:
-        return self.group["unit_done"][:].astype(bool)
+        return self.stored("unit_done").astype(bool)
 
     def require_complete(self, allow_partial: bool = False, partial_flag: str | None = "--allow-partial") -> None:
         """Refuse an incomplete store (unless ``allow_partial``) and any store with a chunk missing."""
@@ -506,6 +566,13 @@ class Cache:
             more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
             raise UserError(f"{self.path}: {'; '.join(missing[:3])}{more}; the store is damaged: "
                             "run `medusa-cache verify` and re-dump the named units")
+        for name in SMALL_ARRAYS:  # every chunk of the small arrays read once: a checksum failure is named here
+            if name in self.group:
+                self.array(name)
+        for name in ("hidden", "hidden_scale"):  # every shard's index checksum, before any output is written
+            r = self._reader(name) if name in self.group else None
+            for k in (np.flatnonzero(self.done_units()) if r is not None else []):
+                r._shard(int(k))
 
     # ---- chunk presence ---------------------------------------------------------------------------
     def _listing(self) -> set[str]:
@@ -596,6 +663,8 @@ class Cache:
         path: README, tools/bench_storage.py part 4); ``direct=False`` (verify --deep) and URLs use zarr."""
         try:
             arr = self._read("hidden", start, stop, direct)
+        except ChunkError:
+            raise
         except Exception as e:  # noqa: BLE001 - a corrupt or missing chunk: name the shard
             for k in range(start // self.shard_tokens, (stop - 1) // self.shard_tokens + 1):
                 a, b = self.unit_range(k)
@@ -620,7 +689,16 @@ class Cache:
 
     def _read(self, name: str, start: int, stop: int, direct: bool) -> np.ndarray:
         r = self._reader(name) if direct else None
-        return r.read(start, stop) if r is not None else self.group[name][start:stop]
+        if r is not None:
+            return r.read(start, stop)
+        try:
+            return self.group[name][start:stop]
+        except Exception as e:  # noqa: BLE001 - zarr's own checks (chunk CRC32C, shard index, decoding)
+            units = f"unit {start // self.shard_tokens}" if (stop - 1) // self.shard_tokens == start // \
+                self.shard_tokens else f"units {start // self.shard_tokens}..{(stop - 1) // self.shard_tokens}"
+            raise ChunkError(f"{self.path}/{name}: rows {start}:{stop} ({units}, shards {name}/c/K/0) cannot be read "
+                             f"({type(e).__name__}: {e}): a chunk changed on disk or is damaged; `medusa-cache verify "
+                             "--deep` names it; re-dump the store (or restore the file)") from None
 
     def reads_into(self) -> bool:
         """Whether ``read_hidden_into`` can fill a caller's buffer without intermediate copies (local, all rows)."""
@@ -671,7 +749,7 @@ class Cache:
         """Sequences with a NaN/Inf hidden row (recorded by the dump; excluded from training)."""
         if "bad_rows" not in self.group:
             return np.zeros(0, dtype=np.int64)
-        flags = self.group["bad_rows"][:]
+        flags = self.stored("bad_rows")
         if not self.complete:  # rows of units not dumped yet read as the fill value
             flags = np.where(np.repeat(self.done_units(), self.shard_tokens)[: self.n_rows], flags, 0)
         rows = self.token_of_row(np.flatnonzero(flags))
@@ -704,6 +782,15 @@ class Cache:
         return sum(f.stat().st_size for f in Path(self.path).rglob("*") if f.is_file())
 
 
+SMALL_ARRAYS = ("input_ids", "loss_mask", "labels", "seq_offsets", "seq_source", "d2t", "t2d", "token_counts",
+                "row_kept", "bad_rows", "unit_done")  # every array but the hidden states
+
+
+class ChunkError(UserError):
+    """A chunk whose bytes on disk are not what the dump wrote (checksum mismatch, truncated shard, undecodable):
+    named by store, array, chunk, shard (= unit) and rows, so it is never read as data."""
+
+
 class ShardReader:
     """Rows of a 2-D token-axis array read straight from its shard files (the layout `create` writes).
 
@@ -714,9 +801,11 @@ class ShardReader:
 
     EMPTY = (1 << 64) - 1
 
-    def __init__(self, directory: Path, shard: int, chunk: int, width: int, dtype: np.dtype, compressed: bool, fill):
+    def __init__(self, directory: Path, shard: int, chunk: int, width: int, dtype: np.dtype, compressed: bool, fill,
+                 checksummed: bool = False):
         self.dir, self.shard, self.chunk, self.width, self.dtype = directory, shard, chunk, width, dtype
         self.compressed, self.fill, self.per_shard = compressed, fill, shard // chunk
+        self.checksummed = checksummed  # format 5: each chunk ends with the CRC32C of the bytes before it
         self.index: dict[int, tuple[np.memmap, np.ndarray]] = {}
 
     @staticmethod
@@ -728,6 +817,9 @@ class ShardReader:
             return None
         sc = codecs[0]
         inner, index = list(sc.codecs), list(sc.index_codecs)
+        checksummed = bool(inner) and isinstance(inner[-1], Crc32cCodec)
+        if checksummed:
+            inner = inner[:-1]
         little = [c for c in inner + index if isinstance(c, BytesCodec)]
         if (str(sc.index_location.value) != "end" or not isinstance(inner[0], BytesCodec)
                 or any(not isinstance(c, BloscCodec) for c in inner[1:]) or len(inner) > 2
@@ -739,7 +831,14 @@ class ShardReader:
         if cw != width or array.shape[1] != width or shard % chunk:
             return None
         return ShardReader(directory, int(shard), int(chunk), int(width), np.dtype(array.dtype), len(inner) == 2,
-                           array.metadata.fill_value)
+                           array.metadata.fill_value, checksummed)
+
+    def _bad(self, k: int, what: str, chunk: int | None = None) -> ChunkError:
+        rows = (f"chunk {chunk}, rows {chunk * self.chunk}:{(chunk + 1) * self.chunk}" if chunk is not None else
+                f"rows {k * self.shard}:{(k + 1) * self.shard}")
+        return ChunkError(f"{self.dir}: shard c/{k}/0 (unit {k}, {rows}) {what}: the file changed after the dump wrote "
+                          "it (a bad disk or copy); `medusa-cache verify --deep` lists every damaged chunk; re-dump "
+                          "the store (or restore the file)")
 
     def _shard(self, k: int) -> tuple[np.memmap | None, np.ndarray | None]:
         """(file, index [chunks, 2]) of shard k, checksum-checked as zarr does; (None, None) when it is absent
@@ -754,11 +853,11 @@ class ShardReader:
             m = self.per_shard * 16
             raw = mm[len(mm) - m - 4 : len(mm) - 4] if len(mm) >= m + 4 else None
             if raw is None or google_crc32c.value(bytes(raw)) != int(np.frombuffer(mm[-4:], "<u4")[0]):
-                raise ValueError(f"shard c/{k}/0: index checksum mismatch (truncated or corrupt file)")
+                raise self._bad(k, "fails its index checksum (truncated or corrupt)")
             idx = np.frombuffer(raw, "<u8").reshape(-1, 2)
             used = idx[idx[:, 0] != self.EMPTY]
             if len(used) and int((used[:, 0] + used[:, 1]).max()) > len(mm) - m - 4:
-                raise ValueError(f"shard c/{k}/0: a chunk lies beyond the end of the file")
+                raise self._bad(k, "has a chunk beyond the end of the file")
             if len(self.index) >= 16:  # a few shards stay open: batches draw pieces from anywhere in the store
                 self.index.pop(next(iter(self.index)))
             self.index[k] = (mm, idx)
@@ -780,11 +879,22 @@ class ShardReader:
             if off == self.EMPTY:
                 out[a - start : b - start] = self.fill
             else:
-                jobs.append((mm[off : off + nb], r0, a, b))
+                jobs.append((mm[off : off + nb], c, a, b))
 
         def decode(job) -> None:
-            raw, r0, a, b = job
-            data = np.frombuffer(blosc.decompress(raw) if self.compressed else raw, self.dtype).reshape(-1, self.width)
+            raw, c, a, b = job
+            r0 = c * self.chunk
+            if self.checksummed:
+                import google_crc32c
+
+                if len(raw) < 4 or google_crc32c.value(raw[:-4]) != int(np.frombuffer(raw[-4:], "<u4")[0]):
+                    raise self._bad(c * self.chunk // self.shard, "fails its checksum", c)
+                raw = raw[:-4]
+            try:
+                data = np.frombuffer(blosc.decompress(raw) if self.compressed else raw, self.dtype)
+                data = data.reshape(-1, self.width)
+            except (RuntimeError, ValueError):
+                raise self._bad(c * self.chunk // self.shard, "cannot be decoded", c) from None
             out[a - start : b - start] = data[a - r0 : b - r0]
 
         if self.compressed and len(jobs) > 1 and READ_THREADS > 1:

@@ -100,7 +100,9 @@ class TrainConfig:
     vocab_size: int | None = None
     """Expected target vocabulary size (checked against the cache)."""
     draft_vocab_size: int | None = None
-    """Expected draft vocabulary size (checked against the cache)."""
+    """Draft vocabulary size to train with (default: the cache's). Another size re-maps the cache at train time: the
+    top-N of its stored assistant-token counts by dump's rule, labels derived from the stored ids and mask, so the
+    heads equal those trained on a cache dumped at N; the heads directory records the mapping."""
     data_pipeline: Literal["medusa-cache", "specforge"] | None = None
     """Expected `dump --pipeline` of the cache (checked; the reference configs require SpecForge's)."""
     base_model_name_or_path: str | None = None
@@ -109,6 +111,8 @@ class TrainConfig:
     """Seed for head init, split and data order."""
     device: str = "cpu"
     """cpu, cuda or cuda:N."""
+    threads: int | None = None
+    """CPU threads for torch (default: torch's own, one per core); lower it on a machine other jobs share."""
     resume: bool = False
     """Continue from the checkpoint in --out."""
     overwrite: bool = False
@@ -135,6 +139,7 @@ class TrainConfig:
     """Positions per validation batch: bounds validation memory (every head's logits for this many rows)."""
 
     def __post_init__(self) -> None:
+        check(self.threads is None or self.threads >= 1, "threads", f"must be >= 1, got {self.threads}")
         check(self.cache is not None, "cache", "is required")
         check(self.out is not None, "out", "is required")
         check(1 <= self.num_heads <= 32, "num_heads", f"must be in 1..32, got {self.num_heads}")
@@ -142,6 +147,7 @@ class TrainConfig:
         check(self.draft_transformer_layers == 0, "draft_transformer_layers", "Medusa heads use none; must be 0")
         check(self.epochs >= 1, "epochs", f"must be >= 1, got {self.epochs}")
         check(self.max_steps is None or self.max_steps >= 1, "max_steps", f"must be >= 1, got {self.max_steps}")
+        check(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
         check(self.lr > 0 and math.isfinite(self.lr), "lr", f"must be a positive number, got {self.lr}")
         check(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
         check(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
@@ -189,8 +195,7 @@ def _inputs(cfg: TrainConfig) -> dict:
 
 def check_cache_against(cache: Cache, cfg: TrainConfig) -> None:
     cache.require_reach(cfg.num_heads)
-    for name, have in (("hidden_size", cache.hidden_size), ("vocab_size", cache.meta.vocab_size),
-                       ("draft_vocab_size", cache.meta.draft_vocab_size)):
+    for name, have in (("hidden_size", cache.hidden_size), ("vocab_size", cache.meta.vocab_size)):
         want = getattr(cfg, name)
         if want is not None and want != have:
             raise UserError(f"--{name.replace('_', '-')}: config says {want} but the cache {cache.path} has {have}")
@@ -611,7 +616,12 @@ class Run:
                 d.mkdir(parents=True, exist_ok=True)
                 save_heads(v.heads.cpu(), self.cache, self.cfg, d)
         dist.barrier()
+        c = self.cache
+        vocab = {"draft_vocab_size": c.meta.draft_vocab_size, "remapped_from": c.remapped_from,
+                 "distinct_assistant_tokens": int((c.array("token_counts") > 0).sum()),
+                 "coverage": round(c.coverage([c.meta.draft_vocab_size])[c.meta.draft_vocab_size], 4)}
         return {"step": self.step, "val_seqs": self.val_seqs, "out": str(self.out), "tokens_seen": self.tokens_seen,
+                "vocab": vocab,
                 "wall_s": round(time.perf_counter() - self.t_start, 1), **self.last_val}
 
 
@@ -620,11 +630,15 @@ def open_caches(cfg: TrainConfig) -> tuple[Cache, Cache | None]:
     cache = Cache(cfg.cache)
     cache.require_complete(cfg.allow_partial)
     check_cache_against(cache, cfg)
+    if cfg.draft_vocab_size is not None and cfg.draft_vocab_size != cache.meta.draft_vocab_size:
+        cache.remap(cache.top_mapping(cfg.draft_vocab_size))
     if not cfg.val_cache:
         return cache, None
     val = Cache(cfg.val_cache)
     val.require_complete(cfg.allow_partial)
     val.require_reach(cfg.num_heads)
+    if cache.mapping().fingerprint() != val.mapping().fingerprint() and cfg.draft_vocab_size is not None:
+        val.remap(cache.mapping())  # the training cache's re-mapped vocabulary, never one of its own
     if val.mapping().fingerprint() != cache.mapping().fingerprint():
         raise UserError(f"--val-cache: {cfg.val_cache} uses a different draft vocabulary than {cfg.cache}")
     if val.meta.fingerprints.get("model") != cache.meta.fingerprints.get("model"):
@@ -710,6 +724,13 @@ def render_summary(res: dict) -> str:
     """What `train` prints at the end: where everything is, what it measured, what to run next."""
     out = res["out"]
     lines = [f"trained {res['step']} steps in {res['wall_s']:.0f} s ({res['tokens_seen']:,} tokens) -> {out}"]
+    v = res.get("vocab")
+    if v and v["remapped_from"] is not None:
+        fill = max(0, v["draft_vocab_size"] - v["distinct_assistant_tokens"])
+        lines.append(f"draft vocabulary re-mapped from the cache's {v['remapped_from']} to {v['draft_vocab_size']} "
+                     f"(top-N of the stored assistant-token counts, as dump builds it; covers {v['coverage']:.1%} of "
+                     f"the cache's assistant tokens" + (f"; {fill} never-seen ids fill it, lowest first, as dump and "
+                                                        "SpecForge do)" if fill else ")"))
     if "val_loss" in res:
         lines.append(f"validation (epoch {res['epoch']}): loss per head {' '.join(map(str, res['val_loss']))}; "
                      f"top-1 per head {' '.join(map(str, res['val_top1']))}")

@@ -149,3 +149,22 @@ def killed_copy(src: Path, dst: Path, units: tuple[int, ...]) -> Path:
         for key in (f"hidden/c/{k}/0", f"hidden_scale/c/{k}/0", f"bad_rows/c/{k}"):
             (dst / key).unlink(missing_ok=True)
     return dst
+
+
+CHATML = ("{% for m in messages %}{% if loop.first and m['role'] != 'system' %}{{ '<|im_start|>system\\nYou are "
+          "a helpful assistant.<|im_end|>\\n' }}{% endif %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + "
+          "'<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+@pytest.fixture(scope="session")
+def tiny_chatml(tmp_path_factory, tiny_llama) -> Path:
+    """The tiny random Llama with SmolLM2's kind of chat template (ChatML, a default system prompt)."""
+    from transformers import AutoTokenizer
+
+    d = tmp_path_factory.mktemp("tiny-chatml")
+    for f in tiny_llama.iterdir():
+        shutil.copy(f, d / f.name)
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    tok.chat_template = CHATML
+    tok.save_pretrained(d)
+    return d

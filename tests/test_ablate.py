@@ -99,8 +99,12 @@ def test_k_heads_from_a_5_head_ablation_equal_a_separate_k_head_run(tmp_path):
     learnable_cache(tmp_path / "c")
     common = dict(cache=str(tmp_path / "c"), lr=1e-2, epochs=2, batch_tokens=256, grad_accum=2, val_fraction=0.2,
                   max_grad_norm=0.05)  # a small clip so the per-head clip really binds
+    with pytest.raises(UserError, match="--verify-cost: the expected speedup needs .* not a model directory here"):
+        run_ablate(TrainConfig(out=str(tmp_path / "abl"), **common), heads=[1, 3, 5], layers=[1], lrs=[1e-2],
+                   budgets=[4, 8])  # a synthetic cache: no model to time the verification with, refused up front
+    assert not (tmp_path / "abl").exists()
     run_ablate(TrainConfig(out=str(tmp_path / "abl"), **common), heads=[1, 3, 5], layers=[1], lrs=[1e-2],
-               budgets=[4, 8])
+               budgets=[4, 8], verify_cost=0.01)
     train(TrainConfig(out=str(tmp_path / "three"), num_heads=3, clip_per_head=True, **common))
     five = load_file(str(tmp_path / "abl" / "variants" / "L1_lr0.01" / "medusa_lm_head.safetensors"))
     three = load_file(str(tmp_path / "three" / "medusa_lm_head.safetensors"))
@@ -195,7 +199,13 @@ def test_ablate_reports_intervals_a_cost_aware_best_measured_decoding_and_cards(
     assert "Warning:** the held-out set" in report  # 6 held-out sequences cannot separate these variants
     card = (out / "best" / "README.md").read_text()
     assert card.startswith("---\nbase_model: ") and "library_name: medusa-cache" in card
-    assert "## Held-out acceptance" in card and "medusa-cache train" in card and "medusa-cache dump" in card
+    assert "## Held-out acceptance" in card and "medusa-cache dump" in card
+    # provenance is the command that ran: this ablate, and which heads of which variant best/ holds
+    k = res["best"]["num_heads"]
+    assert "medusa-cache train" not in card and "--clip-per-head" not in card
+    assert re.search(rf"medusa-cache ablate --cache \S+ --out \S+ .*--heads 1,2 --layers 1 --lr 0.003 .*"
+                     rf"# best/: the first {k} heads of variant L1_lr0.003", card)
+    assert json.loads((out / "best" / "config.json").read_text())["provenance"]["train"]["num_heads"] == k
     assert "speculative_config" in (out / "best-vllm" / "README.md").read_text()
     from PIL import Image
 
@@ -212,3 +222,21 @@ def test_a_held_out_set_of_a_few_sequences_is_called_out():
     assert "only 2 sequences" in separation_warning([row], row, opt, 0.0)
     row["sequences"] = 12  # enough sequences and intervals apart: no warning
     assert separation_warning([row], row, opt, 0.0) is None
+
+
+def test_ablate_times_the_verification_cost_instead_of_assuming_one(tmp_path):
+    """No --verify-cost and no --speculate-prompts: the cost per tree node is timed with the cache's model on the
+    device (forwards of 1 and of N tokens over a KV cache), and the rule says so; never a constant."""
+    from conftest import STORIES, write_jsonl
+
+    from medusa_cache.demo import DEMO
+    from medusa_cache.dump import DumpConfig, run_dump
+
+    rows = [json.loads(x) for x in (DEMO / "prompts.jsonl").read_text().splitlines()[:12]]
+    run_dump(DumpConfig(model=str(STORIES), data=[str(write_jsonl(tmp_path / "s.jsonl", rows))],
+                        out=str(tmp_path / "c"), dtype="float32", max_length=256))
+    cfg = TrainConfig(cache=str(tmp_path / "c"), out=str(tmp_path / "abl"), epochs=1, lr=3e-3, batch_tokens=512,
+                      grad_accum=1, val_fraction=0.3)
+    res = run_ablate(cfg, [1, 2], [1], [3e-3], [4, 8])
+    assert "timed on this device (cpu): a 1-token step" in res["best"]["rule"]
+    assert res["verify_cost_per_node"] != 0.005 and res["verify_cost_per_node"] >= 0

@@ -87,8 +87,8 @@ CASES = [
      "not a medusa-cache heads directory (missing config.json)", 2),
     ("export-existing-out", "export", lambda t, e: ["export", e.heads, "--format", "vllm", "--out", e.existing(t)],
      "already exists; pass --overwrite to replace it", 2),
-    ("eval-other-vocab", "eval", lambda t, e: ["eval", "--heads", e.heads, "--cache", e.partial(t, complete=True)],
-     "uses a different draft vocabulary than the heads", 2),
+    ("eval-other-model", "eval", lambda t, e: ["eval", "--heads", e.heads, "--cache", e.partial(t, complete=True)],
+     "was dumped with another model than the one the heads in", 2),
     ("eval-tree-not-prefix-closed", "eval", lambda t, e: ["eval", "--heads", e.heads, "--cache", e.cache, "--tree",
                                                           _w(t / "t.json", "[[0], [1, 0]]")],
      "path [1, 0] has no parent [1] (trees must be prefix-closed)", 2),
@@ -158,16 +158,87 @@ CASES = [
     ("ablate-nothing-to-hold-out", "ablate", lambda t, e: ["ablate", "--cache", e.one_sequence(t), "--out",
                                                            str(t / "o")],
      "has 1 usable sequences; holding out 0.02 of them leaves none", 2),
+    # round three: options checked before any work, the libraries' failures as one line, trees loaded whole
+    ("verify-samples-negative", "verify", lambda t, e: ["verify", e.cache, "--samples", "-3"],
+     "argument --samples: expected a positive integer, got '-3'", 2),
+    ("train-seed-negative", "train", lambda t, e: ["train", "--cache", e.cache, "--out", str(t / "o"), "--seed", "-1"],
+     "--seed: must be >= 0, got -1", 2),
+    ("eval-topk-0", "eval", lambda t, e: ["eval", "--heads", e.heads, "--cache", e.cache, "--topk", "0"],
+     "argument --topk: expected a positive integer, got '0'", 2),
+    ("ablate-topk-0", "ablate", lambda t, e: ["ablate", "--cache", e.cache, "--out", str(t / "o"), "--topk", "0"],
+     "argument --topk: expected a positive integer, got '0'", 2),
+    ("ablate-speculate-tokens-0", "ablate", lambda t, e: ["ablate", "--cache", e.cache, "--out", str(t / "o"),
+                                                          "--speculate-tokens", "0"],
+     "argument --speculate-tokens: expected a positive integer, got '0'", 2),
+    ("ablate-draft-vocab-beyond-vocabulary", "ablate", lambda t, e: ["ablate", "--cache", e.cache, "--out",
+                                                                     str(t / "o"), "--draft-vocab", "100,200000"],
+     "--draft-vocab: give distinct sizes in 1..128256 (the model's vocabulary), got [100, 200000]", 2),
+    ("demo-epochs-0", "demo", lambda t, e: ["demo", "--out", str(t / "d"), "--epochs", "0"],
+     "argument --epochs: expected a positive integer, got '0'", 2),
+    ("speculate-empty-prompts", "speculate", lambda t, e: ["speculate", "--model", str(e.model), "--heads", e.heads,
+                                                           "--prompts", _w(t / "p.jsonl", ""), "--chain"],
+     "p.jsonl holds no prompts", 2),
+    ("speculate-other-model", "speculate", lambda t, e: ["speculate", "--model", e.other_model(t), "--heads",
+                                                         e.heads, "--prompts", _jsonl(t / "p.jsonl", {"text": "hi"}),
+                                                         "--chain"],
+     "were trained on states of another model than", 2),
+    ("eval-tree-index-beyond-topk", "eval", lambda t, e: ["eval", "--heads", e.heads, "--cache", e.cache, "--topk", "2",
+                                                          "--tree", _w(t / "t.json", "[[0], [0, 3]]")],
+     "path [0, 3] uses top-k index 3, but --topk is 2", 2),
+    ("eval-tree-float-index", "eval", lambda t, e: ["eval", "--heads", e.heads, "--cache", e.cache, "--tree",
+                                                    _w(t / "t.json", "[[0.5]]")],
+     "path [0.5] is not a list of integer top-k indices", 2),
+    ("eval-tree-object", "eval", lambda t, e: ["eval", "--heads", e.heads, "--cache", e.cache, "--tree",
+                                               _w(t / "t.json", '{"0": [0]}')],
+     "a tree is a non-empty JSON list of paths", 2),
+    ("dump-chat-template-syntax-error", "dump", lambda t, e: e.dump(_jsonl(t / "d.jsonl", GOOD), None,
+                                                                    "--chat-template", _w(t / "t.jinja", "{% for %}")),
+     "the chat template does not render: TemplateSyntaxError", 2),
+    ("dump-int8-group-not-dividing", "dump", lambda t, e: e.dump(_jsonl(t / "d.jsonl", GOOD), None, "--hidden-codec",
+                                                                 "int8", "--int8-group", "24"),
+     "--int8-group: 24 does not divide the model's hidden size 32", 2),
+    ("generate-nothing-to-answer", "generate", lambda t, e: ["generate", "--model", str(STORIES), "--prompts",
+                                                             _jsonl(t / "p.jsonl", {"messages": [
+                                                                 {"role": "system", "content": "be terse"}]}),
+                                                             "--out", str(t / "o.jsonl")],
+     "p.jsonl:1: nothing to generate: the conversation has no assistant turn", 2),
+    ("inspect-malformed-zarr-json", "inspect", lambda t, e: ["inspect", e.damaged_metadata(t)],
+     "labels/zarr.json: the array's metadata cannot be read", 2),
 ]
 
 
 class Env:
     def __init__(self, model: Path, cache: Path, heads: Path):
         self.model, self.cache, self.heads = model, str(cache), str(heads)
+        Env._model = model
 
     def dump(self, data: str, out: str | None = None, *extra: str) -> list[str]:
         return ["dump", "--model", str(self.model), "--data", data, "--out", out or str(Path(data).parent / "o"),
                 *extra]
+
+    @staticmethod
+    def other_model(t: Path) -> str:
+        """A model of the same shapes as the heads' but other weights (another fingerprint)."""
+        import shutil
+
+        import torch
+        from safetensors.torch import load_file, save_file
+
+        shutil.copytree(Env._model, t / "m2")
+        sd = load_file(str(t / "m2" / "model.safetensors"))
+        save_file({k: v + 0.01 if k.endswith("norm.weight") else v for k, v in sd.items()},
+                  str(t / "m2" / "model.safetensors"), metadata={"format": "pt"})
+        assert torch.is_tensor(next(iter(sd.values())))
+        return str(t / "m2")
+
+    def damaged_metadata(self, t: Path) -> str:
+        """A copy of the cache whose labels array's zarr.json is cut short."""
+        import shutil
+
+        shutil.copytree(self.cache, t / "c")
+        f = t / "c" / "labels" / "zarr.json"
+        f.write_text(f.read_text()[:40])
+        return str(t / "c")
 
     @staticmethod
     def existing(t: Path) -> str:

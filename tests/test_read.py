@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from medusa_cache.errors import UserError
 from medusa_cache.store import Cache, Layout, ShardReader, from_arrays, needed_rows
 from medusa_cache.vocab import VocabMapping
 
@@ -44,7 +45,7 @@ def test_a_truncated_or_missing_shard_is_never_read_as_data(tmp_path):
     shard = tmp_path / "c" / "hidden" / "c" / "1" / "0"
     data = shard.read_bytes()
     shard.write_bytes(data[:-3])  # one byte short of its checksum
-    with pytest.raises(ValueError, match="checksum"):
+    with pytest.raises(UserError, match=r"shard c/1/0 \(unit 1, rows 256:512\) fails its index checksum"):
         ShardReader.open(Cache(tmp_path / "c").group["hidden"], tmp_path / "c" / "hidden").read(256, 300)
     shard.unlink()  # a missing shard reads as the NaN fill value, as through zarr (and verify names it)
     assert torch.isnan(Cache(tmp_path / "c").read_hidden(250, 300)[6:]).all()

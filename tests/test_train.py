@@ -276,7 +276,10 @@ def test_export_medusa_reference_layout_loads_as_the_reference_loads(tmp_path, d
     cfg = json.loads((tmp_path / "m" / "config.json").read_text())
     assert cfg["base_model_name_or_path"] == "org/base-model"
     sd = torch.load(tmp_path / "m" / "medusa_lm_head.pt", map_location="cpu", weights_only=True)
-    assert set(sd) == set(load_file(str(tmp_path / "m" / "medusa_lm_head.safetensors")))
+    # the file the loader reads, once: no second full-vocabulary copy unless asked for
+    assert not (tmp_path / "m" / "medusa_lm_head.safetensors").exists()
+    export(tmp_path / "h1", "medusa", tmp_path / "m2", safetensors=True)
+    assert set(sd) == set(load_file(str(tmp_path / "m2" / "medusa_lm_head.safetensors")))
     K, L, H, V = cfg["medusa_num_heads"], cfg["medusa_num_layers"], cfg["hidden_size"], cfg["vocab_size"]
 
     class RefResBlock(torch.nn.Module):  # FasterDecoding/Medusa's ResBlock, re-stated

@@ -37,7 +37,7 @@ def test_a_corrupted_shard_is_found_and_training_refuses_it(copy, tmp_path):
     with pytest.raises(SystemExit) as e:
         main(["verify", str(copy), "--deep"])
     assert e.value.code == 1
-    with pytest.raises(UserError, match=r"shard hidden/c/2/0 \(token rows 2048:3072\) cannot be read"):
+    with pytest.raises(UserError, match=r"hidden: shard c/2/0 \(unit 2, rows 2048:3072\) fails its index checksum"):
         train(TrainConfig(cache=str(copy), out=str(tmp_path / "h"), epochs=1, in_memory=True))
 
 
@@ -155,3 +155,35 @@ def test_store_attributes_are_typed_and_checked_on_open(copy):
     g.attrs["shard_tokens"] = "1024"
     with pytest.raises(UserError, match="attribute 'shard_tokens' should be int, found '1024'"):
         Cache(copy)
+
+
+def test_model_spot_check_compares_like_with_like_batched_bf16(tmp_path, tiny_llama, monkeypatch):
+    """A deep bf16 model's rows depend on the batch they were computed in (padding and neighbours change the
+    kernels' accumulation order: 4% of a row's scale on SmolLM2-135M-Instruct's 30 layers). Stood in for here,
+    deterministically, by a model pass whose rows shift by 3% whenever a batch holds more than one sequence:
+    the spot check must recompute each sequence in the batch the dump ran it in (no false alarm) and still see a
+    stored row that was changed."""
+    from conftest import write_jsonl
+
+    from medusa_cache.backbone import ModelPass
+    from medusa_cache.dump import DumpConfig, run_dump
+    from medusa_cache.verify import spot_check
+
+    real = ModelPass.run
+
+    def batch_dependent(self, ids, batch):
+        return [r * (1.03 if len(batch) > 1 else 1.0) for r in real(self, ids, batch)]
+
+    monkeypatch.setattr(ModelPass, "run", batch_dependent)
+    chat = {"messages": [{"role": "user", "content": "Tell me a story about a red fox."},
+                         {"role": "assistant", "content": "Once upon a time a red fox lived in a wood."}]}
+    data = write_jsonl(tmp_path / "d.jsonl", [chat] * 6)  # equal lengths: one batch of six
+    run_dump(DumpConfig(model=str(tiny_llama), data=[str(data)], out=str(tmp_path / "c"), dtype="bfloat16"))
+    assert spot_check(Cache(tmp_path / "c"), str(tiny_llama), n=6) == []
+    c = Cache(tmp_path / "c", mode="r+")
+    a, b = c.unit_range(0)
+    h = c.read_hidden(a, b).clone()
+    h[int(c.offsets[2]) + 3] *= 1.05  # one row of sequence 2, 5% off
+    c.write_unit(0, h)
+    problems = spot_check(Cache(tmp_path / "c"), str(tiny_llama), n=6)
+    assert len(problems) == 1 and problems[0].startswith("sequence 2: stored hidden states differ")

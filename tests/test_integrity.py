@@ -1,0 +1,72 @@
+"""Nothing silently wrong: every chunk of every array carries a CRC32C (format 5) that every read checks, so a byte
+changed on disk is a named error in verify, train and eval, never a number and never a traceback."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+from conftest import sharegpt_slice, write_jsonl
+
+from medusa_cache.cli import main
+from medusa_cache.dump import DumpConfig, run_dump
+from medusa_cache.errors import UserError
+from medusa_cache.evaluate import run_eval
+from medusa_cache.store import FORMAT_VERSION, SMALL_ARRAYS, Cache
+from medusa_cache.train import TrainConfig, train
+from medusa_cache.verify import verify
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory, tiny_llama):
+    """A plain float32 store and an int8 needed-rows one (hidden_scale, row_kept), several units each, and heads."""
+    d = tmp_path_factory.mktemp("integrity")
+    data = write_jsonl(d / "chat.jsonl", sharegpt_slice(30))
+    common = dict(model=str(tiny_llama), data=[str(data)], draft_vocab_size=300, max_length=256, chunk_tokens=256,
+                  shard_tokens=1024)
+    run_dump(DumpConfig(out=str(d / "plain"), dtype="float32", **common))
+    run_dump(DumpConfig(out=str(d / "int8"), hidden_codec="int8", keep_rows="needed", max_heads=3, **common))
+    train(TrainConfig(cache=str(d / "plain"), out=str(d / "heads"), num_heads=2, epochs=1, batch_tokens=512))
+    return d
+
+
+def _chunk_file(store, name):
+    root = store / name / "c"
+    return min((p for p in root.rglob("*") if p.is_file()), key=lambda p: [int(x) for x in p.relative_to(root).parts])
+
+
+def _flip(f):
+    """One byte of the chunk data changed, the file's size kept (a bad disk, not a truncation)."""
+    data = bytearray(f.read_bytes())
+    data[min(5, len(data) - 5)] ^= 0x5A
+    f.write_bytes(bytes(data))
+
+
+CASES = [("plain", a) for a in ("hidden", *SMALL_ARRAYS) if a != "row_kept"] + \
+        [("int8", "hidden_scale"), ("int8", "row_kept"), ("int8", "hidden")]
+
+
+@pytest.mark.parametrize("kind, name", CASES)
+def test_a_flipped_byte_in_any_array_is_refused_by_name(tmp_path, stores, kind, name, capsys):
+    store = tmp_path / "c"
+    shutil.copytree(stores / kind, store)
+    assert Cache(store).meta.medusa_cache == FORMAT_VERSION == 5
+    _flip(_chunk_file(store, name))
+    res = verify(str(store), deep=True)
+    assert not res["healthy"] and any(name in p for p in res["problems"]), res["problems"]
+    assert main(["train", "--cache", str(store), "--out", str(tmp_path / "h"), "--num-heads", "2", "--epochs", "1",
+                 "--batch-tokens", "512", *(["--in-memory"] if name == "hidden" else [])]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err and f"{name}" in err and "re-dump" in err, err
+    if kind == "plain":
+        with pytest.raises(UserError, match=name):
+            run_eval(str(stores / "heads"), str(store))
+
+
+def test_the_plain_verify_reads_every_small_array(tmp_path, stores):
+    store = tmp_path / "c"
+    shutil.copytree(stores / "plain", store)
+    _flip(_chunk_file(store, "labels"))
+    res = verify(str(store))
+    assert not res["healthy"] and any("labels" in p and "checksum" in p.lower() for p in res["problems"]), \
+        res["problems"]

@@ -268,7 +268,8 @@ def build_parser() -> argparse.ArgumentParser:  # long by nature: one declaratio
     a.add_argument("--draft-vocab", type=_ints, metavar="SIZES",
                    help="draft vocabulary sizes to sweep, e.g. 8000,16000,32000: each re-mapped from this one cache "
                         "(train --draft-vocab-size), every size x head count in one report (default: the cache's)")
-    a.add_argument("--topk", type=_positive, default=10, help="top-k predictions per head considered for trees (default: 10)")
+    a.add_argument("--topk", type=_positive, default=10,
+                   help="top-k predictions per head considered for trees (default: 10)")
     a.add_argument("--verify-cost", type=float,
                    help="cost of verifying one tree node relative to a one-token step, for the cost-aware choice of "
                         "the best (default: measured by --speculate-prompts, else timed with the cache's model on "
@@ -276,7 +277,8 @@ def build_parser() -> argparse.ArgumentParser:  # long by nature: one declaratio
     a.add_argument("--speculate-prompts",
                    help="prompts file: also decode for real (speculate) with each head count's best tree and report "
                         "measured tokens per step and speedup")
-    a.add_argument("--speculate-tokens", type=_positive, default=128, help="new tokens per prompt for --speculate-prompts")
+    a.add_argument("--speculate-tokens", type=_positive, default=128,
+                   help="new tokens per prompt for --speculate-prompts")
     a.add_argument("--config", help="JSON train config; explicit flags override it")
     add_config_args(a, TrainConfig, skip=("num_heads", "num_layers", "lr", "clip_per_head"))
     a.set_defaults(func=_ablate)
@@ -349,12 +351,6 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"medusa-cache {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except Exception as e:  # noqa: BLE001 - expected failures of the libraries become one line; bugs stay tracebacks
-        message = library_failure(e)
-        if message is None:
-            raise
-        print(f"medusa-cache {args.command}: error: {message}", file=sys.stderr)
-        return 2
     except BrokenPipeError:  # `medusa-cache inspect STORE | head`: the reader left; stop quietly
         import os
 
@@ -370,6 +366,10 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         from . import dist
 
+        message = library_failure(e)  # expected failures of the libraries become one line; bugs stay tracebacks
+        if message is not None and not dist.active():
+            print(f"medusa-cache {args.command}: error: {message}", file=sys.stderr)
+            return 2
         if not dist.active():
             raise
         # one failed rank must not leave the others waiting in a collective: leave now, without teardown

@@ -6,7 +6,6 @@ from typing import Any
 
 from .store import Cache
 
-
 DEFAULT_COVERAGE = (1000, 4000, 8000, 16000, 32000)
 
 

@@ -432,8 +432,9 @@ class Cache:
             except KeyError:
                 pass  # a missing array: `verify` names it, readers fail on it by name
             except Exception as e:  # noqa: BLE001 - a zarr.json cut short or edited
-                raise UserError(f"{self.path}/{name}/zarr.json: the array's metadata cannot be read ({type(e).__name__}: "
-                                f"{e}); the store is damaged: re-dump it (or restore the file)") from None
+                raise UserError(f"{self.path}/{name}/zarr.json: the array's metadata cannot be read "
+                                f"({type(e).__name__}: {e}); the store is damaged: re-dump it (or restore the file)"
+                                ) from None
         self.hidden = self.group["hidden"]
         self.hidden_dtype: str = self.meta.hidden_dtype
         self.codec: str = self.meta.hidden_codec
@@ -486,8 +487,8 @@ class Cache:
         try:
             return self.group[name][:]
         except Exception as e:  # noqa: BLE001 - a chunk that fails its checksum or cannot be decoded
-            raise ChunkError(f"{self.path}/{name}: cannot be read ({type(e).__name__}: {e}); a chunk changed on disk or "
-                             "is damaged: `medusa-cache verify` names it; re-dump the store (or restore the file)"
+            raise ChunkError(f"{self.path}/{name}: cannot be read ({type(e).__name__}: {e}); a chunk changed on disk "
+                             "or is damaged: `medusa-cache verify` names it; re-dump the store (or restore the file)"
                              ) from None
 
     def remap(self, mapping: VocabMapping) -> Cache:

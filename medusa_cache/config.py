@@ -176,11 +176,18 @@ def build_config(cls: type, namespace: argparse.Namespace, config_file: str | No
     values: dict[str, Any] = {k: v for k, v in (base or {}).items() if k in names}
     if config_file:
         values.update(load_config_file(config_file, cls))
-    values.update({k: v for k, v in vars(namespace).items() if k in names})
+    given = {k: v for k, v in vars(namespace).items() if k in names}
+    hints = typing.get_type_hints(cls)
+    for k, v in given.items():  # argparse turns a value of "--" into an empty list, whatever the type
+        if isinstance(v, list) and not _base_type(hints[k])[1]:
+            raise UserError(f"{flag(k)}: expected one value, got {v!r}")
+    values.update(given)
     values.update(fixed)
     try:
         return cls(**values)
     except TypeError as e:  # missing required field
+        if "missing" not in str(e):
+            raise UserError(f"{cls.__name__}: {e}") from None
         missing = str(e).split("argument")[-1].strip(": '")
         raise UserError(f"missing required option {flag(missing)} ({e})") from None
 

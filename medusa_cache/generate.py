@@ -71,6 +71,7 @@ class GenerateConfig:
         check(self.temperature >= 0, "temperature", f"must be >= 0, got {self.temperature}")
         check(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
         check(self.batch_tokens >= 1, "batch_tokens", f"must be >= 1, got {self.batch_tokens}")
+        check(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
         check(self.threads is None or self.threads >= 1, "threads", f"must be >= 1, got {self.threads}")
         check(not (self.resume and self.overwrite), "resume", "--resume and --overwrite exclude each other")
 

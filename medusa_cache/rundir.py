@@ -75,7 +75,8 @@ def claim(out: str | Path, *, kind: str, overwrite: bool = False, resume: bool =
             if by != kind:
                 raise UserError(f"--overwrite: {out} holds the output of `medusa-cache {by}`, not of {kind}; "
                                 "refusing to delete it")
-            shutil.rmtree(out)
+            for child in out.iterdir():  # emptied in place: a lock held on the directory stays valid
+                shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
         elif not resume:
             hint = "pass --resume to continue it or --overwrite to replace it" if kind == "train" else \
                 "pass --overwrite to replace it"

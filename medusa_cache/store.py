@@ -190,14 +190,17 @@ def is_store(path: str | Path, partial: bool = False) -> bool:
 
 
 class WriterLock:
-    """One dump at a time per local store: an exclusive ``flock`` on the store directory itself.
+    """One writer at a time per local output directory: an exclusive ``flock`` on the directory itself.
 
-    Held by rank 0 for the whole dump; a second dump into the same ``--out`` is refused at once. (Object
-    stores have no locks: there, do not start two dumps into one URL.) A directory created only to be
-    locked is removed again if the dump refuses before writing.
+    Held by rank 0 for the whole run of the command (dump, train, ablate); a second command writing the same
+    ``--out`` is refused at once, whenever it starts. The kernel drops the lock when its process dies, so a crashed
+    run never leaves a stale lock behind. The directory is never deleted or recreated while locked (``create`` and
+    ``--overwrite`` empty it in place), or the lock would be left on a removed directory. (Object stores have no
+    locks: there, do not start two dumps into one URL.) A directory created only to be locked is removed again if
+    the command refuses before writing.
     """
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, command: str = "dump"):
         self.fd: int | None = None
         self.created = False
         self.path = Path(path)
@@ -217,8 +220,9 @@ class WriterLock:
         except BlockingIOError:
             os.close(self.fd)
             self.fd = None
-            raise UserError(f"--out: another medusa-cache dump is writing {path} right now; wait for it to finish "
-                            "(or stop it), then use --resume") from None
+            hint = "then use --resume" if command in ("dump", "train") else "or use another --out"
+            raise UserError(f"--out: another medusa-cache command is writing {path} right now (a {command} may not "
+                            f"share it); wait for it to finish (or stop it), {hint}") from None
 
     def release(self, failed: bool = False) -> None:
         if self.fd is not None:
@@ -296,7 +300,12 @@ def create(
     n = int(offsets[-1])
     m = n if row_kept is None else int(np.count_nonzero(row_kept))  # rows of `hidden`
     with zarr.config.set(_WRITE_ALL):
-        group = zarr.open_group(str(path), mode="w", attributes={"medusa_cache_preparing": True})
+        # an existing (empty, locked) directory is kept: mode "w" would delete and recreate it under the lock
+        mode = "a" if not is_url(path) and Path(path).is_dir() else "w"
+        if mode == "a":  # what mode "w" would do, in place: a store left half-prepared by a kill is started over
+            for child in Path(path).iterdir():
+                shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+        group = zarr.open_group(str(path), mode=mode, attributes={"medusa_cache_preparing": True})
         tok = dict(chunks=(layout.chunk_tokens,), shards=(layout.shard_tokens,))
         for name, data in (("input_ids", input_ids.astype(np.int32)), ("loss_mask", loss_mask.astype(np.uint8)),
                            ("labels", labels.astype(np.int32))):
@@ -807,6 +816,7 @@ class ShardReader:
         self.dir, self.shard, self.chunk, self.width, self.dtype = directory, shard, chunk, width, dtype
         self.compressed, self.fill, self.per_shard = compressed, fill, shard // chunk
         self.checksummed = checksummed  # format 5: each chunk ends with the CRC32C of the bytes before it
+        self.verify = True  # check those checksums (tools/bench_checksum.py turns it off to measure their cost)
         self.index: dict[int, tuple[np.memmap, np.ndarray]] = {}
 
     @staticmethod
@@ -888,7 +898,8 @@ class ShardReader:
             if self.checksummed:
                 import google_crc32c
 
-                if len(raw) < 4 or google_crc32c.value(raw[:-4]) != int(np.frombuffer(raw[-4:], "<u4")[0]):
+                if self.verify and (len(raw) < 4 or
+                                    google_crc32c.value(raw[:-4]) != int(np.frombuffer(raw[-4:], "<u4")[0])):
                     raise self._bad(c * self.chunk // self.shard, "fails its checksum", c)
                 raw = raw[:-4]
             try:
@@ -898,7 +909,7 @@ class ShardReader:
                 raise self._bad(c * self.chunk // self.shard, "cannot be decoded", c) from None
             out[a - start : b - start] = data[a - r0 : b - r0]
 
-        if self.compressed and len(jobs) > 1 and READ_THREADS > 1:
+        if (self.compressed or (self.checksummed and self.verify)) and len(jobs) > 1 and READ_THREADS > 1:
             list(_read_pool().map(decode, jobs))
         else:
             for job in jobs:

@@ -148,6 +148,9 @@ class TrainConfig:
         check(self.epochs >= 1, "epochs", f"must be >= 1, got {self.epochs}")
         check(self.max_steps is None or self.max_steps >= 1, "max_steps", f"must be >= 1, got {self.max_steps}")
         check(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
+        for name in ("hidden_size", "vocab_size", "draft_vocab_size"):
+            v = getattr(self, name)
+            check(v is None or v >= 1, name, f"must be >= 1, got {v}")
         check(self.lr > 0 and math.isfinite(self.lr), "lr", f"must be a positive number, got {self.lr}")
         check(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
         check(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
@@ -254,8 +257,12 @@ def make_variant(name: str, cfg: TrainConfig, cache: Cache, total_steps: int, nu
                    torch.zeros(k, device=dev), torch.zeros(k, dtype=torch.long, device=dev))
 
 
-def _prepare_run(cfg: TrainConfig, settings: dict, group: int) -> dict | None:
-    """Claim --out (rank 0). Fresh: write the resolved config. Resume: check the contract, return the checkpoint."""
+def _prepare_run(cfg: TrainConfig, settings: dict, group: int, lock: list) -> dict | None:
+    """Lock and claim --out (rank 0; the lock is appended to ``lock`` and held until the run ends). Fresh: write the
+    resolved config. Resume: check the contract, return the checkpoint."""
+    from .store import WriterLock
+
+    lock.append(WriterLock(cfg.out, "train"))
     if cfg.resume and not (Path(cfg.out) / "checkpoint.pt").exists():
         raise UserError(f"--resume: no checkpoint in {cfg.out}")
     if not cfg.resume:
@@ -373,19 +380,28 @@ def train(cfg: TrainConfig, variants: list[tuple[str, int, float]] | None = None
     gradients. Each micro-batch's loss is scaled by W / (micro-batches in the group), so W processes with
     accumulation A take the same steps as one process with accumulation W x A (tested with gloo).
     """
-    run = Run.setup(cfg, variants)
+    locks: list = []  # rank 0's lock on --out, held from before the claim until the heads are written
     try:
-        run.fit()
+        run = Run.setup(cfg, variants, locks)
+        try:
+            run.fit()
+        finally:
+            run.close()
+        return run.finish()
+    except BaseException:
+        for lk in locks:
+            lk.release(failed=True)
+        raise
     finally:
-        run.close()
-    return run.finish()
+        for lk in locks:
+            lk.release()
 
 
 class Run:
     """The state of one training run and its phases (litgpt's setup / fit / validate, as methods)."""
 
     @classmethod
-    def setup(cls, cfg: TrainConfig, variants: list[tuple[str, int, float]] | None) -> Run:
+    def setup(cls, cfg: TrainConfig, variants: list[tuple[str, int, float]] | None, locks: list) -> Run:
         from . import dist
 
         r = cls()
@@ -401,7 +417,7 @@ class Run:
         r.settings = rundir.resume_settings(cfg, r.cache.content_fingerprint(), r.val_cache.content_fingerprint()
                                             if r.val_cache is not None else None)
         r.group = r.world * cfg.grad_accum  # micro-batches per optimizer step, all ranks together
-        dist.on_rank0(lambda: _prepare_run(cfg, r.settings, r.group), r.rank)
+        dist.on_rank0(lambda: _prepare_run(cfg, r.settings, r.group, locks), r.rank)
         r.out, r.device = Path(cfg.out), cfg.device
         r.on_cuda = r.device.startswith("cuda")
         r.train_seqs, r.val_seqs = split(r.cache, cfg)
@@ -469,7 +485,8 @@ class Run:
                 self.validate()
                 self.save(self.epoch, 0)
                 dist.barrier()
-            else:
+            else:  # stopped by --max-steps mid-epoch: validate the heads that will be written, not an older epoch's
+                self.validate(mid_epoch=True)
                 self.save(self.epoch, g + 1)
 
     def fit_epoch(self) -> tuple[bool, int]:
@@ -586,14 +603,16 @@ class Run:
                                 "group": self.group, "settings": self.settings}, self.out / "checkpoint.pt")
 
     # ---- validate -------------------------------------------------------------------------------------
-    def validate(self) -> None:
-        """Validation after an epoch (rank 0): the held-out split, or every usable sequence of --val-cache."""
+    def validate(self, mid_epoch: bool = False) -> None:
+        """Validation after an epoch, or where --max-steps stopped one (rank 0): the held-out split, or every usable
+        sequence of --val-cache."""
         if self.rank != 0 or not (len(self.val_seqs) or self.val_cache is not None):
             return
         vc = self.val_cache or self.cache
         seqs = vc.usable_seqs(self.cfg.allow_partial, warn=False) if self.val_cache is not None else self.val_seqs
         for v in self.vs:
-            self.last_val = {"epoch": self.epoch - 1, "step": self.step, **({"variant": v.name} if v.name else {}),
+            self.last_val = {"epoch": self.epoch if mid_epoch else self.epoch - 1, "step": self.step,
+                             **({"mid_epoch": True} if mid_epoch else {}), **({"variant": v.name} if v.name else {}),
                              **validate(v.heads, vc, seqs, self.device, self.cfg.block_tokens, self.cfg.eval_tokens)}
             self.log({"split": "val", **self.last_val})
 
@@ -620,9 +639,9 @@ class Run:
         vocab = {"draft_vocab_size": c.meta.draft_vocab_size, "remapped_from": c.remapped_from,
                  "distinct_assistant_tokens": int((c.array("token_counts") > 0).sum()),
                  "coverage": round(c.coverage([c.meta.draft_vocab_size])[c.meta.draft_vocab_size], 4)}
-        return {"step": self.step, "val_seqs": self.val_seqs, "out": str(self.out), "tokens_seen": self.tokens_seen,
-                "vocab": vocab,
-                "wall_s": round(time.perf_counter() - self.t_start, 1), **self.last_val}
+        return {**self.last_val, "val_step": self.last_val.get("step"), "step": self.step, "val_seqs": self.val_seqs,
+                "out": str(self.out), "tokens_seen": self.tokens_seen, "vocab": vocab,
+                "wall_s": round(time.perf_counter() - self.t_start, 1)}
 
 
 def open_caches(cfg: TrainConfig) -> tuple[Cache, Cache | None]:
@@ -732,7 +751,9 @@ def render_summary(res: dict) -> str:
                      f"the cache's assistant tokens" + (f"; {fill} never-seen ids fill it, lowest first, as dump and "
                                                         "SpecForge do)" if fill else ")"))
     if "val_loss" in res:
-        lines.append(f"validation (epoch {res['epoch']}): loss per head {' '.join(map(str, res['val_loss']))}; "
+        where = f"step {res['val_step']}, mid-epoch {res['epoch']}" if res.get("mid_epoch") else \
+            f"epoch {res['epoch']}, step {res['val_step']}"
+        lines.append(f"validation ({where}): loss per head {' '.join(map(str, res['val_loss']))}; "
                      f"top-1 per head {' '.join(map(str, res['val_top1']))}")
     else:
         lines.append("no validation (--val-fraction 0 and no --val-cache)")

@@ -168,3 +168,16 @@ def tiny_chatml(tmp_path_factory, tiny_llama) -> Path:
     tok.chat_template = CHATML
     tok.save_pretrained(d)
     return d
+
+
+@pytest.fixture(scope="module")
+def property_env(tmp_path_factory, tiny_llama, dumped) -> dict:
+    """Valid inputs for every command (a model, a data file, a cache, heads) and an output path that must stay absent."""
+    from medusa_cache.train import TrainConfig, train
+
+    root = tmp_path_factory.mktemp("property")
+    heads = root / "heads"
+    train(TrainConfig(cache=str(dumped), out=str(heads), num_heads=2, epochs=1, max_steps=1))
+    data = write_jsonl(root / "d.jsonl", [{"text": "Once upon a time"}])
+    return {"m": str(tiny_llama), "d": str(data), "c": str(dumped), "h": str(heads), "o": str(root / "out"),
+            "root": str(root)}

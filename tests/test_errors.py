@@ -122,7 +122,7 @@ CASES = [
     ("dump-utf8-bom", "dump", lambda t, e: e.dump(_w(t / "d.jsonl", b"\xef\xbb\xbf" + json.dumps(GOOD).encode())),
      "d.jsonl:1: the file starts with a UTF-8 byte-order mark (BOM)", 2),
     ("dump-concurrent-out", "dump", lambda t, e: e.dump(_jsonl(t / "d.jsonl", GOOD), e.locked(t)),
-     "another medusa-cache dump is writing", 2),
+     "another medusa-cache command is writing", 2),
     ("dump-draft-vocab-too-large", "dump", lambda t, e: e.dump(_jsonl(t / "d.jsonl", GOOD), None,
                                                                "--draft-vocab-size", "200000"),
      "--draft-vocab-size 200000 is larger than the model's vocabulary (128256)", 2),

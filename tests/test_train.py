@@ -421,8 +421,20 @@ def test_train_without_a_terminal_logs_progress_and_ends_with_a_summary(tmp_path
     lines = [x for x in p.stderr.splitlines() if x.startswith("step ")]
     assert len(lines) >= 2 and all(re.search(r"loss [\d.]+ head loss [\d.]+ [\d.]+ top1 .* tok/s ETA \d+m\d\ds", x)
                                    for x in lines)
-    assert f"-> {tmp_path / 'h'}" in p.stdout and "validation (epoch 0): loss per head" in p.stdout
+    assert f"-> {tmp_path / 'h'}" in p.stdout and re.search(r"validation \(epoch 0, step \d+\): loss per head", p.stdout)
     assert f"medusa-cache export {tmp_path / 'h'} --format vllm" in p.stdout
+
+
+def test_max_steps_mid_epoch_reports_the_steps_run_and_validates_the_heads_written(tmp_path):
+    learnable_cache(tmp_path / "c")
+    res = train(TrainConfig(cache=str(tmp_path / "c"), out=str(tmp_path / "h"), num_heads=2, epochs=3,
+                            batch_tokens=256, grad_accum=1, max_steps=15, val_fraction=0.2))
+    from medusa_cache.train import render_summary
+
+    steps = [json.loads(x)["step"] for x in (tmp_path / "h" / "metrics.jsonl").read_text().splitlines()]
+    assert res["step"] == max(steps) == 15 and res["val_step"] == 15 and res["mid_epoch"]
+    text = render_summary(res)
+    assert text.startswith("trained 15 steps") and "validation (step 15, mid-epoch 1)" in text
 
 
 def test_report_to_tensorboard_writes_scalars_per_head_that_tensorboard_reads_back(tmp_path, dumped):

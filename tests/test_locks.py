@@ -1,0 +1,90 @@
+"""One writer per output for the whole run: a second dump or train into the same --out is refused at any moment of
+the first (while it prepares, mid-run, after `--overwrite` emptied the directory), never interleaved. Faults are
+injected at a given step (no sleeps): the second command runs from inside the first one's model pass or step."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import sharegpt_slice, write_jsonl
+
+from medusa_cache.backbone import ModelPass
+from medusa_cache.dump import DumpConfig, run_dump
+from medusa_cache.errors import UserError
+from medusa_cache.store import WriterLock
+from medusa_cache.train import Run, TrainConfig, train
+from medusa_cache.verify import verify
+
+
+def _dump_cfg(tiny_llama, data, out, **kw):
+    return DumpConfig(model=str(tiny_llama), data=[str(data)], out=str(out), dtype="float32", max_length=128,
+                      chunk_tokens=128, shard_tokens=512, **kw)
+
+
+@pytest.mark.parametrize("second", [dict(resume=True), dict(overwrite=True)])
+def test_a_second_dump_is_refused_while_the_first_runs(tmp_path, tiny_llama, monkeypatch, second):
+    data = write_jsonl(tmp_path / "chat.jsonl", sharegpt_slice(30))
+    other = write_jsonl(tmp_path / "other.jsonl", sharegpt_slice(10, start=200))
+    out = tmp_path / "c"
+    real, seen = ModelPass.run, []
+
+    def run(self, ids, batch):  # the first unit of the first dump: the store exists, nothing is done yet
+        if not seen:
+            seen.append(1)
+            with pytest.raises(UserError, match="another medusa-cache command is writing"):
+                run_dump(_dump_cfg(tiny_llama, other if second.get("overwrite") else data, out, **second))
+        return real(self, ids, batch)
+
+    monkeypatch.setattr(ModelPass, "run", run)
+    run_dump(_dump_cfg(tiny_llama, data, out))
+    assert seen and verify(str(out), deep=True)["healthy"]
+
+
+def test_overwrite_keeps_the_lock_of_the_directory_it_empties(tmp_path, tiny_llama, monkeypatch):
+    """`dump --overwrite` empties the store in place and `create` keeps the directory: the lock taken before stays
+    on the directory the new store is written to (a recreated directory would let a second writer in)."""
+    data = write_jsonl(tmp_path / "chat.jsonl", sharegpt_slice(20))
+    out = tmp_path / "c"
+    run_dump(_dump_cfg(tiny_llama, data, out))
+    real, seen = ModelPass.run, []
+
+    def run(self, ids, batch):
+        if not seen:
+            seen.append(1)
+            with pytest.raises(UserError, match="another medusa-cache command is writing"):
+                WriterLock(out, "dump")
+        return real(self, ids, batch)
+
+    monkeypatch.setattr(ModelPass, "run", run)
+    run_dump(_dump_cfg(tiny_llama, data, out, overwrite=True))
+    assert seen and verify(str(out), deep=True)["healthy"]
+
+
+def test_a_second_train_into_the_same_out_is_refused_mid_run(tmp_path, dumped, monkeypatch):
+    cfg = dict(cache=str(dumped), num_heads=2, epochs=1, batch_tokens=512, lr=1e-2)
+    real, seen = Run.optimizer_step, []
+
+    def step(self):
+        real(self)
+        if self.step == 2 and not seen:
+            seen.append(1)
+            for kw in (dict(overwrite=True), dict(resume=True), dict()):
+                with pytest.raises(UserError, match="another medusa-cache command is writing"):
+                    train(TrainConfig(out=str(tmp_path / "h"), **{**cfg, "lr": 3e-3}, **kw))
+
+    monkeypatch.setattr(Run, "optimizer_step", step)
+    train(TrainConfig(out=str(tmp_path / "h"), **cfg))
+    assert seen
+    assert json.loads((tmp_path / "h" / "train_config.json").read_text())["lr"] == 1e-2  # the first run's files
+    monkeypatch.setattr(Run, "optimizer_step", real)
+    train(TrainConfig(out=str(tmp_path / "h"), overwrite=True, **cfg))  # released at the end of the run
+
+
+def test_a_crashed_writer_leaves_no_stale_lock(tmp_path):
+    out = tmp_path / "o"
+    code = f"from medusa_cache.store import WriterLock; import os; WriterLock({str(out)!r}, 'train'); os._exit(9)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 9
+    WriterLock(out, "train").release()  # the kernel dropped the dead process's lock

@@ -61,13 +61,13 @@ def run_ablate(cfg: TrainConfig, heads: list[int], layers: list[int], lrs: list[
     if vocabs:
         from .rundir import claim
 
-        claim(out, kind="train", overwrite=cfg.overwrite, inputs={"--cache": cfg.cache, "--val-cache": cfg.val_cache})
+        claim(out, kind="ablate", overwrite=cfg.overwrite, inputs={"--cache": cfg.cache, "--val-cache": cfg.val_cache})
         for n in vocabs:
             runs.append((n, replace(cfg, draft_vocab_size=n, out=str(out / "runs" / f"V{n}"), overwrite=False),
                          [(variant_name(la, lr, n), la, lr) for la in layers for lr in lrs]))
     else:
         runs.append((None, cfg, [(variant_name(la, lr), la, lr) for la in layers for lr in lrs]))
-    results = [train(c, specs) for _, c, specs in runs]
+    results = [train(c, specs, kind="train" if vocabs else "ablate") for _, c, specs in runs]
     from . import dist
 
     if dist.active() and torch.distributed.get_rank() != 0:

@@ -51,8 +51,9 @@ def _plot_measured(ablate_dir: Path, best: dict, spec: dict) -> None:
 
 
 def run_demo(out: str = "medusa-cache-demo", epochs: int = 4, max_new_tokens: int = 200) -> dict:
-    o = Path(out)
-    o.mkdir(parents=True, exist_ok=True)
+    from .rundir import own_dir
+
+    o = own_dir(out, "demo")
     model = str(DEMO / "stories260K")
     stories = o / "stories.jsonl"
     print(f"[1/4] generate: stories260K continues {DEMO / 'prompts.jsonl'} -> {stories}")

@@ -295,6 +295,10 @@ def run_eval(heads_dir: str, cache_path: str, topk: int = 10, tree_file: str | N
         raise UserError(f"--topk: must be >= 1, got {topk}")
     if any(b < 1 for b in budgets or []):
         raise UserError(f"--tree-budget: tree sizes must be >= 1, got {budgets}")
+    if trees_out:  # refused now, not after scoring: a file, an input, another command's output
+        from .rundir import own_dir
+
+        own_dir(trees_out, "eval", {"--heads": heads_dir, "--cache": cache_path}, "--trees-out")
     cache = Cache(cache_path)
     cache.require_complete(partial_flag=None)  # eval scores whole caches only
     heads_model = (config.get("cache_fingerprint") or {}).get("model")

@@ -99,6 +99,8 @@ def generate(cfg: GenerateConfig) -> int:
         raise UserError(f"--out: {out} exists and is not a file (generate writes one JSONL file)")
     if out.exists() and not (cfg.resume or cfg.overwrite):
         raise UserError(f"--out: {out} already exists; pass --resume to continue it or --overwrite to replace it")
+    settings = _settings(cfg)
+    _check_owner(out, cfg, settings)
     rows = [r for r in read_rows(Path(cfg.prompts), 0, pipeline=cfg.pipeline, flag="--prompts")]
     bad = [r for r in rows if isinstance(r, RowError)]
     if bad:
@@ -123,6 +125,7 @@ def generate(cfg: GenerateConfig) -> int:
     if cfg.overwrite or not out.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text("")
+    _marker(out).write_text(json.dumps({"written_by": "medusa-cache generate", "settings": settings}, indent=1))
     model = AutoModelForCausalLM.from_pretrained(cfg.model).to(cfg.device).eval()
     torch.manual_seed(cfg.seed)
     todo = rows[done:]
@@ -137,6 +140,38 @@ def generate(cfg: GenerateConfig) -> int:
 
 
 WINDOW_BATCHES = 4  # rows are grouped by prompt length within windows of this many batches (less padding)
+
+
+def _marker(out: Path) -> Path:
+    """The file beside --out that says generate wrote it, and with which settings (what --resume must match)."""
+    return out.with_name(out.name + ".medusa-cache.json")
+
+
+def _settings(cfg: GenerateConfig) -> dict:
+    from .fingerprint import file_hash, model_fingerprint
+
+    return {"model": model_fingerprint(cfg.model), "prompts": file_hash(Path(cfg.prompts)),
+            "max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature, "seed": cfg.seed,
+            "pipeline": cfg.pipeline, "system_prompt": cfg.system_prompt}
+
+
+def _check_owner(out: Path, cfg: GenerateConfig, settings: dict) -> None:
+    """--overwrite replaces only a file generate wrote; --resume continues only the same run."""
+    if not out.exists() or not (cfg.resume or cfg.overwrite) or (cfg.overwrite and out.stat().st_size == 0):
+        return
+    try:
+        mark = json.loads(_marker(out).read_text())
+    except (OSError, ValueError):
+        mark = {}
+    if mark.get("written_by") != "medusa-cache generate":
+        flag = "--overwrite" if cfg.overwrite else "--resume"
+        raise UserError(f"{flag}: {out} was not written by medusa-cache generate (no {_marker(out).name} beside it); "
+                        "refusing to " + ("replace it" if cfg.overwrite else "append to it") + ": choose another --out")
+    if cfg.resume:
+        diff = [k for k, v in settings.items() if mark.get("settings", {}).get(k) != v]
+        if diff:
+            raise UserError(f"--resume: {out} was generated with a different {', '.join(diff)}; continuing would mix "
+                            "rows of two runs: give the same settings, or --overwrite")
 
 
 def _answerable(messages: list[dict] | None) -> bool:

@@ -56,6 +56,28 @@ def check_apart(out: str | Path, inputs: dict[str, str | Path | None] | None, ou
                                 "choose an output apart from the inputs")
 
 
+def own_dir(out: str | Path, kind: str, inputs: dict[str, str | Path | None] | None = None,
+            out_flag: str = "--out") -> Path:
+    """An output directory of a command without --overwrite (speculate --out, eval --trees-out, demo --out): created
+    and marked, or one this same command wrote (its files are replaced, nothing else is touched); a file, an input,
+    another command's output or a foreign non-empty directory is refused by name."""
+    out = Path(out)
+    check_apart(out, inputs, out_flag)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out_flag}: {out} exists and is not a directory")
+    if out.exists() and any(out.iterdir()) and written_by(out) != kind:
+        by = written_by(out)
+        what = f"the output of `medusa-cache {by}`" if by else "files medusa-cache did not write"
+        raise UserError(f"{out_flag}: {out} holds {what}; {kind} writes only into a new directory or one it wrote: "
+                        "choose another")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / MARKER).write_text(json.dumps({"written_by": f"medusa-cache {kind}"}) + "\n")
+    except OSError as e:
+        raise UserError(f"{out_flag}: cannot create {out}: {e.strerror}") from None
+    return out
+
+
 def claim(out: str | Path, *, kind: str, overwrite: bool = False, resume: bool = False,
           inputs: dict[str, str | Path | None] | None = None, out_flag: str = "--out") -> Path:
     """Make ``out`` ready for a ``kind`` run (e.g. "train") and mark it as ours; returns its path.
@@ -81,6 +103,9 @@ def claim(out: str | Path, *, kind: str, overwrite: bool = False, resume: bool =
             hint = "pass --resume to continue it or --overwrite to replace it" if kind == "train" else \
                 "pass --overwrite to replace it"
             raise UserError(f"{out_flag}: {out} already exists; {hint}")
+        elif written_by(out) not in (None, kind):
+            raise UserError(f"--resume: {out} holds the output of `medusa-cache {written_by(out)}`, not of {kind}; "
+                            "refusing to continue it")
     try:
         out.mkdir(parents=True, exist_ok=True)
         (out / MARKER).write_text(json.dumps({"written_by": f"medusa-cache {kind}"}) + "\n")

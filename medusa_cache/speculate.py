@@ -244,6 +244,10 @@ def run_speculate(cfg: SpeculateConfig) -> dict:
     from .export import load_heads
 
     check_device(cfg.device)
+    if cfg.out:  # refused before any work: a file, an input, another command's output, a foreign directory
+        from .rundir import own_dir
+
+        own_dir(cfg.out, "speculate", {"--heads": cfg.heads, "--model": cfg.model, "--prompts": cfg.prompts})
     heads, mapping, hcfg = load_heads(cfg.heads)
     if cfg.chain:
         paths = [(0,) * d for d in range(1, heads.num_heads + 1)]
@@ -308,7 +312,6 @@ def run_speculate(cfg: SpeculateConfig) -> dict:
            "mismatches": mismatches, "per_prompt": rows}
     if cfg.out:
         out = Path(cfg.out)
-        out.mkdir(parents=True, exist_ok=True)
         (out / "results.json").write_text(json.dumps(res, indent=2))
         (out / "report.md").write_text(render(res) + "\n")
     bad = [m for m in mismatches if cfg.dtype == "float32" and m["top2_gap"] > 1e-4]

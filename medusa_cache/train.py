@@ -257,7 +257,7 @@ def make_variant(name: str, cfg: TrainConfig, cache: Cache, total_steps: int, nu
                    torch.zeros(k, device=dev), torch.zeros(k, dtype=torch.long, device=dev))
 
 
-def _prepare_run(cfg: TrainConfig, settings: dict, group: int, lock: list) -> dict | None:
+def _prepare_run(cfg: TrainConfig, settings: dict, group: int, lock: list, kind: str = "train") -> dict | None:
     """Lock and claim --out (rank 0; the lock is appended to ``lock`` and held until the run ends). Fresh: write the
     resolved config. Resume: check the contract, return the checkpoint."""
     from .store import WriterLock
@@ -266,7 +266,7 @@ def _prepare_run(cfg: TrainConfig, settings: dict, group: int, lock: list) -> di
     if cfg.resume and not (Path(cfg.out) / "checkpoint.pt").exists():
         raise UserError(f"--resume: no checkpoint in {cfg.out}")
     if not cfg.resume:
-        out = rundir.claim(cfg.out, kind="train", overwrite=cfg.overwrite, inputs=_inputs(cfg))
+        out = rundir.claim(cfg.out, kind=kind, overwrite=cfg.overwrite, inputs=_inputs(cfg))
         (out / "train_config.json").write_text(json.dumps(to_dict(cfg), indent=2))
         return None
     out = Path(cfg.out)
@@ -282,7 +282,7 @@ def _prepare_run(cfg: TrainConfig, settings: dict, group: int, lock: list) -> di
         stored = {k: old.get(k) for k in rundir.RESUME_FIXED}
         settings = {k: settings[k] for k in rundir.RESUME_FIXED}
     rundir.check_resume(stored, settings, out)
-    rundir.claim(out, kind="train", resume=True, inputs=_inputs(cfg))
+    rundir.claim(out, kind=kind, resume=True, inputs=_inputs(cfg))
     rundir.trim_metrics(out / "metrics.jsonl", ck["step"], ck["epoch"])
     return ck
 
@@ -367,7 +367,7 @@ class _StopSignals:
         self.previous = {}
 
 
-def train(cfg: TrainConfig, variants: list[tuple[str, int, float]] | None = None) -> dict:
+def train(cfg: TrainConfig, variants: list[tuple[str, int, float]] | None = None, kind: str = "train") -> dict:
     """Train heads on ``cfg.cache`` into ``cfg.out``; returns the final metrics. Three phases: ``Run.setup``
     (everything that can refuse the run, before ``--out`` is touched, then the claim of ``--out`` and the resume),
     ``Run.fit`` (epochs of optimizer steps, each epoch ending with ``Run.validate``), ``Run.finish`` (heads written).
@@ -382,7 +382,7 @@ def train(cfg: TrainConfig, variants: list[tuple[str, int, float]] | None = None
     """
     locks: list = []  # rank 0's lock on --out, held from before the claim until the heads are written
     try:
-        run = Run.setup(cfg, variants, locks)
+        run = Run.setup(cfg, variants, locks, kind)
         try:
             run.fit()
         finally:
@@ -401,7 +401,8 @@ class Run:
     """The state of one training run and its phases (litgpt's setup / fit / validate, as methods)."""
 
     @classmethod
-    def setup(cls, cfg: TrainConfig, variants: list[tuple[str, int, float]] | None, locks: list) -> Run:
+    def setup(cls, cfg: TrainConfig, variants: list[tuple[str, int, float]] | None, locks: list,
+              kind: str = "train") -> Run:
         from . import dist
 
         r = cls()
@@ -417,7 +418,7 @@ class Run:
         r.settings = rundir.resume_settings(cfg, r.cache.content_fingerprint(), r.val_cache.content_fingerprint()
                                             if r.val_cache is not None else None)
         r.group = r.world * cfg.grad_accum  # micro-batches per optimizer step, all ranks together
-        dist.on_rank0(lambda: _prepare_run(cfg, r.settings, r.group, locks), r.rank)
+        dist.on_rank0(lambda: _prepare_run(cfg, r.settings, r.group, locks, kind), r.rank)
         r.out, r.device = Path(cfg.out), cfg.device
         r.on_cuda = r.device.startswith("cuda")
         r.train_seqs, r.val_seqs = split(r.cache, cfg)
@@ -640,7 +641,7 @@ class Run:
                  "distinct_assistant_tokens": int((c.array("token_counts") > 0).sum()),
                  "coverage": round(c.coverage([c.meta.draft_vocab_size])[c.meta.draft_vocab_size], 4)}
         return {**self.last_val, "val_step": self.last_val.get("step"), "step": self.step, "val_seqs": self.val_seqs,
-                "out": str(self.out), "tokens_seen": self.tokens_seen, "vocab": vocab,
+                "out": str(self.out), "tokens_seen": self.tokens_seen + self.world * self.window_tokens, "vocab": vocab,
                 "wall_s": round(time.perf_counter() - self.t_start, 1)}
 
 

@@ -35,6 +35,8 @@ def test_generate_resumes_after_a_torn_write_without_duplicates(tmp_path):
                                  for r, p in zip(ref, prompts.read_text().splitlines(), strict=True))
     # what a kill mid-write leaves: two complete rows and a torn third
     (tmp_path / "out.jsonl").write_text("\n".join(ref[:2]) + "\n" + ref[2][:10])
+    marker = (tmp_path / "ref.jsonl.medusa-cache.json").read_text()  # generate's own: what --resume requires
+    (tmp_path / "out.jsonl.medusa-cache.json").write_text(marker)
     generate(GenerateConfig(out=str(tmp_path / "out.jsonl"), resume=True, **cfg))
     assert (tmp_path / "out.jsonl").read_text().splitlines() == ref
 

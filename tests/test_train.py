@@ -435,6 +435,7 @@ def test_max_steps_mid_epoch_reports_the_steps_run_and_validates_the_heads_writt
     assert res["step"] == max(steps) == 15 and res["val_step"] == 15 and res["mid_epoch"]
     text = render_summary(res)
     assert text.startswith("trained 15 steps") and "validation (step 15, mid-epoch 1)" in text
+    assert res["tokens_seen"] > 0  # the steps after the last log line count too
 
 
 def test_report_to_tensorboard_writes_scalars_per_head_that_tensorboard_reads_back(tmp_path, dumped):

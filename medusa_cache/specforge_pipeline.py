@@ -114,7 +114,7 @@ def arrange(turns: list[dict], system_prompt: str | None) -> list[dict]:
 
 
 class SpecForgeTemplater:
-    """Steps 3 and 4 for rows read with ``read_rows(..., raw=True)``."""
+    """Steps 3 and 4 for rows read with ``read_rows(..., pipeline="specforge")``."""
 
     def __init__(self, tokenizer, template: SpecForgeTemplate, max_length: int, system_prompt: str | None = None):
         self.tok, self.t, self.max_length = tokenizer, template, max_length

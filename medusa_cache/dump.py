@@ -359,6 +359,8 @@ def default_int8_group(hidden_size: int) -> int:
 
 def resolve_model_options(cfg: DumpConfig, hidden_size: int) -> None:
     """Options that depend on the model, checked and filled in before anything is tokenised or created."""
+    if cfg.hidden_codec != "int8":
+        return
     if cfg.int8_group is None:
         cfg.int8_group = default_int8_group(hidden_size)
     elif cfg.hidden_codec == "int8" and hidden_size % cfg.int8_group:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -61,15 +60,26 @@ def own_dir(out: str | Path, kind: str, inputs: dict[str, str | Path | None] | N
     """An output directory of a command without --overwrite (speculate --out, eval --trees-out, demo --out): created
     and marked, or one this same command wrote (its files are replaced, nothing else is touched); a file, an input,
     another command's output or a foreign non-empty directory is refused by name."""
-    out = Path(out)
-    check_apart(out, inputs, out_flag)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{out_flag}: {out} exists and is not a directory")
+    out = _directory_apart(out, inputs, out_flag)
     if out.exists() and any(out.iterdir()) and written_by(out) != kind:
         by = written_by(out)
         what = f"the output of `medusa-cache {by}`" if by else "files medusa-cache did not write"
         raise UserError(f"{out_flag}: {out} holds {what}; {kind} writes only into a new directory or one it wrote: "
                         "choose another")
+    return _mark(out, kind, out_flag)
+
+
+def _directory_apart(out: str | Path, inputs: dict[str, str | Path | None] | None, out_flag: str) -> Path:
+    """``out`` as a path, refused when it touches an input or is an existing file."""
+    out = Path(out)
+    check_apart(out, inputs, out_flag)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out_flag}: {out} exists and is not a directory")
+    return out
+
+
+def _mark(out: Path, kind: str, out_flag: str) -> Path:
+    """Create ``out`` if needed and write the marker naming the command that owns it."""
     try:
         out.mkdir(parents=True, exist_ok=True)
         (out / MARKER).write_text(json.dumps({"written_by": f"medusa-cache {kind}"}) + "\n")
@@ -84,10 +94,7 @@ def claim(out: str | Path, *, kind: str, overwrite: bool = False, resume: bool =
 
     ``inputs``: flag -> path of everything the command reads; ``out`` may not be, hold or lie inside any.
     """
-    out = Path(out)
-    check_apart(out, inputs, out_flag)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{out_flag}: {out} exists and is not a directory")
+    out = _directory_apart(out, inputs, out_flag)
     if out.exists() and any(out.iterdir()):
         if overwrite:
             by = written_by(out)
@@ -97,8 +104,7 @@ def claim(out: str | Path, *, kind: str, overwrite: bool = False, resume: bool =
             if by != kind:
                 raise UserError(f"--overwrite: {out} holds the output of `medusa-cache {by}`, not of {kind}; "
                                 "refusing to delete it")
-            for child in out.iterdir():  # emptied in place: a lock held on the directory stays valid
-                shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+            store.empty_dir(out)  # in place: a lock held on the directory stays valid
         elif not resume:
             hint = "pass --resume to continue it or --overwrite to replace it" if kind == "train" else \
                 "pass --overwrite to replace it"
@@ -106,12 +112,7 @@ def claim(out: str | Path, *, kind: str, overwrite: bool = False, resume: bool =
         elif written_by(out) not in (None, kind):
             raise UserError(f"--resume: {out} holds the output of `medusa-cache {written_by(out)}`, not of {kind}; "
                             "refusing to continue it")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / MARKER).write_text(json.dumps({"written_by": f"medusa-cache {kind}"}) + "\n")
-    except OSError as e:
-        raise UserError(f"{out_flag}: cannot create {out}: {e.strerror}") from None
-    return out
+    return _mark(out, kind, out_flag)
 
 
 def atomic_save(obj: Any, path: Path) -> None:

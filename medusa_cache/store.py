@@ -242,8 +242,14 @@ def remove_store(path: str | Path) -> None:
         fs, p = _fs(path)
         fs.rm(p, recursive=True)
     else:  # empty the directory but keep it: the dump's WriterLock is held on it
-        for child in Path(path).iterdir():
-            shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+        empty_dir(Path(path))
+
+
+def empty_dir(path: Path) -> None:
+    """Remove everything inside ``path`` but keep the directory itself: a ``WriterLock`` held on it stays valid
+    (deleting and recreating the directory would leave the lock on a removed inode)."""
+    for child in path.iterdir():
+        shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
 
 
 def needed_rows(loss_mask: np.ndarray, offsets: np.ndarray, max_heads: int) -> np.ndarray:
@@ -303,8 +309,7 @@ def create(
         # an existing (empty, locked) directory is kept: mode "w" would delete and recreate it under the lock
         mode = "a" if not is_url(path) and Path(path).is_dir() else "w"
         if mode == "a":  # what mode "w" would do, in place: a store left half-prepared by a kill is started over
-            for child in Path(path).iterdir():
-                shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+            empty_dir(Path(path))
         group = zarr.open_group(str(path), mode=mode, attributes={"medusa_cache_preparing": True})
         tok = dict(chunks=(layout.chunk_tokens,), shards=(layout.shard_tokens,))
         for name, data in (("input_ids", input_ids.astype(np.int32)), ("loss_mask", loss_mask.astype(np.uint8)),

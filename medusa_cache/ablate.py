@@ -14,46 +14,81 @@ fitted-tree acceptance, see ``evaluate``), and the best variant's heads are writ
 
 from __future__ import annotations
 
+import dataclasses
 import json
-from dataclasses import replace
+import shlex
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from .ablate_plots import label, measured_table, parse_variant, plot, plot_vocab, variant_name, vocab_table
+from .config import check, flag
 from .errors import UserError
 from .evaluate import evaluate_ranks, head_ranks, render_table, write_trees
 from .export import export, load_heads, save_heads
 from .progress import progress
 from .store import Cache
 from .train import TrainConfig, train
+from .traindata import heldout_coverage
+from .vocab import coverage
 
 
-def variant_name(layers: int, lr: float, vocab: int | None = None) -> str:
-    return (f"V{vocab}_" if vocab else "") + f"L{layers}_lr{lr:g}"
+@dataclass
+class AblateConfig:
+    """What ``medusa-cache ablate`` varies and how it chooses (every other flag is ``TrainConfig``'s), e.g.
+    medusa-cache ablate --cache c.zarr --out abl --heads 1,2,3,4,5 --layers 1,2 --tree-budget 16,32,64 --epochs 2"""
+
+    heads: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 5])
+    """head counts"""
+    layers: list[int] | None = None
+    """ResBlocks per head (default: the config's num_layers, else 1)"""
+    lr: list[float] | None = None
+    """learning rates (default: the config's lr, else 1e-4)"""
+    tree_budget: list[int] = field(default_factory=lambda: [16, 32, 64])
+    """tree sizes"""
+    draft_vocab: list[int] | None = None
+    """draft vocabulary sizes to sweep, e.g. 8000,16000,32000: each re-mapped from this one cache (train
+    --draft-vocab-size), every size x head count in one report (default: the cache's)"""
+    topk: int = 10
+    """top-k predictions per head considered for trees"""
+    verify_cost: float | None = None
+    """cost of verifying one tree node relative to a one-token step, for the cost-aware choice of the best (default:
+    measured by --speculate-prompts, else timed with the cache's model on --device)"""
+    speculate_prompts: str | None = None
+    """prompts file: also decode for real (speculate) with each head count's best tree and report measured tokens per
+    step and speedup"""
+    speculate_tokens: int = 128
+    """new tokens per prompt for --speculate-prompts"""
+
+    def __post_init__(self) -> None:
+        check(self.topk >= 1, "topk", f"must be >= 1, got {self.topk}")
+        check(self.speculate_tokens >= 1, "speculate_tokens", f"must be >= 1, got {self.speculate_tokens}")
+        check(bool(self.heads) and min(self.heads) >= 1, "heads", f"give head counts >= 1, got {self.heads}")
+        check(self.layers is None or (bool(self.layers) and min(self.layers) >= 1), "layers",
+              f"give layer counts >= 1, got {self.layers}")
+        check(self.lr is None or (bool(self.lr) and min(self.lr) > 0), "lr",
+              f"give positive learning rates, got {self.lr}")
+        check(all(b >= 1 for b in self.tree_budget), "tree_budget", f"budgets must be >= 1, got {self.tree_budget}")
+        check(self.verify_cost is None or self.verify_cost >= 0, "verify_cost", f"must be >= 0, got {self.verify_cost}")
+        check(self.draft_vocab is None or (bool(self.draft_vocab) and len(set(self.draft_vocab)) == len(
+            self.draft_vocab) and min(self.draft_vocab) >= 1), "draft_vocab", f"give distinct sizes >= 1, got "
+              f"{self.draft_vocab}")
 
 
-def parse_variant(name: str) -> tuple[int | None, int, float]:
-    """'V8000_L1_lr0.003' -> (8000, 1, 0.003); 'L1_lr0.003' -> (None, 1, 0.003)."""
-    vocab = None
-    if name.startswith("V"):
-        v, name = name.split("_", 1)
-        vocab = int(v[1:])
-    layers, lr = name[1:].split("_lr")
-    return vocab, int(layers), float(lr)
-
-
-def run_ablate(cfg: TrainConfig, heads: list[int], layers: list[int], lrs: list[float], budgets: list[int],
-               topk: int = 10, verify_cost: float | None = None, speculate_prompts: str | None = None,
-               speculate_tokens: int = 128, vocabs: list[int] | None = None) -> dict:
+def run_ablate(cfg: TrainConfig, a: AblateConfig) -> dict:
     """Train every variant once (each head count is a prefix of the largest), evaluate, choose, report.
 
-    ``vocabs``: draft vocabulary sizes, each re-mapped from the one cache (``train --draft-vocab-size``): one
+    ``a.draft_vocab``: draft vocabulary sizes, each re-mapped from the one cache (``train --draft-vocab-size``): one
     training run per size (its variants side by side, head counts exact prefixes as without it), all in one report.
+    ``a.layers``/``a.lr`` default to the train config's one value.
     """
-    check_request(cfg, heads, layers, lrs, budgets, verify_cost, speculate_prompts, vocabs, topk, speculate_tokens)
-    command = ablate_command(cfg, heads, layers, lrs, budgets, topk, verify_cost, speculate_prompts,
-                             speculate_tokens, vocabs)
+    layers, lrs = a.layers or [cfg.num_layers], a.lr or [cfg.lr]
+    heads, topk, budgets, vocabs = a.heads, a.topk, a.tree_budget, a.draft_vocab
+    a = replace(a, layers=layers, lr=lrs)
+    check_request(cfg, a)
+    command = ablate_command(cfg, a)
     kmax = max(heads)
     cfg = replace(cfg, num_heads=kmax, clip_per_head=True)
     out = Path(cfg.out)
@@ -82,114 +117,77 @@ def run_ablate(cfg: TrainConfig, heads: list[int], layers: list[int], lrs: list[
             cache.remap(mapping)
         val = cache.usable_seqs(cfg.allow_partial, warn=False) if cfg.val_cache else result["val_seqs"]
         r = head_ranks(hv, cache, val, topk, cfg.device)
-        cover = {"cache": round(Cache(cfg.cache).coverage([mapping.draft_size])[mapping.draft_size], 4),
+        n = mapping.draft_size
+        cover = {"cache": round(coverage(Cache(cfg.cache).stored("token_counts"), [n])[n], 4),
                  "heldout": round(heldout_coverage(cache, mapping, val), 4)}
         for k in sorted(set(heads)):
             res = {"variant": name, "label": label(name), "dir": str(d), "draft_vocab_size": mapping.draft_size,
                    "coverage": cover, **evaluate_ranks(r, k, topk, budgets)}
             write_trees(res, out / "trees", f"{name}_heads{k}_tree")
             rows.append(res)
-    return report(rows, cfg, out, budgets, verify_cost, speculate_prompts, speculate_tokens, command)
+    return report(rows, cfg, a, out, command)
 
 
-def heldout_coverage(cache: Cache, mapping, seqs: np.ndarray) -> float:
-    """Fraction of the assistant tokens of sequences ``seqs`` that ``mapping``'s draft vocabulary holds."""
-    ids, mask = cache.array("input_ids"), cache.array("loss_mask").astype(bool)
-    rows = np.concatenate([np.arange(cache.offsets[s], cache.offsets[s + 1]) for s in seqs]) if len(seqs) else \
-        np.zeros(0, dtype=np.int64)
-    rows = rows[mask[rows]]
-    return float(mapping.t2d[ids[rows]].mean()) if len(rows) else 0.0
-
-
-def ablate_command(cfg: TrainConfig, heads: list[int], layers: list[int], lrs: list[float], budgets: list[int],
-                   topk: int, verify_cost: float | None, speculate_prompts: str | None, speculate_tokens: int,
-                   vocabs: list[int] | None = None) -> str:
+def ablate_command(cfg: TrainConfig, a: AblateConfig) -> str:
     """The ``medusa-cache ablate`` call that gives these settings (the provenance of the heads it writes)."""
-    import dataclasses
-    import shlex
-
     from .export import command_line
 
-    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
-    base = command_line("ablate", dataclasses.asdict(cfg), defaults,
+    train_defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)
+                      if f.default is not dataclasses.MISSING}
+    base = command_line("ablate", dataclasses.asdict(cfg), train_defaults,
                         skip=("resume", "overwrite", "num_heads", "num_layers", "lr", "clip_per_head"))
-    extra = ["--heads", ",".join(map(str, heads)), "--layers", ",".join(map(str, layers)),
-             "--lr", ",".join(f"{x:g}" for x in lrs), "--tree-budget", ",".join(map(str, budgets)),
-             "--topk", str(topk)]
-    if vocabs:
-        extra += ["--draft-vocab", ",".join(map(str, vocabs))]
-    if verify_cost is not None:
-        extra += ["--verify-cost", f"{verify_cost:g}"]
-    if speculate_prompts:
-        extra += ["--speculate-prompts", speculate_prompts, "--speculate-tokens", str(speculate_tokens)]
-    return base + " " + shlex.join(extra)
+    own = dataclasses.asdict(a)
+    for name in ("draft_vocab", "verify_cost", "speculate_prompts"):
+        if own[name] is None:
+            del own[name]
+    if "speculate_prompts" not in own:
+        del own["speculate_tokens"]
+    words = [w for name, v in own.items() for w in (flag(name), ",".join(f"{x:g}" if isinstance(x, float) else str(x)
+                                                                         for x in v) if isinstance(v, list) else
+                                                      f"{v:g}" if isinstance(v, float) else str(v))]
+    return base + " " + shlex.join(words)
 
 
-def check_request(cfg: TrainConfig, heads: list[int], layers: list[int], lrs: list[float], budgets: list[int],
-                  verify_cost: float | None, speculate_prompts: str | None, vocabs: list[int] | None = None,
-                  topk: int = 10, speculate_tokens: int = 128) -> None:
-    """Every refusal before any training (a mistake found after hours of training costs the hours)."""
-    if topk < 1:
-        raise UserError(f"--topk: must be >= 1, got {topk}")
-    if speculate_tokens < 1:
-        raise UserError(f"--speculate-tokens: must be >= 1, got {speculate_tokens}")
-    if vocabs is not None:
-        c = Cache(cfg.cache)
-        if not vocabs or min(vocabs) < 1 or max(vocabs) > c.meta.vocab_size or len(set(vocabs)) != len(vocabs):
+def check_request(cfg: TrainConfig, a: AblateConfig) -> None:
+    """Every refusal before any training (a mistake found after hours of training costs the hours); the flags alone
+    are checked by ``AblateConfig``."""
+    c = Cache(cfg.cache)
+    if a.draft_vocab is not None:
+        if max(a.draft_vocab) > c.meta.vocab_size:
             raise UserError(f"--draft-vocab: give distinct sizes in 1..{c.meta.vocab_size} (the model's vocabulary), "
-                            f"got {vocabs}")
+                            f"got {a.draft_vocab}")
         if cfg.draft_vocab_size is not None:
             raise UserError("--draft-vocab: pass the sizes to sweep there, not --draft-vocab-size as well")
-    if not heads or min(heads) < 1:
-        raise UserError(f"--heads: give head counts >= 1, got {heads}")
-    if not layers or min(layers) < 1:
-        raise UserError(f"--layers: give layer counts >= 1, got {layers}")
-    if not lrs or min(lrs) <= 0:
-        raise UserError(f"--lr: give positive learning rates, got {lrs}")
-    if any(b < 1 for b in budgets):
-        raise UserError(f"--tree-budget: budgets must be >= 1, got {budgets}")
-    if verify_cost is not None and not verify_cost >= 0:
-        raise UserError(f"--verify-cost: must be >= 0, got {verify_cost}")
-    if speculate_prompts and not Path(speculate_prompts).is_file():
-        raise UserError(f"--speculate-prompts: file not found: {speculate_prompts}")
+    if a.speculate_prompts and not Path(a.speculate_prompts).is_file():
+        raise UserError(f"--speculate-prompts: file not found: {a.speculate_prompts}")
     if cfg.val_fraction <= 0 and not cfg.val_cache:
         raise UserError("--val-fraction: ablate needs held-out data (a fraction > 0, or --val-cache)")
-    Cache(cfg.cache).require_reach(max(heads), "--heads")
+    c.require_reach(max(a.heads), "--heads")
     if cfg.val_cache:  # something to hold out (else it would fail only after training)
         vc = Cache(cfg.val_cache)
-        vc.require_reach(max(heads), "--heads")
+        vc.require_compatible(c.meta.fingerprints.get("model"), c.hidden_size, max(a.heads), f"--cache {cfg.cache}",
+                              "--val-cache", "--heads")
         vc.require_complete(cfg.allow_partial)
         if len(vc.usable_seqs(cfg.allow_partial, warn=False)) == 0:
             raise UserError(f"--val-cache: {cfg.val_cache} has no usable sequences to evaluate on")
     else:
-        c = Cache(cfg.cache)
         c.require_complete(cfg.allow_partial)
         n = len(c.usable_seqs(cfg.allow_partial, warn=False))
         if n < 2:
             raise UserError(f"--val-fraction: {cfg.cache} has {n} usable sequences; holding out {cfg.val_fraction} "
                             "of them leaves none to evaluate on: give a larger --val-fraction or a --val-cache")
-    model = Cache(cfg.cache).meta.dump_args.get("model")
-    if verify_cost is None and not speculate_prompts and not (model and Path(model, "config.json").exists()):
+    model = c.meta.dump_args.get("model")
+    if a.verify_cost is None and not a.speculate_prompts and not (model and Path(model, "config.json").exists()):
         raise UserError(f"--verify-cost: the expected speedup needs the verification cost per tree node, timed with "
                         f"the cache's model ({model!r}, not a model directory here): pass --verify-cost C (relative "
                         "to a one-token step) or --speculate-prompts FILE to measure it by real decoding")
 
 
-def report(rows: list[dict], cfg: TrainConfig, out: Path, budgets: list[int], verify_cost: float | None,
-           speculate_prompts: str | None, speculate_tokens: int, command: str | None = None) -> dict:
+def report(rows: list[dict], cfg: TrainConfig, a: AblateConfig, out: Path, command: str | None = None) -> dict:
     """Measured decoding (optional), the cost-aware choice, best/ and its card, report.md, results.json, plot."""
     model = Cache(cfg.cache).meta.dump_args.get("model")
-    if speculate_prompts:
-        measure(rows, out, cfg, model, speculate_prompts, speculate_tokens, verify_cost)
-        measured = [m["step_cost_ratio"] for r in rows for m in [r.get("measured")] if m and m["nodes"]]
-        if verify_cost is None and measured:  # the cost per tree node this machine showed, median over runs
-            verify_cost = max(0.0, float(np.median([(m["step_cost_ratio"] - 1) / m["nodes"] for r in rows
-                                                     for m in [r["measured"]] if m and m["nodes"]])))
-            cost_source = f"measured by speculate on this machine ({len(measured)} runs, median)"
-    if verify_cost is None:
-        verify_cost, cost_source = timed_verify_cost(model, cfg.device, max(budgets, default=16))
-    elif not speculate_prompts or "cost_source" not in locals():
-        cost_source = "--verify-cost"
+    budgets, speculate_prompts = a.tree_budget, a.speculate_prompts
+    verify_cost, cost_source = verification_cost(rows, cfg, a, model, out)
     params = model_parameters(model)
     H = Cache(cfg.cache).hidden_size
     for r in rows:
@@ -255,6 +253,21 @@ def report(rows: list[dict], cfg: TrainConfig, out: Path, budgets: list[int], ve
     return summary
 
 
+def verification_cost(rows: list[dict], cfg: TrainConfig, a: AblateConfig, model: str | None, out: Path
+                      ) -> tuple[float, str]:
+    """(cost per tree node relative to a one-token step, where it came from): --verify-cost, else measured by real
+    decoding (--speculate-prompts: the median over runs), else timed with the cache's model."""
+    if a.speculate_prompts:
+        measure(rows, out, cfg, model, a.speculate_prompts, a.speculate_tokens, a.verify_cost)
+        measured = [m for r in rows for m in [r.get("measured")] if m and m["nodes"]]
+        if a.verify_cost is None and measured:
+            return (max(0.0, float(np.median([(m["step_cost_ratio"] - 1) / m["nodes"] for m in measured]))),
+                    f"measured by speculate on this machine ({len(measured)} runs, median)")
+    if a.verify_cost is not None:
+        return a.verify_cost, "--verify-cost"
+    return timed_verify_cost(model, cfg.device, max(a.tree_budget, default=16))
+
+
 def timed_verify_cost(model: str | None, device: str, nodes: int, context: int = 256, repeats: int = 5
                       ) -> tuple[float, str]:
     """(cost per tree node relative to a one-token step, where it came from), timed on this device: forwards of
@@ -307,13 +320,6 @@ def model_parameters(model: str | None) -> int | None:
             for k in st.keys():
                 total += int(np.prod(st.get_slice(k).get_shape()))
     return total or None
-
-
-def label(variant: str) -> str:
-    """L1_lr0.003 -> '1 layer, lr 3e-3'; V8000_L1_lr0.003 -> 'draft 8000, 1 layer, lr 3e-3'."""
-    vocab, layers, lr = parse_variant(variant)
-    text = f"{layers} layer{'s' if layers != 1 else ''}, lr {lr:.0e}".replace("e-0", "e-")
-    return f"draft {vocab}, {text}" if vocab else text
 
 
 def cache_for(cfg: TrainConfig, mapping) -> Cache:
@@ -385,100 +391,3 @@ def measure(rows: list[dict], out: Path, cfg: TrainConfig, model: str | None, pr
         r["measured"] = {"tree": o["name"], "nodes": o["nodes"], "tokens_per_step": res["tokens_per_step"],
                          "speedup": res["speedup"], "step_cost_ratio": res["step_cost_ratio"],
                          "identical_to_greedy": res["identical_to_greedy"]}
-
-
-def vocab_table(rows: list[dict], hidden_size: int) -> str:
-    """Per draft vocabulary size: coverage (the ceiling of any head's top-1) and each head's output-layer size."""
-    lines = ["Draft vocabularies, each re-mapped from this one cache (one backbone pass instead of one dump per "
-             "size). Coverage = fraction of assistant tokens inside the vocabulary: of the whole cache (the counts it "
-             "was built from) and of the held-out sequences; a head can never predict a token outside it.", "",
-             "| draft vocabulary | coverage (cache) | coverage (held out) | output layer per head (H x N) |",
-             "|---|---|---|---|"]
-    for n in sorted({r["draft_vocab_size"] for r in rows}):
-        c = next(r["coverage"] for r in rows if r["draft_vocab_size"] == n)
-        lines.append(f"| {n:,} | {c['cache']:.4f} | {c['heldout']:.4f} | {hidden_size * n:,} |")
-    return "\n".join(lines)
-
-
-def plot_vocab(rows: list[dict], budgets: list[int], path: Path) -> str | None:
-    """Acceptance (the largest fitted tree and the chain) against head count, one line per draft vocabulary size."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return "vocab.png not written: matplotlib is missing (pip install 'medusa-cache[plot]')"
-    fig, ax = plt.subplots(figsize=(6, 4.4))
-    base = parse_variant(rows[0]["variant"])[1:]
-    big = str(max(budgets)) if budgets else None
-    for n in sorted({r["draft_vocab_size"] for r in rows}):
-        rs = [r for r in rows if r["draft_vocab_size"] == n and parse_variant(r["variant"])[1:] == base]
-        ks = [r["num_heads"] for r in rs]
-        line = ax.plot(ks, [r["chain_acceptance"] for r in rs], ls="--", marker="o", ms=3, label=f"{n:,} chain")
-        if big:
-            ax.plot(ks, [r["trees"][big]["acceptance"] for r in rs], marker="o", color=line[0].get_color(),
-                    label=f"{n:,} tree {big}")
-    ax.set_xlabel("heads")
-    ax.set_ylabel("acceptance (tokens per step, teacher forced)")
-    ax.set_title("acceptance by draft vocabulary size")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return None
-
-
-def measured_table(rows: list[dict]) -> str:
-    top = max(rows, key=lambda r: r["measured"]["tokens_per_step"])
-    lines = ["Measured by real decoding (`speculate`, greedy verification, this machine):", "",
-             "| variant | heads | tree | tokens/step (measured) | step cost / greedy step | wall speedup | identical |",
-             "|---|---|---|---|---|---|---|"]
-    for r in rows:
-        m = r["measured"]
-        lines.append(f"| {label(r['variant'])} | {r['num_heads']} | {m['tree']} | {m['tokens_per_step']:.3f} | "
-                     f"{m['step_cost_ratio']} | {m['speedup']} | {'yes' if m['identical_to_greedy'] else 'NO'} |")
-    lines += ["", f"Most tokens per step measured: {label(top['variant'])}, {top['num_heads']} heads "
-                  f"({top['measured']['tokens_per_step']:.3f}). Wall-clock ratios on a shared CPU are noisy; "
-                  "tokens per step are exact."]
-    return "\n".join(lines)
-
-
-def plot(rows: list[dict], budgets: list[int], path: Path, caption: str = "") -> str | None:
-    """One panel per variant: chain and each tree budget against head count, 95% intervals as error bars;
-    measured tokens/step (``speculate``) as black stars."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return "acceptance.png not written: matplotlib is missing (pip install 'medusa-cache[plot]')"
-    variants = list(dict.fromkeys(r["variant"] for r in rows))
-    fig, axes = plt.subplots(1, len(variants), figsize=(4.2 * len(variants) + 0.6, 4.4), sharey=True, squeeze=False)
-    for ax, name in zip(axes[0], variants, strict=True):
-        rs = [r for r in rows if r["variant"] == name]
-        ks = np.array([r["num_heads"] for r in rs])
-        series = [("chain", [r["chain_acceptance"] for r in rs], [r["chain_ci"] for r in rs])]
-        series += [(f"tree {n}", [r["trees"][str(n)]["acceptance"] for r in rs],
-                    [r["trees"][str(n)]["ci"] for r in rs]) for n in budgets]
-        for j, (lab, ys, cis) in enumerate(series):
-            ys = np.array(ys)
-            err = np.abs(np.array(cis).T - ys)
-            ax.errorbar(ks + 0.06 * (j - len(series) / 2), ys, yerr=err, marker="o", ms=4, capsize=2,
-                        label=f"{lab} (teacher-forced)")
-        meas = [(r["num_heads"], r["measured"]["tokens_per_step"]) for r in rs if r.get("measured")]
-        if meas:
-            ax.plot(*zip(*meas, strict=True), "k*", ms=11, label="measured (speculate)")
-        ax.set_title(label(name))
-        ax.set_xlabel("number of heads")
-        ax.set_xticks(sorted(set(ks.tolist())))
-        ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("tokens per step (acceptance)")
-    axes[0][-1].legend(fontsize=7, loc="upper left")
-    fig.suptitle("Medusa heads: acceptance by head count")
-    fig.text(0.01, 0.01, caption, fontsize=7, wrap=True)
-    fig.tight_layout(rect=(0, 0.06, 1, 1))
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return None

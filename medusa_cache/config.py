@@ -76,12 +76,42 @@ def _choices(tp: Any) -> list[str] | None:
     return None
 
 
+class _ExtendFlat(argparse.Action):
+    """``--heads 1,2 3`` and ``--heads 1 --heads 2,3``: every value, in order (each may be a comma list)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        items = getattr(namespace, self.dest, None)
+        items = [] if items is None or items is argparse.SUPPRESS else list(items)
+        setattr(namespace, self.dest, items + [x for v in values for x in v])
+
+
+def comma_list(kind: type):
+    """argparse type: comma-separated numbers, e.g. ``1,2,3`` (one flag value)."""
+    what = {int: "integers", float: "numbers"}[kind]
+
+    def parse(s: str) -> list:
+        try:
+            out = [kind(x) for x in s.split(",") if x.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {what}, got {s!r}") from None
+        if not out:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {what}, got {s!r}")
+        return out
+
+    parse.__name__ = f"{what} list"
+    return parse
+
+
 def add_config_args(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
-    """Add one flag per dataclass field; defaults are SUPPRESSed so we can tell which flags were given."""
+    """Add one flag per dataclass field; defaults are SUPPRESSed so we can tell which flags were given.
+
+    Fields named in ``cls.POSITIONAL`` are positional arguments; number lists take comma-separated values too."""
     docs = field_docs(cls)
     hints = typing.get_type_hints(cls)
+    for name in getattr(cls, "POSITIONAL", ()):
+        parser.add_argument(name, help=docs.get(name, ""))
     for f in dataclasses.fields(cls):
-        if f.name in skip or f.name.startswith("_"):
+        if f.name in skip or f.name.startswith("_") or f.name in getattr(cls, "POSITIONAL", ()):
             continue
         tp = hints[f.name]
         inner, is_list = _base_type(tp)
@@ -99,7 +129,9 @@ def add_config_args(parser: argparse.ArgumentParser, cls: type, skip: tuple[str,
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
             kwargs["type"] = inner if inner in (int, float) else str
-            if is_list:  # `--data a b` and `--data a --data b` both give [a, b]
+            if is_list and inner in (int, float):  # `--heads 1,2,3`, `--heads 1 2 3`
+                kwargs.update(nargs="+", action=_ExtendFlat, type=comma_list(inner))
+            elif is_list:  # `--data a b` and `--data a --data b` both give [a, b]
                 kwargs["nargs"] = "+"
                 kwargs["action"] = "extend"
             choices = _choices(tp)

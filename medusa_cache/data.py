@@ -266,9 +266,23 @@ def _content_text(content: Any, where: str) -> str:
     raise RowError(f"{where}: expected a string or a list of content parts, got {type(content).__name__}")
 
 
-def _specforge_row(rec: Any, fmt: str, row: Row) -> Row:
-    from .specforge_pipeline import convert_turns
+# SpecForge's step 1 (docs/data-pipeline.md) lives here, with the other formats: specforge_pipeline builds on data,
+# never the other way round
+SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "chatgpt": "assistant", "bing": "assistant",
+                  "bard": "assistant"}
 
+
+def convert_turns(turns: list[dict], fmt: str) -> tuple[list[dict], int]:
+    """SpecForge's step 1: (turns as role/content dicts, number of ShareGPT turns dropped)."""
+    if fmt != "sharegpt":
+        return [dict(t) for t in turns], 0
+    kept = [{"role": SHAREGPT_ROLES[t["from"]], "content": t["value"]} for t in turns if t.get("from") in
+            SHAREGPT_ROLES]
+    return kept, len(turns) - len(kept)
+
+
+
+def _specforge_row(rec: Any, fmt: str, row: Row) -> Row:
     key = "messages" if fmt == "messages" else "conversations"
     turns = rec.get(key) if isinstance(rec, dict) else None
     if not isinstance(turns, list) or not turns or not all(isinstance(t, dict) for t in turns):

@@ -10,15 +10,33 @@ speedup on this CPU, and whether the output is identical to greedy decoding. Rer
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
-from .ablate import run_ablate
+from .ablate import AblateConfig, run_ablate
+from .config import check
 from .dump import DumpConfig, run_dump
 from .generate import GenerateConfig, generate
 from .store import is_store
 from .train import TrainConfig
 
 DEMO = Path(__file__).parent / "demo"
+
+
+@dataclass
+class DemoConfig:
+    """medusa-cache demo --out /tmp/demo --epochs 4"""
+
+    out: str = "medusa-cache-demo"
+    """working directory"""
+    epochs: int = 4
+    """training epochs"""
+    threads: int | None = None
+    """CPU threads for torch (default: torch's own, one per core); lower it on a machine other jobs share"""
+
+    def __post_init__(self) -> None:
+        check(self.epochs >= 1, "epochs", f"must be >= 1, got {self.epochs}")
+        check(self.threads is None or self.threads >= 1, "threads", f"must be >= 1, got {self.threads}")
 
 
 def reconcile(best: dict, spec: dict) -> str:
@@ -51,6 +69,7 @@ def _plot_measured(ablate_dir: Path, best: dict, spec: dict) -> None:
 
 
 def run_demo(out: str = "medusa-cache-demo", epochs: int = 4, max_new_tokens: int = 200) -> dict:
+    """Generate, dump, ablate and speculate into ``out`` (``DemoConfig``); the ablate summary and the decoding."""
     from .rundir import own_dir
 
     o = own_dir(out, "demo")
@@ -66,7 +85,7 @@ def run_demo(out: str = "medusa-cache-demo", epochs: int = 4, max_new_tokens: in
     print(f"[3/4] ablate: 1..5 heads, lm_head init, {epochs} epochs -> {o / 'ablate'}")
     cfg = TrainConfig(cache=str(cache), out=str(o / "ablate"), epochs=epochs, lr=3e-3, batch_tokens=1024,
                       grad_accum=1, val_fraction=0.1, init_from_lm_head=model, overwrite=(o / "ablate").exists())
-    summary = run_ablate(cfg, heads=[1, 2, 3, 4, 5], layers=[1], lrs=[3e-3], budgets=[16, 32, 64])
+    summary = run_ablate(cfg, AblateConfig(heads=[1, 2, 3, 4, 5], layers=[1], lr=[3e-3], tree_budget=[16, 32, 64]))
     from .speculate import SpeculateConfig, render, run_speculate
 
     best = summary["best"]

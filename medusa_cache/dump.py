@@ -24,113 +24,20 @@ import json
 import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar, Literal
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from . import dist, store
 from . import fingerprint as fp
 from .backbone import ModelPass, load_tokenizer, plan_batches
-from .config import check, to_dict
-from .data import FORMATS, RowError, Templater, read_rows
+from .dumpconfig import DumpConfig
 from .errors import UserError
+from .prepare import prepare
 from .progress import Progress
-from .vocab import build_mapping, count_tokens, load_mapping
 
 
-@dataclass
-class DumpConfig:
-    REQUIRED: ClassVar[tuple[str, ...]] = ('model', 'data', 'out')  # shown and enforced as required by the CLI
-
-    model: str | None = None
-    """Local path of a Hugging Face causal LM (config.json + safetensors). Nothing is downloaded."""
-    data: list[str] = field(default_factory=list)
-    """JSON or JSONL files: ShareGPT, OpenAI messages, SpecForge rows, or {"text": ...} rows."""
-    out: str | None = None
-    """Output store (a directory; created)."""
-    tokenizer: str | None = None
-    """Tokenizer directory, if not the model's own."""
-    chat_template: str | None = None
-    """Jinja chat template file to use instead of the tokenizer's own."""
-    format: Literal["auto", "sharegpt", "specforge", "messages", "text", "tokens"] = "auto"
-    """Data format; 'auto' detects it per file from the first row."""
-    pipeline: Literal["medusa-cache", "specforge"] = "medusa-cache"
-    """How chats become ids and masks: ours (tool calls trained, no inserted prompt) or exactly SpecForge's
-    Eagle3 preprocessing (docs/data-pipeline.md)."""
-    system_prompt: str | None = None
-    """--pipeline specforge: replace the template's default system prompt with this text ('none': no prompt)."""
-    specforge_template: Literal["llama3", "qwen"] | None = None
-    """--pipeline specforge: SpecForge template name (default: detected from the tokenizer's chat template)."""
-    max_length: int = 2048
-    """Truncate each tokenised conversation to this many tokens."""
-    draft_vocab_size: int | None = None
-    """Draft vocabulary size (Eagle3 top-N by assistant-token frequency). Default: the full vocabulary.
-    With --vocab-mapping: checked against the mapping's size."""
-    vocab_mapping: str | None = None
-    """Use this mapping unchanged instead of building one: ours (.safetensors), SpecForge's vocab_mapping.pt, a
-    cache store or a heads directory (a held-out dump reuses the training cache's vocabulary this way)."""
-    forward_tokens: int = 16384
-    """Padded tokens per forward pass of the model (sequences are length-bucketed, never split; unlike train's
-    --batch-tokens, which cuts pieces of sequences)."""
-    dtype: Literal["bfloat16", "float32"] = "bfloat16"
-    """Model compute dtype and stored hidden-state dtype (bf16 stored bit-exact as uint16)."""
-    hidden_codec: Literal["lossless", "int8"] = "lossless"
-    """How hidden states are stored: lossless (--dtype as computed) or int8 with a scale per --int8-group channels
-    (about half the bytes of bf16; relative error ~0.5%, see docs/cache-format.md)."""
-    int8_group: int | None = None
-    """--hidden-codec int8: channels sharing one scale (must divide the hidden size; default: the largest divisor
-    of the hidden size that is <= 128, e.g. 128 for 4096, 96 for 576)."""
-    hidden_compression: Literal["zstd", "lz4", "none"] = "zstd"
-    """Lossless compression of the `hidden` chunks: zstd (smallest), lz4, none (fastest to read on few cores;
-    README's read-speed table)."""
-    keep_rows: Literal["all", "needed"] = "all"
-    """all: a hidden row per token. needed: only the rows heads (up to K = --max-heads), eval and distillation read:
-    row t when a token t-K+1 .. t+K+1 of its sequence is an assistant token (docs/cache-format.md); ids, masks and
-    labels stay complete."""
-    max_heads: int = 5
-    """--keep-rows needed: the most heads the cache will serve; train/eval/ablate refuse more."""
-    device: str = "cpu"
-    """Device for the model pass: cpu, cuda, cuda:N."""
-    threads: int | None = None
-    """CPU threads for torch (default: torch's own, one per core); lower it on a machine other jobs share."""
-    resume: bool = False
-    """Continue an interrupted dump in --out (refused if model, tokenizer, template, data or settings differ)."""
-    overwrite: bool = False
-    """Delete an existing store at --out first."""
-    skip_bad_rows: bool = False
-    """Skip and count rows with problems (malformed line, unknown role, empty text) instead of stopping."""
-    strict: bool = False
-    """Stop on NaN/Inf hidden states (default: record the sequence as bad; training then excludes it)."""
-    chunk_tokens: int | None = None
-    """Tokens per Zarr chunk (default: ~1 MiB of hidden states)."""
-    shard_tokens: int | None = None
-    """Tokens per shard = per write unit (default: >= 16 x --max-length); a multiple of --chunk-tokens."""
-
-    def __post_init__(self) -> None:
-        check(self.threads is None or self.threads >= 1, "threads", f"must be >= 1, got {self.threads}")
-        check(self.model is not None, "model", "is required")
-        check(bool(self.data), "data", "at least one data file is required")
-        check(self.out is not None, "out", "is required")
-        check(1 <= self.max_length <= 1 << 20, "max_length", f"must be in 1..{1 << 20}, got {self.max_length}")
-        check(self.draft_vocab_size is None or self.draft_vocab_size >= 1, "draft_vocab_size",
-              f"must be >= 1, got {self.draft_vocab_size}")
-        check(self.forward_tokens >= 1, "forward_tokens", f"must be >= 1, got {self.forward_tokens}")
-        check(self.int8_group is None or self.int8_group >= 1, "int8_group", f"must be >= 1, got {self.int8_group}")
-        check(1 <= self.max_heads <= 32, "max_heads", f"must be in 1..32, got {self.max_heads}")
-        check(not (self.resume and self.overwrite), "resume", "--resume and --overwrite exclude each other")
-        check(self.format in FORMATS, "format", f"must be one of {FORMATS}")
-        for name in ("chunk_tokens", "shard_tokens"):
-            v = getattr(self, name)
-            check(v is None or v >= 1, name, f"must be >= 1, got {v}")
-        if self.chunk_tokens and self.shard_tokens:
-            check(self.shard_tokens % self.chunk_tokens == 0, "shard_tokens", "must be a multiple of --chunk-tokens")
-
-
-# --------------------------------------------------------------------------------------------------
 def _fingerprints(cfg: DumpConfig, template: str) -> dict[str, str]:
     vocab = f"mapping:{_mapping_hash(cfg.vocab_mapping)}" if cfg.vocab_mapping else f"top:{cfg.draft_vocab_size}"
     return {
@@ -149,10 +56,6 @@ def _fingerprints(cfg: DumpConfig, template: str) -> dict[str, str]:
         "pipeline": cfg.pipeline if cfg.pipeline == "medusa-cache" else
         f"specforge:{cfg.specforge_template or 'auto'}:{fp.sha(cfg.system_prompt or '')}",
     }
-
-
-# fingerprints added after 0.1.0: a store written before one existed was dumped with its default setting
-FINGERPRINT_DEFAULTS = {"hidden_codec": "lossless", "keep_rows": "all", "hidden_compression": "zstd"}
 
 
 def _mapping_hash(path: str) -> str:
@@ -194,126 +97,6 @@ def _writable(p: Path) -> bool:
     return os.access(p, os.W_OK)
 
 
-def prepare(cfg: DumpConfig, fingerprints: dict[str, str], template: str | None, vocab_size: int,
-            hidden_size: int, tokenizer, max_positions: int | None = None) -> store.Cache:
-    """Stage 1: tokenise everything, build the vocabulary, and create the store (all but the hidden states)."""
-    examples, tally, bad = tokenise(cfg, template, tokenizer, vocab_size)
-    longest = max(examples, key=lambda e: len(e.input_ids))
-    if max_positions and len(longest.input_ids) > max_positions:
-        f, r = cfg.data[longest.file_index], longest.row_index + 1
-        raise UserError(f"--max-length {cfg.max_length}: {f} row {r} has {len(longest.input_ids)} tokens, beyond the "
-                        f"model's max_position_embeddings {max_positions}; pass --max-length {max_positions} or less")
-    counts = count_tokens(examples, vocab_size)
-    mapping, unseen_filled = draft_vocabulary(cfg, counts, vocab_size)
-    offsets = np.concatenate([[0], np.cumsum([len(e.input_ids) for e in examples])]).astype(np.int64)
-    ids = np.concatenate([e.input_ids for e in examples])
-    mask = np.concatenate([e.loss_mask for e in examples])
-    labels = mapping.labels(ids, mask)
-    row_kept = store.needed_rows(mask, offsets, cfg.max_heads) if cfg.keep_rows == "needed" else None
-    counts_attr = {
-        **tally, "sequences": len(examples), "tokens": int(offsets[-1]), "assistant_tokens": int(mask.sum()),
-        "assistant_tokens_in_draft_vocab": int((labels != -100).sum()), "skipped_input_rows": len(bad),
-        "truncated": int(sum(1 for e in examples if len(e.input_ids) == cfg.max_length)),
-        "draft_vocab_unseen_filled": unseen_filled,
-        **({"stored_rows": int(row_kept.sum())} if row_kept is not None else {}),
-    }
-    return store.create(
-        cfg.out, hidden_size=hidden_size, hidden_dtype=cfg.dtype, hidden_codec=cfg.hidden_codec,
-        int8_group=cfg.int8_group, hidden_compression=cfg.hidden_compression, layout=layout_for(cfg, hidden_size),
-        input_ids=ids, loss_mask=mask, labels=labels,
-        offsets=offsets, sources=np.array([[e.file_index, e.row_index] for e in examples], dtype=np.int64),
-        mapping=mapping, token_counts=counts, row_kept=row_kept, max_heads=cfg.max_heads,
-        attrs={"vocab_size": vocab_size, "draft_vocab_size": mapping.draft_size,
-               "data_files": [str(Path(f).name) for f in cfg.data], "pipeline": cfg.pipeline,
-               "fingerprints": {**fingerprints, "vocab": mapping.fingerprint()}, "dump_args": to_dict(cfg),
-               "counts": counts_attr, "bad_row_examples": bad[:20]},
-    )
-
-
-def tokenise(cfg: DumpConfig, template: str | None, tokenizer, vocab_size: int) -> tuple[list, dict, list[str]]:
-    """(examples with at least one trained token, {rows, dropped_no_assistant}, skipped rows' messages)."""
-    if cfg.pipeline == "specforge":
-        from .specforge_pipeline import SpecForgeTemplater, detect_template
-
-        if template:
-            tokenizer.chat_template = template
-        templater = SpecForgeTemplater(tokenizer, detect_template(tokenizer, cfg.specforge_template), cfg.max_length,
-                                       cfg.system_prompt)
-    else:
-        templater = Templater(tokenizer, template, cfg.max_length)
-    examples, bad, tally = [], [], {"rows": 0, "dropped_no_assistant": 0}
-
-    def handle(results) -> None:
-        for ex in results:
-            if isinstance(ex, RowError):
-                if not cfg.skip_bad_rows:
-                    raise UserError(f"{ex} (pass --skip-bad-rows to skip such rows)")
-                bad.append(str(ex))
-            elif not ex.loss_mask.any():
-                tally["dropped_no_assistant"] += 1
-            elif ex.input_ids.max(initial=0) >= vocab_size:
-                where = f"{cfg.data[ex.file_index]} row {ex.row_index + 1}"
-                raise UserError(f"--tokenizer: token id {int(ex.input_ids.max())} in {where} is >= the model's "
-                                f"vocabulary size {vocab_size}")
-            else:
-                examples.append(ex)
-
-    for fi, f in enumerate(cfg.data):
-        pending: list = []
-        for row in tqdm(read_rows(Path(f), fi, cfg.format, cfg.pipeline), desc=f"tokenise {Path(f).name}", unit="row",
-                        leave=False, disable=None):
-            tally["rows"] += 1
-            if isinstance(row, RowError):  # keep file order: flush what came before, then this error
-                handle(templater.encode_many(pending) + [row])
-                pending = []
-                continue
-            pending.append(row)
-            if len(pending) == 512:  # batched: the Rust tokenizer encodes a batch in parallel
-                handle(templater.encode_many(pending))
-                pending = []
-        handle(templater.encode_many(pending))
-    if not examples:
-        raise UserError(f"--data: no usable conversations ({tally['rows']} rows, {len(bad)} bad, "
-                        f"{tally['dropped_no_assistant']} without an assistant token)")
-    return examples, tally, bad
-
-
-def draft_vocabulary(cfg: DumpConfig, counts: np.ndarray, vocab_size: int):
-    """(mapping, never-seen ids that filled it): --vocab-mapping as given, else Eagle3's top-N."""
-    if cfg.vocab_mapping:
-        mapping = load_mapping(cfg.vocab_mapping, vocab_size)
-        if cfg.draft_vocab_size and cfg.draft_vocab_size != mapping.draft_size:
-            raise UserError(f"--vocab-mapping: {cfg.vocab_mapping} has a draft vocabulary of {mapping.draft_size}, "
-                            f"but --draft-vocab-size is {cfg.draft_vocab_size}")
-        return mapping, 0
-    if cfg.draft_vocab_size and cfg.draft_vocab_size > vocab_size:
-        raise UserError(f"--draft-vocab-size {cfg.draft_vocab_size} is larger than the model's vocabulary "
-                        f"({vocab_size}); give at most {vocab_size}, or leave it out for the full vocabulary")
-    mapping = build_mapping(counts, cfg.draft_vocab_size or vocab_size)
-    seen = int((counts > 0).sum())
-    unseen = 0
-    if cfg.draft_vocab_size and seen < cfg.draft_vocab_size < vocab_size:
-        unseen = cfg.draft_vocab_size - seen
-        print(f"warning: --draft-vocab-size {cfg.draft_vocab_size} exceeds the {seen} distinct assistant tokens in "
-              f"the data; {unseen} never-seen ids (lowest first, as SpecForge) fill the draft vocabulary",
-              file=sys.stderr)
-    return mapping, unseen
-
-
-def layout_for(cfg: DumpConfig, hidden_size: int) -> store.Layout:
-    layout = store.Layout.default(hidden_size, 2 if cfg.dtype == "bfloat16" else 4, cfg.max_length)
-    if cfg.chunk_tokens:
-        layout.chunk_tokens = cfg.chunk_tokens
-        if not cfg.shard_tokens:
-            layout.shard_tokens = max(layout.shard_tokens // cfg.chunk_tokens, 1) * cfg.chunk_tokens
-    if cfg.shard_tokens:
-        layout.shard_tokens = cfg.shard_tokens
-        if not cfg.chunk_tokens and layout.shard_tokens % layout.chunk_tokens:
-            layout.chunk_tokens = layout.shard_tokens
-    return layout
-
-
-# --------------------------------------------------------------------------------------------------
 def compute_unit(cache: store.Cache, ids: np.ndarray, k: int, mp: ModelPass, forward_tokens: int) -> torch.Tensor:
     """Unit k's stored rows: its token range computed (each sequence from its start), then the kept rows."""
     a, b = cache.unit_tokens(k)
@@ -324,7 +107,7 @@ def compute_unit(cache: store.Cache, ids: np.ndarray, k: int, mp: ModelPass, for
     return buf if cache.row_kept is None else buf[torch.from_numpy(cache.row_kept[a:b])]
 
 
-def open_or_prepare(cfg: DumpConfig) -> store.Cache:
+def open_or_prepare(cfg: DumpConfig) -> store.CacheWriter:
     """Check inputs, then resume (fingerprints must match) or create the store. Rank 0 only."""
     _check_inputs(cfg)
     from transformers import AutoConfig
@@ -339,8 +122,8 @@ def open_or_prepare(cfg: DumpConfig) -> store.Cache:
     if cfg.overwrite:
         store.remove_store(out)
     if cfg.resume and store.is_store(out):
-        cache = store.Cache(out, mode="r+")
-        old = {**FINGERPRINT_DEFAULTS, **cache.meta.fingerprints}
+        cache = store.CacheWriter(out)
+        old = cache.meta.fingerprints  # store.upgrade gave older stores the defaults of later fingerprints
         diff = [k for k in fps if old.get(k) != fps[k]]
         if diff:
             raise UserError(f"--resume: {out} was dumped with a different {', '.join(diff)}; "
@@ -377,7 +160,7 @@ def run_dump(cfg: DumpConfig, rank: int = 0, world_size: int = 1) -> dict:
     t0 = time.perf_counter()
     lock: store.WriterLock | None = None
 
-    def rank0() -> store.Cache:
+    def rank0() -> store.CacheWriter:
         nonlocal lock
         _check_inputs(cfg)
         lock = store.WriterLock(cfg.out)
@@ -398,7 +181,7 @@ def run_dump(cfg: DumpConfig, rank: int = 0, world_size: int = 1) -> dict:
 def _run_units(cfg: DumpConfig, cache: store.Cache | None, rank: int, world_size: int, t0: float) -> dict:
     """The unit loop of every rank (the store exists: prepared or opened by rank 0)."""
     if rank != 0:
-        cache = store.Cache(cfg.out, mode="r+")
+        cache = store.CacheWriter(cfg.out)
     out = cfg.out
     if cache.complete:
         if rank == 0:

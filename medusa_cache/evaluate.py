@@ -25,17 +25,55 @@ fitted on one half of the sequences and reported on the other.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
 
+from .config import check
 from .errors import UserError
 from .heads import MedusaHeads
-from .loader import BatchStream, make_batches, make_blocks, targets_for
+from .loader import BatchStream, StreamSource, make_batches, make_blocks, targets_for
 from .progress import progress
 from .store import Cache
 from .vocab import IGNORE
+
+
+@dataclass
+class EvalConfig:
+    """medusa-cache eval --heads heads --cache heldout.zarr --tree-budget 16,32,64 --trees-out trees"""
+
+    REQUIRED: ClassVar[tuple[str, ...]] = ("heads", "cache")
+    heads: str
+    """heads directory written by train"""
+    cache: str
+    """store to evaluate on (ideally held out)"""
+    topk: int = 10
+    """top-k predictions considered per head"""
+    tree: str | None = None
+    """JSON file with a Medusa tree: a list of paths of top-k indices"""
+    tree_budget: list[int] | None = None
+    """fit trees of these node counts, e.g. 16,32,64"""
+    base_model: str | None = None
+    """score against this base model's own greedy tokens (from the cached states and its lm_head) instead of the
+    data's tokens"""
+    trees_out: str | None = None
+    """directory to write the fitted trees (tree_N.json)"""
+    device: str = "cpu"
+    """device for the heads: cpu, cuda or cuda:N"""
+    json: bool = False
+    """print JSON"""
+    threads: int | None = None
+    """CPU threads for torch (default: torch's own, one per core); lower it on a machine other jobs share"""
+
+    def __post_init__(self) -> None:
+        check(self.topk >= 1, "topk", f"must be >= 1, got {self.topk}")
+        check(not (self.tree and self.tree_budget), "tree", "give --tree or --tree-budget, not both")
+        check(all(b >= 1 for b in self.tree_budget or []), "tree_budget",
+              f"tree sizes must be >= 1, got {self.tree_budget}")
+        check(self.threads is None or self.threads >= 1, "threads", f"must be >= 1, got {self.threads}")
 
 
 @torch.no_grad()
@@ -57,7 +95,7 @@ def head_ranks(heads: MedusaHeads, cache: Cache, seqs: np.ndarray, topk: int = 1
     batches = make_batches(seqs, cache.offsets, 1, None)
     out_rank, out_has, out_seq = [], [], []
     heads = heads.to(device).eval()
-    for b in progress(BatchStream(cache, labels, batches, K, blocks), "eval", "seq", total=len(batches)):
+    for b in progress(BatchStream(StreamSource(cache, labels, K, blocks), batches), "eval", "seq", total=len(batches)):
         piece = batches[b.index][0]
         pos = targets_for(mask, cache.offsets, piece, 1, shift=1)[:, 0] == 1
         if not pos.any():
@@ -282,42 +320,34 @@ def write_trees(res: dict, out: Path, prefix: str = "tree") -> None:
         (out / f"{prefix}_{n}.json").write_text(json.dumps(t["tree"]))
 
 
-def run_eval(heads_dir: str, cache_path: str, topk: int = 10, tree_file: str | None = None,
-             budgets: list[int] | None = None, trees_out: str | None = None, device: str = "cpu",
-             base_model: str | None = None) -> dict:
+def run_eval(cfg: EvalConfig) -> dict:
+    """Score the heads on every usable sequence of the cache: top-k per head, chain and tree acceptance, fitted
+    trees (written to ``trees_out``)."""
+    from .dist import check_device
     from .export import load_heads
 
+    heads_dir, cache_path = cfg.heads, cfg.cache
     heads, mapping, config = load_heads(heads_dir)
-    from .dist import check_device
-
-    check_device(device)
-    if topk < 1:
-        raise UserError(f"--topk: must be >= 1, got {topk}")
-    if any(b < 1 for b in budgets or []):
-        raise UserError(f"--tree-budget: tree sizes must be >= 1, got {budgets}")
-    if trees_out:  # refused now, not after scoring: a file, an input, another command's output
+    check_device(cfg.device)
+    if cfg.trees_out:  # refused now, not after scoring: a file, an input, another command's output
         from .rundir import own_dir
 
-        own_dir(trees_out, "eval", {"--heads": heads_dir, "--cache": cache_path}, "--trees-out")
+        own_dir(cfg.trees_out, "eval", {"--heads": heads_dir, "--cache": cache_path}, "--trees-out")
     cache = Cache(cache_path)
     cache.require_complete(partial_flag=None)  # eval scores whole caches only
-    heads_model = (config.get("cache_fingerprint") or {}).get("model")
-    if heads_model and heads_model != cache.meta.fingerprints.get("model"):
-        raise UserError(f"--cache: {cache_path} was dumped with another model than the one the heads in {heads_dir} "
-                        "were trained on (model fingerprints differ); their scores would mean nothing")
+    cache.require_compatible((config.get("cache_fingerprint") or {}).get("model"), heads.hidden_size, heads.num_heads,
+                             f"the one the heads in {heads_dir} were trained on",
+                             heads_flag=f"--heads {heads_dir}: num_heads", why="; their scores would mean nothing")
     if mapping.fingerprint() != cache.mapping().fingerprint():
         cache.remap(mapping)  # score against the heads' draft vocabulary: tokens outside it are misses
-    if cache.hidden_size != heads.hidden_size:
-        raise UserError(f"--cache: hidden size {cache.hidden_size} differs from the heads' {heads.hidden_size}")
-    cache.require_reach(heads.num_heads, f"--heads {heads_dir}: num_heads")
-    tree = load_tree(tree_file, heads.num_heads, topk) if tree_file else None
+    tree = load_tree(cfg.tree, heads.num_heads, cfg.topk) if cfg.tree else None
     base = None
-    if base_model:
+    if cfg.base_model:
         from .backbone import read_lm_head
 
-        base = read_lm_head(base_model, None, cache.meta.fingerprints.get("model"), flag="--base-model").float()
-    r = head_ranks(heads, cache, cache.usable_seqs(), topk, device, base_lm_head=base)
-    res = evaluate_ranks(r, heads.num_heads, topk, budgets or [], tree)
-    if trees_out:
-        write_trees(res, Path(trees_out))
+        base = read_lm_head(cfg.base_model, None, cache.meta.fingerprints.get("model"), flag="--base-model").float()
+    r = head_ranks(heads, cache, cache.usable_seqs(), cfg.topk, cfg.device, base_lm_head=base)
+    res = evaluate_ranks(r, heads.num_heads, cfg.topk, cfg.tree_budget or [], tree)
+    if cfg.trees_out:
+        write_trees(res, Path(cfg.trees_out))
     return res

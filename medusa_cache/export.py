@@ -22,15 +22,43 @@ cost is measured by ``full_vocab_agreement``; README "Export" gives the measured
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar, Literal
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from .config import check
 from .errors import UserError
 from .heads import MedusaHeads
 from .vocab import VocabMapping
+
+
+@dataclass
+class ExportConfig:
+    """medusa-cache export heads --format vllm --out heads-vllm --base-model meta-llama/Llama-3.1-8B-Instruct"""
+
+    POSITIONAL: ClassVar[tuple[str, ...]] = ("dir",)
+    REQUIRED: ClassVar[tuple[str, ...]] = ("format", "out")
+    dir: str
+    """output directory of `medusa-cache train` (or ablate's best/)"""
+    format: Literal["vllm", "medusa"] | None = None
+    """vllm: vLLM's Medusa layout; medusa: the FasterDecoding/Medusa reference layout"""
+    out: str | None = None
+    """directory to write (created)"""
+    overwrite: bool = False
+    """replace an existing --out (only a directory medusa-cache wrote, never an input)"""
+    base_model: str | None = None
+    """base_model_name_or_path to write (default: the model path used at dump time)"""
+    safetensors: bool = False
+    """--format medusa: also write medusa_lm_head.safetensors (the reference loader reads only medusa_lm_head.pt; each
+    file holds full-vocabulary rows)"""
+
+    def __post_init__(self) -> None:
+        check(self.format is not None, "format", "is required (vllm or medusa)")
+        check(self.out is not None, "out", "is required")
 
 
 def save_heads(heads: MedusaHeads, cache, cfg, out: Path, command: str | None = None) -> None:

@@ -2,11 +2,30 @@
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
+from .config import check
 from .store import Cache
+from .vocab import coverage as vocab_coverage
 
 DEFAULT_COVERAGE = (1000, 4000, 8000, 16000, 32000)
+
+
+@dataclass
+class InspectConfig:
+    """medusa-cache inspect cache.zarr [--json] [--coverage 1000,4000,8000]"""
+
+    POSITIONAL: ClassVar[tuple[str, ...]] = ("store",)
+    store: str
+    """the cache store (a directory or an fsspec URL)"""
+    json: bool = False
+    """print JSON"""
+    coverage: list[int] | None = None
+    """draft vocabulary sizes whose coverage of the assistant tokens to show (default: 1000,4000,8000,16000,32000)"""
+
+    def __post_init__(self) -> None:
+        check(self.coverage is None or min(self.coverage) >= 1, "coverage", f"sizes must be >= 1, got {self.coverage}")
 
 
 def inspect_store(path: str, coverage: list[int] | None = None) -> dict[str, Any]:
@@ -37,7 +56,7 @@ def inspect_store(path: str, coverage: list[int] | None = None) -> dict[str, Any
         "bytes_per_token": round(disk / max(1, c.n_tokens), 1),
         "chunk_tokens": c.meta.chunk_tokens,
         "shard_tokens": c.shard_tokens,
-        "draft_vocab_coverage": {str(n): round(v, 4) for n, v in c.coverage(
+        "draft_vocab_coverage": {str(n): round(v, 4) for n, v in vocab_coverage(c.stored("token_counts"),
             sorted({min(n, c.meta.vocab_size) for n in (coverage or DEFAULT_COVERAGE)})).items()},
         "counts": counts,
         "fingerprints": c.meta.fingerprints,

@@ -162,31 +162,53 @@ class Batch:
     ahead_idx: torch.Tensor | None = None  # [T, K] row of `ahead` holding position t+1+i, -1 past the sequence
 
 
-class BatchStream:
-    """Iterate batches[start:] with a prefetching reader thread (or, with ``plan``, the plan's batches from start)."""
+@dataclass
+class StreamSource:
+    """Where a stream's rows come from and what each batch carries: the store (read block by block, or decoded
+    straight into each batch's buffer when ``Cache.reads_into``) or every row held in ``memory``."""
 
-    def __init__(self, cache: Cache, labels: np.ndarray, batches: list[list[Piece]] | None, num_heads: int,
-                 blocks: list[np.ndarray], start: int = 0, prefetch: int = 4, memory: torch.Tensor | None = None,
-                 lookahead: int = 0, targets: torch.Tensor | None = None, plan: PositionPlan | None = None,
-                 rank: int = 0, world: int = 1, packed: bool = False):
-        # packed: int8 stores hand over int8_pack rows; the consumer decodes them (on its device)
-        self.packed = packed
-        # with a plan, this process takes the plan's batches rank, rank + world, ... (its local batches), from ``start``
-        self.plan, self.first, self.rank, self.world = plan, start, rank, world
-        if plan is not None:  # read whole windows (from the one holding the first position), mix positions after
-            g0 = start * world + rank
-            batches, start = plan.windows, int(plan.window[g0 * plan.batch]) if g0 < len(plan) else len(plan.windows)
-        self.cache, self.labels, self.batches, self.k = cache, labels, batches, num_heads
-        self.blocks, self.start, self.memory, self.lookahead = blocks, start, memory, lookahead
-        # in memory, every row's targets are computed once (vectorised; pass ``targets`` to reuse them across
-        # epochs) so each batch only slices
-        if memory is not None and targets is None:
-            targets = torch.from_numpy(all_targets(labels, cache.offsets, num_heads))
-        self.targets = targets
+    cache: Cache
+    labels: np.ndarray
+    num_heads: int
+    blocks: list[np.ndarray]
+    """The epoch's read blocks (``make_blocks``): a block is read once, its sequences kept until last used."""
+    memory: torch.Tensor | None = None
+    """Every row in memory (``--in-memory``): batches slice it, no reader thread."""
+    targets: torch.Tensor | None = None
+    """With ``memory``: every row's targets, computed once here (vectorised) unless given (reused across epochs)."""
+    packed: bool = False
+    """int8 stores hand over ``int8_pack`` rows; the consumer decodes them (on its device)."""
+    lookahead: int = 0
+    """Rows after each piece also handed over (``--distill``: the base model's next-token rows)."""
+
+    def __post_init__(self) -> None:
+        if self.memory is not None and self.targets is None:
+            self.targets = torch.from_numpy(all_targets(self.labels, self.cache.offsets, self.num_heads))
+
+
+class BatchStream:
+    """This process's batches of an epoch, from its local batch ``start`` on, read ahead by a thread.
+
+    ``batches`` is the whole epoch's: a list of batches of pieces, or a ``PositionPlan`` (``--mix positions``: whole
+    windows are read, positions mixed after). Either way rank r of ``world`` takes batches r, r+W, ...: the one
+    place that spreads an epoch over processes."""
+
+    def __init__(self, source: StreamSource, batches: list[list[Piece]] | PositionPlan, start: int = 0,
+                 prefetch: int = 4, rank: int = 0, world: int = 1):
+        self.cache, self.labels, self.k, self.blocks = source.cache, source.labels, source.num_heads, source.blocks
+        self.memory, self.targets, self.packed, self.lookahead = source.memory, source.targets, source.packed, \
+            source.lookahead
+        self.first, self.rank, self.world = start, rank, world
+        if isinstance(batches, PositionPlan):  # read whole windows, from the one holding the first position
+            self.plan, g0 = batches, start * world + rank
+            self.batches = batches.windows
+            self.start = int(batches.window[g0 * batches.batch]) if g0 < len(batches) else len(batches.windows)
+        else:
+            self.plan, self.batches, self.start = None, batches[rank::world], start
         self.q: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
         self.stop = threading.Event()
         self.thread: threading.Thread | None = None
-        if memory is None:  # streaming: a reader thread overlaps Zarr reads and decoding with training
+        if self.memory is None:  # streaming: a reader thread overlaps Zarr reads and decoding with training
             self.thread = threading.Thread(target=self._run, daemon=True)
             self.thread.start()
 
@@ -238,7 +260,7 @@ class BatchStream:
         """``_rows`` for local stores: each batch's pieces decoded straight into one buffer (no block held, no
         per-sequence copy, no concatenation); memory is the prefetched batches alone. Same values, same order."""
         offsets, k = self.cache.offsets, self.k
-        width, dtype = self.cache.hidden_width(self.packed)
+        width, dtype = self.cache.reads.width(self.packed)
         for bi in range(self.start, len(self.batches)):
             pieces = self.batches[bi]
             # with lookahead each piece is read once, extended; the piece rows are then gathered from it
@@ -246,7 +268,7 @@ class BatchStream:
             buf = torch.empty((sum(b - a for a, b in spans), width), dtype=dtype)
             o, own = 0, []
             for (a, b), (_, _, piece_end) in zip(spans, pieces, strict=True):
-                self.cache.read_hidden_into(a, b, buf[o : o + b - a], self.packed)
+                self.cache.reads.into(a, b, buf[o : o + b - a], self.packed)
                 own.append(np.arange(o, o + piece_end - a))
                 o += b - a
             tg = np.concatenate([targets_for(self.labels, offsets, piece, k) for piece in pieces])

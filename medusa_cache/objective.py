@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .heads import MedusaHeads
-from .loader import BatchStream, make_batches, make_blocks
+from .loader import BatchStream, StreamSource, make_batches, make_blocks
 from .store import Cache
 from .vocab import IGNORE
 
@@ -73,7 +73,7 @@ def validate(heads: MedusaHeads, cache: Cache, seqs: np.ndarray, device: str, bl
     loss_sum = np.zeros(num)
     blocks = make_blocks(seqs, cache.offsets, block_tokens)
     batches = make_batches(np.concatenate(blocks) if blocks else seqs, cache.offsets, 1, eval_tokens)
-    stream = BatchStream(cache, labels, batches, num, blocks)
+    stream = BatchStream(StreamSource(cache, labels, num, blocks), batches)
     for b in stream:
         h = b.hidden.to(device).float()
         losses, stats = head_losses(heads, h, b.targets.to(device))

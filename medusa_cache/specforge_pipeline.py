@@ -30,9 +30,6 @@ import numpy as np
 from .data import Example, Row, RowError, tokens_example
 from .errors import UserError
 
-SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "chatgpt": "assistant", "bing": "assistant",
-                  "bard": "assistant"}
-
 
 @dataclass(frozen=True)
 class SpecForgeTemplate:
@@ -77,15 +74,6 @@ def detect_template(tokenizer, name: str | None) -> SpecForgeTemplate:
         return TEMPLATES["qwen"]
     raise UserError("--pipeline specforge: cannot tell which SpecForge template this tokenizer's chat template "
                     f"corresponds to; pass --specforge-template ({', '.join(TEMPLATES)})")
-
-
-def convert_turns(turns: list[dict], fmt: str) -> tuple[list[dict], int]:
-    """Step 1: (turns as role/content dicts, number of ShareGPT turns dropped)."""
-    if fmt != "sharegpt":
-        return [dict(t) for t in turns], 0
-    kept = [{"role": SHAREGPT_ROLES[t["from"]], "content": t["value"]} for t in turns if t.get("from") in
-            SHAREGPT_ROLES]
-    return kept, len(turns) - len(kept)
 
 
 def arrange(turns: list[dict], system_prompt: str | None) -> list[dict]:

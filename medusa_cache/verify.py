@@ -10,12 +10,35 @@ values, locating them by sequence.
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import numpy as np
 
-from .errors import UserError
-from .store import SMALL_ARRAYS, Cache, ChunkError
+from .config import check
+from .store import SMALL_ARRAYS, Cache, ChunkError, audit
+
+
+@dataclass
+class VerifyConfig:
+    """medusa-cache verify cache.zarr [--deep] [--model PATH/TO/MODEL --samples 8] [--allow-partial] [--json]"""
+
+    POSITIONAL: ClassVar[tuple[str, ...]] = ("store",)
+    store: str
+    """the cache store (a directory or an fsspec URL)"""
+    deep: bool = False
+    """decode every chunk and look for NaN/Inf"""
+    model: str | None = None
+    """recompute a few random sequences with this model and compare"""
+    samples: int = 4
+    """sequences recomputed with --model"""
+    allow_partial: bool = False
+    """accept an incomplete store (a dump still running or killed) as healthy"""
+    json: bool = False
+    """print JSON"""
+
+    def __post_init__(self) -> None:
+        check(self.samples >= 1, "samples", f"must be >= 1, got {self.samples}")
 
 
 def spot_check(c: Cache, model: str, n: int = 4, seed: int = 0, device: str = "cpu") -> list[str]:
@@ -91,7 +114,7 @@ def verify(path: str, deep: bool = False, model: str | None = None, samples: int
                         f"{np.flatnonzero(~done)[:10].tolist()}); finish it with `medusa-cache dump ... --resume`, "
                         "or pass --allow-partial to accept a partial store")
     try:
-        problems += c.missing_chunks()  # through the store's own listing: local and s3:// alike
+        problems += audit.missing_chunks(c)  # through the store's own listing: local and s3:// alike
     except Exception as e:  # noqa: BLE001
         problems.append(f"cannot list the store's chunks: {e}")
     for name in SMALL_ARRAYS:  # every chunk of every small array read through zarr: checksums (format 5) checked
@@ -103,78 +126,13 @@ def verify(path: str, deep: bool = False, model: str | None = None, samples: int
     if any(isinstance(p, str) and "cannot be read" in p for p in problems):
         return {"store": c.path, "healthy": False, "problems": problems, "complete": c.complete,
                 "units_done": "?", "deep": deep, "nonfinite_rows": 0}
-    n, s = c.n_tokens, c.n_seqs
-    off = c.offsets
-    if off[0] != 0 or (np.diff(off) <= 0).any():
-        problems.append("seq_offsets must start at 0 and strictly increase")
-    m_rows = n if c.row_kept is None else int(c.row_kept.sum())  # rows of `hidden`
-    shapes = [("input_ids", (n,)), ("loss_mask", (n,)), ("labels", (n,)), ("seq_source", (s, 2)),
-              ("hidden", (m_rows, c.hidden_size)), ("bad_rows", (m_rows,)), ("unit_done", (c.n_units,))]
-    if c.codec == "int8":
-        shapes.append(("hidden_scale", (m_rows, c.hidden_size // max(c.int8_group, 1))))
-    if c.row_kept is not None:
-        shapes.append(("row_kept", (n,)))
-        from .store import needed_rows
-
-        if not np.array_equal(c.row_kept, needed_rows(c.array("loss_mask"), off, c.meta.max_heads)):
-            problems.append(f"row_kept disagrees with loss_mask for --max-heads {c.meta.max_heads}")
-    for name, shape in shapes:
-        if name not in c.group:
-            if name != "bad_rows":  # stores written before bad_rows existed
-                problems.append(f"array {name} is missing")
-        elif tuple(c.group[name].shape) != shape:
-            problems.append(f"array {name} has shape {tuple(c.group[name].shape)}, expected {shape}")
-    try:
-        m = c.mapping()
-        m.validate("d2t/t2d")
-        if m.target_size != c.meta.vocab_size or m.draft_size != c.meta.draft_vocab_size:
-            problems.append("d2t/t2d sizes disagree with the vocab_size/draft_vocab_size attributes")
-        ids, mask, labels = c.array("input_ids"), c.array("loss_mask").astype(bool), c.array("labels")
-        bad = np.flatnonzero(m.labels(ids, mask) != labels)
-        if len(bad):
-            problems.append(f"{len(bad)} labels disagree with input_ids/loss_mask/mapping (first at token {bad[0]})")
-        counts = c.array("token_counts")
-        if counts.sum() != mask.sum():
-            problems.append(f"token_counts sum {counts.sum()} != assistant tokens {mask.sum()}")
-        if c.meta.counts.get("assistant_tokens") not in (None, int(mask.sum())):
-            problems.append("the counts attribute disagrees with loss_mask")
-    except UserError as e:
-        problems.append(str(e))
-    except Exception as e:  # noqa: BLE001 - an unreadable array
-        problems.append(f"cannot read metadata arrays: {e}")
-    done = c.done_units()
-    if c.complete and not done.all():
-        problems.append(f"marked complete but units {np.flatnonzero(~done)[:10].tolist()} are not done")
-    for key in ("model", "tokenizer", "chat_template", "data", "vocab"):
-        if key not in c.meta.fingerprints:
-            problems.append(f"fingerprint '{key}' is missing")
-    nonfinite, bad_seqs = 0, set()
+    problems += audit.structure(c) + audit.consistency(c)
+    nonfinite = 0
     if deep:
-        for k in np.flatnonzero(done):
-            a, b = c.unit_range(int(k))
-            broken = False
-            for name in ("hidden", "hidden_scale") if c.codec == "int8" else ("hidden",):
-                try:
-                    c._read(name, a, b, direct=False)  # zarr's own decode, chunk checksums included
-                except UserError as e:
-                    problems.append(f"unit {k} ({name} rows {a}:{b}, shard {name}/c/{k}/0) cannot be decoded: "
-                                    f"{str(e).split('cannot be read ', 1)[-1]}")
-                    broken = True
-            if broken:
-                continue
-            h = c.read_rows(a, b, direct=False).float()
-            rows = c.token_of_row(np.flatnonzero(~torch_isfinite_rows(h)) + a)
-            nonfinite += len(rows)
-            bad_seqs.update((np.searchsorted(off, rows, side="right") - 1).tolist())
-        if nonfinite:
-            problems.append(f"{nonfinite} token rows hold NaN/Inf, in sequences {sorted(bad_seqs)[:20]}")
+        more, nonfinite = audit.decode_units(c)
+        problems += more
     if model:
         problems += spot_check(c, model, samples)
     return {"store": c.path, "healthy": not problems, "problems": problems, "complete": c.complete,
-            "units_done": f"{int(done.sum())}/{c.n_units}", "deep": deep, "nonfinite_rows": nonfinite}
+            "units_done": f"{int(c.done_units().sum())}/{c.n_units}", "deep": deep, "nonfinite_rows": nonfinite}
 
-
-def torch_isfinite_rows(h) -> np.ndarray:
-    import torch
-
-    return torch.isfinite(h).all(dim=1).numpy()

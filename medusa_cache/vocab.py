@@ -90,20 +90,12 @@ def build_mapping(counts: np.ndarray, draft_vocab_size: int) -> VocabMapping:
 
 
 def load_mapping(path: str | Path, vocab_size: int) -> VocabMapping:
-    """Our ``vocab_mapping.safetensors``, SpecForge's ``vocab_mapping.pt`` (loaded with weights_only), a cache
-    store (its d2t/t2d) or a heads directory (its ``vocab_mapping.safetensors``): what a held-out dump reuses."""
+    """Our ``vocab_mapping.safetensors``, SpecForge's ``vocab_mapping.pt`` (loaded with weights_only) or a heads
+    directory (its ``vocab_mapping.safetensors``): what a held-out dump reuses (a cache store: ``dump``)."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"--vocab-mapping: file not found: {path}")
-    if path.is_dir():
-        from . import store
-
-        if store.is_store(path):
-            m = store.Cache(path).mapping()
-            if m.target_size != vocab_size:
-                raise UserError(f"--vocab-mapping: the store {path} covers a vocabulary of {m.target_size} tokens, "
-                                f"the model has {vocab_size}")
-            return m
+    if path.is_dir():  # a cache store's mapping is read by the dump (store.Cache.mapping): no store import here
         if (path / "vocab_mapping.safetensors").is_file():
             return load_mapping(path / "vocab_mapping.safetensors", vocab_size)
         raise UserError(f"--vocab-mapping: {path} is a directory but neither a medusa-cache store nor a heads "
@@ -135,3 +127,19 @@ def save_mapping(m: VocabMapping, path: str | Path) -> None:
     from safetensors.numpy import save_file
 
     save_file({"d2t": m.d2t, "t2d": m.t2d}, str(path))
+
+
+def top_mapping(counts: np.ndarray, draft_vocab_size: int, flag: str = "--draft-vocab-size") -> VocabMapping:
+    """The draft vocabulary ``dump --draft-vocab-size N`` builds from these assistant-token ``counts`` (a cache's
+    ``token_counts``): Eagle3's top-N, same rule and tie-break (``build_mapping``)."""
+    if draft_vocab_size > len(counts):
+        raise UserError(f"{flag} {draft_vocab_size} is larger than the model's vocabulary ({len(counts)}); give at "
+                        f"most {len(counts)}")
+    return build_mapping(counts, draft_vocab_size)
+
+
+def coverage(counts: np.ndarray, sizes: list[int]) -> dict[int, float]:
+    """Fraction of the assistant tokens (``counts``) inside each size's top-N draft vocabulary built from the same
+    counts: the ceiling of any head's top-1."""
+    cum = np.cumsum(np.sort(np.asarray(counts, dtype=np.int64))[::-1])
+    return {n: float(cum[min(n, len(cum)) - 1] / max(1, int(cum[-1]))) for n in sizes}

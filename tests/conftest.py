@@ -141,12 +141,14 @@ def killed_copy(src: Path, dst: Path, units: tuple[int, ...]) -> Path:
     """A copy of a complete store as a kill leaves it: ``units`` not done, their shards absent."""
     import zarr
 
+    from medusa_cache.store import chunk_key, shard_key
+
     shutil.copytree(src, dst)
     g = zarr.open_group(str(dst), mode="r+")
     g.attrs["complete"] = False
     for k in units:
         g["unit_done"][k] = 0
-        for key in (f"hidden/c/{k}/0", f"hidden_scale/c/{k}/0", f"bad_rows/c/{k}"):
+        for key in (shard_key("hidden", k), shard_key("hidden_scale", k), chunk_key("bad_rows", k)):
             (dst / key).unlink(missing_ok=True)
     return dst
 

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from test_train import learnable_cache
 
 from medusa_cache import store
-from medusa_cache.ablate import run_ablate
+from medusa_cache.ablate import AblateConfig, run_ablate
 from medusa_cache.errors import UserError
 from medusa_cache.evaluate import (
     chain_acceptance,
@@ -76,10 +76,10 @@ def test_head_ranks_on_a_hand_built_cache(tmp_path):
     for t, cls in enumerate([5, 0, 1, 2, 7, 0, 0, 0]):  # row t predicts labels[t+2]; row 5 guesses wrong
         hidden[t, cls] = 1.0
     mapping = VocabMapping(np.zeros(8, dtype=np.int64), np.ones(8, dtype=bool))
-    c = store.create(tmp_path / "c", hidden_size=8, hidden_dtype="float32", layout=store.Layout(8, 8),
-                     input_ids=np.where(labels < 0, 0, labels), loss_mask=mask, labels=labels,
-                     offsets=np.array([0, 8]), sources=np.zeros((1, 2)), mapping=mapping, token_counts=np.zeros(8),
-                     attrs={"vocab_size": 8, "draft_vocab_size": 8, "fingerprints": {"model": "x"}})
+    contents = store.Contents(np.where(labels < 0, 0, labels), mask, labels, np.array([0, 8]), np.zeros((1, 2)),
+                              mapping, np.zeros(8))
+    c = store.create(tmp_path / "c", store.HiddenFormat(8, "float32"), store.Layout(8, 8), contents,
+                     {"vocab_size": 8, "draft_vocab_size": 8, "fingerprints": {"model": "x"}})
     c.write_unit(0, hidden)
     c.mark_done(0)
     heads = MedusaHeads(8, 8, 1, 1)
@@ -100,11 +100,12 @@ def test_k_heads_from_a_5_head_ablation_equal_a_separate_k_head_run(tmp_path):
     common = dict(cache=str(tmp_path / "c"), lr=1e-2, epochs=2, batch_tokens=256, grad_accum=2, val_fraction=0.2,
                   max_grad_norm=0.05)  # a small clip so the per-head clip really binds
     with pytest.raises(UserError, match="--verify-cost: the expected speedup needs .* not a model directory here"):
-        run_ablate(TrainConfig(out=str(tmp_path / "abl"), **common), heads=[1, 3, 5], layers=[1], lrs=[1e-2],
-                   budgets=[4, 8])  # a synthetic cache: no model to time the verification with, refused up front
+        # a synthetic cache: no model to time the verification with, refused up front
+        run_ablate(TrainConfig(out=str(tmp_path / "abl"), **common),
+                   AblateConfig(heads=[1, 3, 5], layers=[1], lr=[1e-2], tree_budget=[4, 8]))
     assert not (tmp_path / "abl").exists()
-    run_ablate(TrainConfig(out=str(tmp_path / "abl"), **common), heads=[1, 3, 5], layers=[1], lrs=[1e-2],
-               budgets=[4, 8], verify_cost=0.01)
+    run_ablate(TrainConfig(out=str(tmp_path / "abl"), **common),
+               AblateConfig(heads=[1, 3, 5], layers=[1], lr=[1e-2], tree_budget=[4, 8], verify_cost=0.01))
     train(TrainConfig(out=str(tmp_path / "three"), num_heads=3, clip_per_head=True, **common))
     five = load_file(str(tmp_path / "abl" / "variants" / "L1_lr0.01" / "medusa_lm_head.safetensors"))
     three = load_file(str(tmp_path / "three" / "medusa_lm_head.safetensors"))
@@ -146,8 +147,9 @@ def test_ablate_takes_lr_and_layers_from_its_config_file(tmp_path, monkeypatch):
     from medusa_cache.cli import main
 
     seen = {}
-    monkeypatch.setattr(ab, "run_ablate", lambda cfg, heads, layers, lrs, *a: seen.update(cfg=cfg, layers=layers,
-                                                                                            lrs=lrs))
+    # run_ablate's own defaulting: the lists given, else the train config's one value
+    monkeypatch.setattr(ab, "run_ablate", lambda cfg, a: seen.update(cfg=cfg, layers=a.layers or [cfg.num_layers],
+                                                                     lrs=a.lr or [cfg.lr]))
     conf = tmp_path / "c.json"
     conf.write_text(json.dumps({"lr": 3e-3, "num_layers": 2, "epochs": 2}))
     assert main(["ablate", "--cache", "c.zarr", "--out", str(tmp_path / "o"), "--config", str(conf)]) == 0
@@ -185,7 +187,8 @@ def test_ablate_reports_intervals_a_cost_aware_best_measured_decoding_and_cards(
     out = tmp_path / "abl"
     cfg = TrainConfig(cache=str(tmp_path / "c"), out=str(out), epochs=2, lr=3e-3, batch_tokens=512, grad_accum=1,
                       val_fraction=0.2)
-    res = run_ablate(cfg, [1, 2], [1], [3e-3], [4, 8], speculate_prompts=str(prompts), speculate_tokens=20)
+    res = run_ablate(cfg, AblateConfig([1, 2], [1], [3e-3], [4, 8], speculate_prompts=str(prompts),
+                                          speculate_tokens=20))
     assert all(r["measured"]["identical_to_greedy"] and r["measured"]["tokens_per_step"] >= 1
                for r in res["results"])
     assert "measured by speculate" in res["best"]["rule"] and res["verify_cost_per_node"] >= 0
@@ -237,6 +240,6 @@ def test_ablate_times_the_verification_cost_instead_of_assuming_one(tmp_path):
                         out=str(tmp_path / "c"), dtype="float32", max_length=256))
     cfg = TrainConfig(cache=str(tmp_path / "c"), out=str(tmp_path / "abl"), epochs=1, lr=3e-3, batch_tokens=512,
                       grad_accum=1, val_fraction=0.3)
-    res = run_ablate(cfg, [1, 2], [1], [3e-3], [4, 8])
+    res = run_ablate(cfg, AblateConfig([1, 2], [1], [3e-3], [4, 8]))
     assert "timed on this device (cpu): a 1-token step" in res["best"]["rule"]
     assert res["verify_cost_per_node"] != 0.005 and res["verify_cost_per_node"] >= 0

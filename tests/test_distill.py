@@ -13,7 +13,7 @@ from test_train import make_cache
 from medusa_cache.errors import UserError
 from medusa_cache.evaluate import head_ranks
 from medusa_cache.heads import MedusaHeads
-from medusa_cache.loader import BatchStream, make_batches, make_blocks
+from medusa_cache.loader import BatchStream, StreamSource, make_batches, make_blocks
 from medusa_cache.objective import head_losses
 from medusa_cache.train import TrainConfig, train
 
@@ -24,7 +24,8 @@ def test_lookahead_rows_are_t_plus_1_plus_i_of_the_same_sequence(tmp_path):
     c = make_cache(tmp_path / "c", offsets, np.arange(12) % 5, hidden, draft=5)
     for bt in (None, 3, 5):
         batches = make_batches(np.array([1, 0]), offsets, 1, bt)
-        for b in BatchStream(c, np.arange(12) % 5, batches, 3, make_blocks(np.arange(2), offsets, 4), lookahead=3):
+        for b in BatchStream(StreamSource(c, np.arange(12) % 5, 3, make_blocks(np.arange(2), offsets, 4), lookahead=3),
+                               batches):
             for p, row in enumerate(b.hidden[:, 0].long().tolist()):
                 end = 7 if row < 7 else 12
                 for i in range(3):

@@ -12,9 +12,9 @@ import torch
 from conftest import sharegpt_slice, write_jsonl
 from safetensors.torch import load_file
 
-from medusa_cache.ablate import run_ablate
+from medusa_cache.ablate import AblateConfig, run_ablate
 from medusa_cache.dump import DumpConfig, run_dump
-from medusa_cache.evaluate import run_eval
+from medusa_cache.evaluate import EvalConfig, run_eval
 from medusa_cache.export import export, load_heads
 from medusa_cache.info import inspect_store
 from medusa_cache.store import Cache
@@ -52,8 +52,8 @@ def test_train_at_another_draft_size_equals_training_on_a_dump_at_that_size(tmp_
     cfg = json.loads((tmp_path / "remapped" / "config.json").read_text())
     assert cfg["draft_vocab_size"] == n and cfg["provenance"]["train"]["draft_vocab_size"] == n
     # eval scores the re-mapped heads against their own vocabulary: as on the dump at n
-    e1 = run_eval(str(tmp_path / "remapped"), str(dumps / "c40"), topk=5)
-    e2 = run_eval(str(tmp_path / "remapped"), str(dumps / f"c{n}"), topk=5)
+    e1 = run_eval(EvalConfig(str(tmp_path / "remapped"), str(dumps / "c40"), topk=5))
+    e2 = run_eval(EvalConfig(str(tmp_path / "remapped"), str(dumps / f"c{n}"), topk=5))
     assert e1["top1"] == e2["top1"] and e1["chain_acceptance"] == e2["chain_acceptance"]
     # export carries the mapping it trained with (vLLM's token_map)
     export(tmp_path / "remapped", "vllm", tmp_path / "v")
@@ -71,7 +71,7 @@ def test_the_cache_own_size_changes_nothing(tmp_path, dumps):
 def test_ablate_sweeps_draft_vocabulary_sizes_from_one_cache(tmp_path, dumps):
     cfg = TrainConfig(cache=str(dumps / "c40"), out=str(tmp_path / "abl"), epochs=1, lr=1e-2, batch_tokens=512,
                       grad_accum=1, val_fraction=0.2, seed=3)
-    res = run_ablate(cfg, heads=[1, 2], layers=[1], lrs=[1e-2], budgets=[4], vocabs=[10, 20, 40])
+    res = run_ablate(cfg, AblateConfig(heads=[1, 2], layers=[1], lr=[1e-2], tree_budget=[4], draft_vocab=[10, 20, 40]))
     rows = res["results"]
     assert sorted({(r["draft_vocab_size"], r["num_heads"]) for r in rows}) == \
         [(n, k) for n in (10, 20, 40) for k in (1, 2)]

@@ -69,7 +69,7 @@ def test_strict_makes_nan_an_error_naming_the_row(tmp_path, tiny_llama, data, mo
 
 def test_full_disk_stops_cleanly_and_resume_completes_bit_identical(tmp_path, tiny_llama, data, monkeypatch):
     run_dump(_cfg(tiny_llama, data, tmp_path / "ref"))
-    real, calls = store.Cache.write_unit, {"n": 0}
+    real, calls = store.CacheWriter.write_unit, {"n": 0}
 
     def write_unit(self, k, h):
         calls["n"] += 1
@@ -77,12 +77,12 @@ def test_full_disk_stops_cleanly_and_resume_completes_bit_identical(tmp_path, ti
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(self, k, h)
 
-    monkeypatch.setattr(store.Cache, "write_unit", write_unit)
+    monkeypatch.setattr(store.CacheWriter, "write_unit", write_unit)
     with pytest.raises(UserError, match="writing unit 2 .* failed: No space left on device; .* --resume"):
         run_dump(_cfg(tiny_llama, data, tmp_path / "c"))
     c = Cache(tmp_path / "c")
     assert not c.complete and c.done_units()[:2].all() and not c.done_units()[2]
-    monkeypatch.setattr(store.Cache, "write_unit", real)
+    monkeypatch.setattr(store.CacheWriter, "write_unit", real)
     run_dump(_cfg(tiny_llama, data, tmp_path / "c", resume=True))
     a, b = zarr.open_group(str(tmp_path / "ref"), mode="r"), zarr.open_group(str(tmp_path / "c"), mode="r")
     assert np.array_equal(a["hidden"][:], b["hidden"][:]) and b.attrs["complete"]

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from medusa_cache.dump import DumpConfig, run_dump
 from medusa_cache.errors import UserError
-from medusa_cache.store import Cache, int8_decode, int8_encode
+from medusa_cache.store import Cache, int8_decode, int8_encode, shard_key
 from medusa_cache.train import TrainConfig, train
 from medusa_cache.verify import verify
 
@@ -64,7 +64,7 @@ def test_int8_resume_is_bit_identical_and_a_missing_scale_chunk_is_named(int8_pa
     for name in ("hidden", "hidden_scale", "bad_rows", "labels"):
         assert np.array_equal(ref[name][:], got[name][:], equal_nan=True), name
     assert verify(str(part), deep=True)["healthy"]
-    (part / "hidden_scale" / "c" / "1" / "0").unlink()
+    (part / shard_key("hidden_scale", 1)).unlink()
     assert any("hidden_scale/c/1/0" in p for p in verify(str(part))["problems"])
     with pytest.raises(UserError, match="hidden_scale/c/1/0"):
         train(TrainConfig(cache=str(part), out=str(tmp_path / "h"), epochs=1))

@@ -11,7 +11,7 @@ from conftest import sharegpt_slice, write_jsonl
 from medusa_cache.cli import main
 from medusa_cache.dump import DumpConfig, run_dump
 from medusa_cache.errors import UserError
-from medusa_cache.evaluate import run_eval
+from medusa_cache.evaluate import EvalConfig, run_eval
 from medusa_cache.store import FORMAT_VERSION, SMALL_ARRAYS, Cache
 from medusa_cache.train import TrainConfig, train
 from medusa_cache.verify import verify
@@ -62,7 +62,7 @@ def test_a_flipped_byte_in_any_array_is_refused_by_name(tmp_path, stores, kind, 
     assert err.count("\n") == 1 and "Traceback" not in err and f"{name}" in err and "re-dump" in err, err
     if kind == "plain":
         with pytest.raises(UserError, match=name):
-            run_eval(str(stores / "heads"), str(store))
+            run_eval(EvalConfig(str(stores / "heads"), str(store)))
 
 
 def test_the_plain_verify_reads_every_small_array(tmp_path, stores):

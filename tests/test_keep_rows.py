@@ -15,11 +15,11 @@ from conftest import killed_copy, sharegpt_slice, write_jsonl
 
 from medusa_cache.dump import DumpConfig, run_dump
 from medusa_cache.errors import UserError
-from medusa_cache.evaluate import head_ranks, run_eval
+from medusa_cache.evaluate import EvalConfig, head_ranks, run_eval
 from medusa_cache.export import load_heads
 from medusa_cache.heads import MedusaHeads
 from medusa_cache.info import inspect_store
-from medusa_cache.store import Cache, from_arrays, needed_rows
+from medusa_cache.store import Cache, chunk_key, from_arrays, needed_rows
 from medusa_cache.train import TrainConfig, train
 from medusa_cache.verify import verify
 
@@ -90,12 +90,12 @@ def test_more_heads_than_the_stored_reach_are_refused_by_name(pair, tmp_path):
     assert not (tmp_path / "h").exists()
     train(TrainConfig(cache=str(pair / "all"), out=str(tmp_path / "h5"), num_heads=K + 1, max_steps=1))
     with pytest.raises(UserError, match=f"num_heads {K + 1}: .* at most {K} heads"):
-        run_eval(str(tmp_path / "h5"), str(pair / "needed"))
-    from medusa_cache.ablate import check_request
+        run_eval(EvalConfig(str(tmp_path / "h5"), str(pair / "needed")))
+    from medusa_cache.ablate import AblateConfig, check_request
 
     with pytest.raises(UserError, match=f"--heads {K + 1}"):
-        check_request(TrainConfig(cache=str(pair / "needed"), out=str(tmp_path / "a")), [2, K + 1], [1], [1e-3],
-                      [], None, None)
+        check_request(TrainConfig(cache=str(pair / "needed"), out=str(tmp_path / "a")),
+                      AblateConfig([2, K + 1], [1], [1e-3], []))
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +134,7 @@ def test_a_killed_needed_rows_dump_resumes_bit_identical(dumped_needed, tmp_path
     for name in ("hidden", "hidden_scale", "bad_rows", "row_kept"):
         assert np.array_equal(ref[name][:], got[name][:], equal_nan=True), name
     assert verify(str(part), deep=True)["healthy"]
-    (part / "row_kept" / "c" / "0").unlink()
+    (part / chunk_key("row_kept", 0)).unlink()
     assert any("row_kept/c/0" in p for p in verify(str(part))["problems"])
 
 

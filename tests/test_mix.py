@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 from test_train import make_cache
 
-from medusa_cache.loader import BatchStream, all_targets, make_blocks, make_position_plan, trainable_rows
+from medusa_cache.loader import BatchStream, StreamSource, all_targets, make_blocks, make_position_plan, trainable_rows
 from medusa_cache.train import TrainConfig, train
 from medusa_cache.vocab import IGNORE
 
@@ -43,7 +43,7 @@ def test_a_position_plan_draws_every_trainable_position_once_mixed_across_sequen
     blocks = make_blocks(seqs, cache.offsets, 500)
     tg_all = all_targets(labels, cache.offsets, k)
     seen = []
-    stream = BatchStream(cache, labels, None, k, blocks, plan=plan, lookahead=k)
+    stream = BatchStream(StreamSource(cache, labels, k, blocks, lookahead=k), plan)
     for b in stream:
         rows = b.hidden[:, 0].long().numpy()
         assert np.array_equal(b.targets.numpy(), tg_all[rows])  # each position carries its own targets
@@ -59,7 +59,7 @@ def test_a_position_plan_draws_every_trainable_position_once_mixed_across_sequen
     seq_of = np.searchsorted(cache.offsets, seen[0], side="right") - 1
     assert len(np.unique(seq_of)) >= 4  # one batch mixes positions of many sequences
     # resuming at batch 3 (of another rank layout: rank 1 of 2) gives exactly those batches
-    tail = [b.hidden[:, 0].long().numpy() for b in BatchStream(cache, labels, None, k, blocks, start=1, plan=plan,
+    tail = [b.hidden[:, 0].long().numpy() for b in BatchStream(StreamSource(cache, labels, k, blocks), plan, start=1,
                                                                rank=1, world=2)]
     assert all(np.array_equal(a, b) for a, b in zip(tail, seen[3::2], strict=True))
 

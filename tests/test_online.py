@@ -40,7 +40,7 @@ def test_heads_trained_from_a_float32_cache_equal_heads_trained_online(tmp_path,
                                                 int(self.offsets[s]))])[0] for s in seqs])
 
     monkeypatch.setattr(store.Cache, "read_hidden", online_rows)
-    monkeypatch.setattr(store.Cache, "direct_reads", False)  # the loader then reads blocks through read_hidden
+    monkeypatch.setattr(store.Cache, "reads_into", lambda self: False)  # the loader reads blocks via read_hidden
     train(TrainConfig(out=str(tmp_path / "online"), **cfg))
     assert sum(calls) >= 2 * 30  # the backbone ran on every sequence in each of the 2 epochs
     a = load_file(str(tmp_path / "cached" / "medusa_lm_head.safetensors"))

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from medusa_cache.errors import UserError
-from medusa_cache.store import Cache, Layout, ShardReader, from_arrays, needed_rows
+from medusa_cache.store import Cache, Layout, ShardReader, from_arrays, needed_rows, shard_key
 from medusa_cache.vocab import VocabMapping
 
 
@@ -28,25 +28,25 @@ def test_shard_files_read_equal_zarr_for_every_layout(tmp_path, codec, compressi
     c = Cache(tmp_path / "c")
     names = ["hidden"] + (["hidden_scale"] if codec == "int8" else [])
     for name in names:
-        assert isinstance(ShardReader.open(c.group[name], tmp_path / "c" / name), ShardReader)
+        assert isinstance(ShardReader.open(c.group[name], tmp_path / "c", name), ShardReader)
     ranges = [(0, c.n_rows), (0, 1), (63, 65), (511, 513), (c.n_rows - 5, c.n_rows)]
     ranges += [tuple(sorted(rng.integers(0, c.n_rows, 2))) for _ in range(30)]
     for lo, hi in ranges:
         if hi > lo:
-            assert torch.equal(c.read_rows(lo, hi, packed=codec == "int8"),
-                               c.read_rows(lo, hi, packed=codec == "int8", direct=False)), (lo, hi)
-    assert torch.equal(c.read_hidden(0, c.n_tokens), Cache(tmp_path / "c").read_hidden(0, c.n_tokens))
+            assert torch.equal(c.reads.rows(lo, hi, packed=codec == "int8"),
+                               c.reads.rows(lo, hi, packed=codec == "int8", direct=False)), (lo, hi)
+    assert torch.equal(c.read_hidden(0, c.n_tokens), Cache(tmp_path / "c", direct=False).read_hidden(0, c.n_tokens))
 
 
 def test_a_truncated_or_missing_shard_is_never_read_as_data(tmp_path):
     n = 1000
     c = from_arrays(tmp_path / "c", torch.randn(n, 16), [0, n], np.zeros(n, np.int64),
                     VocabMapping(np.zeros(4, np.int64), np.ones(4, bool)), layout=Layout(64, 256))
-    shard = tmp_path / "c" / "hidden" / "c" / "1" / "0"
+    shard = tmp_path / "c" / shard_key("hidden", 1)
     data = shard.read_bytes()
     shard.write_bytes(data[:-3])  # one byte short of its checksum
-    with pytest.raises(UserError, match=r"shard c/1/0 \(unit 1, rows 256:512\) fails its index checksum"):
-        ShardReader.open(Cache(tmp_path / "c").group["hidden"], tmp_path / "c" / "hidden").read(256, 300)
+    with pytest.raises(UserError, match=r"shard hidden/c/1/0 \(unit 1, rows 256:512\) fails its index checksum"):
+        ShardReader.open(Cache(tmp_path / "c").group["hidden"], tmp_path / "c", "hidden").read(256, 300)
     shard.unlink()  # a missing shard reads as the NaN fill value, as through zarr (and verify names it)
     assert torch.isnan(Cache(tmp_path / "c").read_hidden(250, 300)[6:]).all()
     assert not torch.isnan(Cache(tmp_path / "c").read_hidden(250, 300)[:6]).any()
@@ -56,7 +56,7 @@ def test_a_truncated_or_missing_shard_is_never_read_as_data(tmp_path):
 @pytest.mark.parametrize("codec,dtype", [("lossless", "bfloat16"), ("lossless", "float32"), ("int8", "float32")])
 def test_batches_decoded_straight_into_their_buffers_equal_the_block_reader(tmp_path, monkeypatch, codec, dtype):
     """The loader's direct path (pieces decoded into one buffer per batch) yields exactly the block path's batches."""
-    from medusa_cache.loader import BatchStream, epoch_order, make_batches, make_blocks
+    from medusa_cache.loader import BatchStream, StreamSource, epoch_order, make_batches, make_blocks
 
     rng = np.random.default_rng(1)
     n = 3000
@@ -70,12 +70,11 @@ def test_batches_decoded_straight_into_their_buffers_equal_the_block_reader(tmp_
     batches = make_batches(epoch_order(blocks, 0, 0, 4), c.offsets, 1, 256)
 
     def collect(direct: bool) -> list:
-        monkeypatch.setattr(Cache, "direct_reads", direct)
-        cache = Cache(tmp_path / "c")
+        cache = Cache(tmp_path / "c", direct=direct)
         assert cache.reads_into() == direct
         return [(b.hidden, b.targets, b.ahead, b.ahead_idx) for b in
-                BatchStream(cache, cache.array("labels"), batches, 3, blocks, start=2, lookahead=3,
-                            packed=codec == "int8")]
+                BatchStream(StreamSource(cache, cache.array("labels"), 3, blocks, packed=codec == "int8",
+                                         lookahead=3), batches, start=2)]
 
     fast, ref = collect(True), collect(False)
     assert len(fast) == len(ref) == len(batches) - 2

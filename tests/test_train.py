@@ -23,7 +23,7 @@ from medusa_cache import store
 from medusa_cache.cli import main
 from medusa_cache.errors import UserError
 from medusa_cache.export import export, load_heads
-from medusa_cache.loader import BatchStream, make_batches, make_blocks, targets_for
+from medusa_cache.loader import BatchStream, StreamSource, make_batches, make_blocks, targets_for
 from medusa_cache.train import TrainConfig, train
 from medusa_cache.vocab import IGNORE, VocabMapping
 
@@ -49,7 +49,7 @@ def test_head_i_at_t_targets_token_t_plus_2_plus_i_within_its_sequence(tmp_path)
     for bt in (None, 3, 4, 100):
         batches = make_batches(np.array([1, 0]), o, 1, bt)
         got = {}
-        for b in BatchStream(c, lab, batches, 2, blocks):
+        for b in BatchStream(StreamSource(c, lab, 2, blocks), batches):
             for row, tg in zip(b.hidden[:, 0].long().tolist(), b.targets.tolist(), strict=True):
                 got[row] = tg
         assert sorted(got) == list(range(9))

@@ -11,7 +11,7 @@ import zarr
 
 from medusa_cache.cli import main
 from medusa_cache.errors import UserError
-from medusa_cache.store import FORMAT_VERSION, Cache
+from medusa_cache.store import FORMAT_VERSION, Cache, CacheWriter, chunk_key, shard_key
 from medusa_cache.train import TrainConfig, train
 from medusa_cache.verify import verify
 
@@ -29,7 +29,7 @@ def test_a_fresh_dump_is_healthy(dumped, capsys):
 
 
 def test_a_corrupted_shard_is_found_and_training_refuses_it(copy, tmp_path):
-    shard = copy / "hidden" / "c" / "2" / "0"
+    shard = copy / shard_key("hidden", 2)
     data = shard.read_bytes()
     shard.write_bytes(data[: len(data) // 3])
     res = verify(str(copy), deep=True)
@@ -37,7 +37,7 @@ def test_a_corrupted_shard_is_found_and_training_refuses_it(copy, tmp_path):
     with pytest.raises(SystemExit) as e:
         main(["verify", str(copy), "--deep"])
     assert e.value.code == 1
-    with pytest.raises(UserError, match=r"hidden: shard c/2/0 \(unit 2, rows 2048:3072\) fails its index checksum"):
+    with pytest.raises(UserError, match=r"shard hidden/c/2/0 \(unit 2, rows 2048:3072\) fails its index checksum"):
         train(TrainConfig(cache=str(copy), out=str(tmp_path / "h"), epochs=1, in_memory=True))
 
 
@@ -52,7 +52,7 @@ def test_labels_that_disagree_with_the_mapping_are_found(copy):
 
 
 def test_nan_hidden_states_are_counted_and_located(copy):
-    c = Cache(copy, mode="r+")
+    c = CacheWriter(copy)
     a, b = c.unit_range(1)
     h = c.read_hidden(a, b).clone()
     h[10, 3] = float("nan")
@@ -76,7 +76,7 @@ def test_model_spot_check_catches_pre_norm_states(copy, tiny_llama):
 
     assert spot_check(Cache(copy), str(tiny_llama), n=3) == []
     # overwrite one unit with states that are not the post-norm ones (rescaled and shifted, as a pre-norm read)
-    c = Cache(copy, mode="r+")
+    c = CacheWriter(copy)
     a, b = c.unit_range(0)
     h = c.read_hidden(a, b).clone()
     c.write_unit(0, h * 3.0 + 0.5)
@@ -108,8 +108,8 @@ def test_a_missing_chunk_of_any_array_is_named_and_training_refuses(copy, tmp_pa
 
 
 def test_a_missing_chunk_never_reads_as_plausible_data(copy):
-    (copy / "hidden" / "c" / "1" / "0").unlink()
-    (copy / "input_ids" / "c" / "1").unlink()
+    (copy / shard_key("hidden", 1)).unlink()
+    (copy / chunk_key("input_ids", 1)).unlink()
     c = Cache(copy)
     a, b = c.unit_range(1)
     assert torch.isnan(c.read_hidden(a, b).float()).all()  # the bf16/f32 NaN fill, not zeros
@@ -131,7 +131,7 @@ def test_an_incomplete_store_is_not_healthy_unless_partial_is_allowed(copy, caps
 def test_sequences_with_nan_rows_are_left_out_of_validation_eval_and_training(tmp_path):
     from test_train import make_cache
 
-    from medusa_cache.evaluate import run_eval
+    from medusa_cache.evaluate import EvalConfig, run_eval
 
     torch.manual_seed(0)
     make_cache(tmp_path / "train", [0, 100, 300], np.arange(300) % 30, torch.randn(300, 32), draft=30)
@@ -142,10 +142,10 @@ def test_sequences_with_nan_rows_are_left_out_of_validation_eval_and_training(tm
                             num_heads=2, epochs=1, grad_accum=1, batch_tokens=64))
     assert all(np.isfinite(res["val_loss"])), res
     assert res["val_tokens"][0] == (50 - 2) + (80 - 2)  # sequences 0 and 2 only; head 0 has len-2 targets each
-    ev = run_eval(str(tmp_path / "h"), str(tmp_path / "val"))
+    ev = run_eval(EvalConfig(str(tmp_path / "h"), str(tmp_path / "val")))
     keep = torch.cat([val_h[:50], val_h[120:]])  # the same cache without the NaN sequence
     make_cache(tmp_path / "val2", [0, 50, 130], np.r_[np.arange(50), np.arange(120, 200)] % 30, keep, draft=30)
-    ev2 = run_eval(str(tmp_path / "h"), str(tmp_path / "val2"))
+    ev2 = run_eval(EvalConfig(str(tmp_path / "h"), str(tmp_path / "val2")))
     assert ev["positions"] == ev2["positions"] and ev["top1"] == ev2["top1"] and np.isfinite(ev["top1"]).all()
 
 
@@ -180,7 +180,7 @@ def test_model_spot_check_compares_like_with_like_batched_bf16(tmp_path, tiny_ll
     data = write_jsonl(tmp_path / "d.jsonl", [chat] * 6)  # equal lengths: one batch of six
     run_dump(DumpConfig(model=str(tiny_llama), data=[str(data)], out=str(tmp_path / "c"), dtype="bfloat16"))
     assert spot_check(Cache(tmp_path / "c"), str(tiny_llama), n=6) == []
-    c = Cache(tmp_path / "c", mode="r+")
+    c = CacheWriter(tmp_path / "c")
     a, b = c.unit_range(0)
     h = c.read_hidden(a, b).clone()
     h[int(c.offsets[2]) + 3] *= 1.05  # one row of sequence 2, 5% off

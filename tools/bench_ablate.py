@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("TQDM_DISABLE", "1")
 from bench_train import synthetic_cache  # noqa: E402
 
-from medusa_cache.ablate import run_ablate  # noqa: E402
+from medusa_cache.ablate import AblateConfig, run_ablate  # noqa: E402
 from medusa_cache.train import TrainConfig, train  # noqa: E402
 
 
@@ -39,8 +39,8 @@ def main() -> None:
         train(TrainConfig(out=str(tmp / "single"), num_heads=5, **common))
         single = time.perf_counter() - t0
         t0 = time.perf_counter()
-        run_ablate(TrainConfig(out=str(tmp / "abl"), **common), heads=[1, 2, 3, 4, 5], layers=[1], lrs=[1e-3],
-                   budgets=[16, 32, 64])
+        run_ablate(TrainConfig(out=str(tmp / "abl"), **common),
+                   AblateConfig(heads=[1, 2, 3, 4, 5], layers=[1], lr=[1e-3], tree_budget=[16, 32, 64]))
         abl = time.perf_counter() - t0
     print(f"cache: {a.tokens} tokens, hidden {a.hidden}, draft vocab {a.draft}")
     print(f"ablation 1..5 heads {abl:.1f}s / single 5-head training {single:.1f}s = {abl / single:.3f}"

@@ -27,7 +27,7 @@ def bench(tokens: int, hidden: int, compression: str, repeats: int) -> tuple[flo
         from_arrays(Path(d) / "c", torch.randn(tokens, hidden), [0, tokens], np.zeros(tokens, np.int64), m,
                     hidden_dtype="bfloat16", layout=Layout(256, 4096), hidden_compression=compression)
         c = Cache(Path(d) / "c")
-        r = c._reader("hidden")
+        r = c.reads.reader("hidden")
         rng = np.random.default_rng(0)
         starts = rng.integers(0, tokens - 512, 64)
         times = {True: [], False: []}

@@ -42,7 +42,7 @@ def larger_model(work: Path) -> tuple[str, Path, dict[str, Path]]:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from medusa_cache.dump import DumpConfig, run_dump
-    from medusa_cache.evaluate import run_eval
+    from medusa_cache.evaluate import EvalConfig, run_eval
     from medusa_cache.generate import GenerateConfig, generate
     from medusa_cache.train import TrainConfig, train
 
@@ -59,7 +59,7 @@ def larger_model(work: Path) -> tuple[str, Path, dict[str, Path]]:
                         max_length=512))
     train(TrainConfig(cache=str(work / "c"), out=str(work / "h"), num_heads=5, epochs=3, lr=3e-3, batch_tokens=1024,
                       grad_accum=1, val_fraction=0.1))
-    run_eval(str(work / "h"), str(work / "c"), budgets=[16, 32, 64], trees_out=str(work / "trees"))
+    run_eval(EvalConfig(str(work / "h"), str(work / "c"), tree_budget=[16, 32, 64], trees_out=str(work / "trees")))
     return str(m), work / "h", {f"tree{n}": work / "trees" / f"tree_{n}.json" for n in (16, 32, 64)}
 
 

@@ -30,7 +30,7 @@ import torch  # noqa: E402
 from medusa_cache import store  # noqa: E402
 from medusa_cache.demo import DEMO  # noqa: E402
 from medusa_cache.dump import DumpConfig, run_dump  # noqa: E402
-from medusa_cache.loader import BatchStream, epoch_order, make_batches, make_blocks  # noqa: E402
+from medusa_cache.loader import BatchStream, StreamSource, epoch_order, make_batches, make_blocks  # noqa: E402
 from medusa_cache.vocab import VocabMapping  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -117,16 +117,14 @@ def synthetic(path: Path, n: int, hidden: int, codec: str, compression: str = "z
 def loader_tps(path: Path, threads: int, direct: bool = True) -> float:
     """Tokens/s delivered by the streaming loader alone (int8: packed rows, decoded later on the device)."""
     torch.set_num_threads(threads)
-    store.Cache.direct_reads = direct
-    c = store.Cache(path)
+    c = store.Cache(path, direct=direct)
     seqs = np.arange(c.n_seqs)
     blocks = make_blocks(seqs, c.offsets, 16384)
     batches = make_batches(epoch_order(blocks, 0, 0, 64), c.offsets, 1, 4096)
     labels = c.array("labels")
     t0, n = time.perf_counter(), 0
-    for b in BatchStream(c, labels, batches, 4, blocks, prefetch=8, packed=c.codec == "int8"):
+    for b in BatchStream(StreamSource(c, labels, 4, blocks, packed=c.codec == "int8"), batches, prefetch=8):
         n += len(b.hidden)
-    store.Cache.direct_reads = True
     return n / (time.perf_counter() - t0)
 
 

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import zarr
 
-from medusa_cache.store import Cache, Layout, from_arrays
+from medusa_cache.store import Cache, Layout, from_arrays, shard_key
 from medusa_cache.vocab import VocabMapping
 
 
@@ -40,7 +40,7 @@ def opener(path: Path, how: str):
     """A function reading rows [a, b) of ``hidden`` by ``how`` (opened once, outside the timing)."""
     if how == "ours":
         c = Cache(path)
-        return lambda a, b: c.read_rows(a, b)
+        return lambda a, b: c.reads.rows(a, b)
     with zarr.config.set({"codec_pipeline.path": PIPELINES[how]}):
         arr = zarr.open_array(str(path / "hidden"), mode="r")
 
@@ -62,7 +62,7 @@ def refuses_flipped_byte(path: Path, how: str) -> bool:
     with tempfile.TemporaryDirectory() as d:
         bad = Path(d) / "c"
         shutil.copytree(path, bad)
-        f = bad / "hidden" / "c" / "0" / "0"
+        f = bad / shard_key("hidden", 0)
         data = bytearray(f.read_bytes())
         data[len(data) // 4] ^= 0x01
         f.write_bytes(bytes(data))

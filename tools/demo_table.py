@@ -16,7 +16,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("TQDM_DISABLE", "1")
 
-from medusa_cache.ablate import run_ablate  # noqa: E402
+from medusa_cache.ablate import AblateConfig, run_ablate  # noqa: E402
 from medusa_cache.demo import DEMO  # noqa: E402
 from medusa_cache.dump import DumpConfig, run_dump  # noqa: E402
 from medusa_cache.generate import GenerateConfig, generate  # noqa: E402
@@ -45,7 +45,7 @@ def main() -> None:
                               epochs=a.epochs, lr=3e-3, batch_tokens=1024, grad_accum=1, val_fraction=0.1,
                               init_from_lm_head=model if init else None, distill=model if distill else None,
                               overwrite=True)
-            res = run_ablate(cfg, heads=[1, 2, 3, 4, 5], layers=[1], lrs=[3e-3], budgets=[16, 32, 64])
+            res = run_ablate(cfg, AblateConfig(heads=[1, 2, 3, 4, 5], layers=[1], lr=[3e-3], tree_budget=[16, 32, 64]))
             for r in res["results"]:
                 t = r["trees"]
                 lines.append(f"| {'yes' if init else 'no'} | {'yes' if distill else 'no'} | {r['num_heads']} | "

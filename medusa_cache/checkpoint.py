@@ -1,0 +1,72 @@
+"""A training run's checkpoint and ``--out``: claim it (fresh) or check the resume contract and load the state."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from . import rundir
+from .config import to_dict
+from .errors import UserError
+from .trainconfig import TrainConfig
+from .variant import Variant
+
+CHECKPOINT = "checkpoint.pt"
+
+
+def inputs(cfg: TrainConfig) -> dict:
+    return {"--cache": cfg.cache, "--val-cache": cfg.val_cache, "--init-from-lm-head": cfg.init_from_lm_head,
+            "--distill": cfg.distill}
+
+
+
+def claim_or_resume(cfg: TrainConfig, settings: dict, group: int, lock: list, kind: str = "train") -> dict | None:
+    """Lock and claim --out (rank 0; the lock is appended to ``lock`` and held until the run ends). Fresh: write the
+    resolved config. Resume: check the contract, return the checkpoint."""
+    from .store import WriterLock
+
+    lock.append(WriterLock(cfg.out, "train"))
+    if cfg.resume and not (Path(cfg.out) / CHECKPOINT).exists():
+        raise UserError(f"--resume: no checkpoint in {cfg.out}")
+    if not cfg.resume:
+        out = rundir.claim(cfg.out, kind=kind, overwrite=cfg.overwrite, inputs=inputs(cfg))
+        (out / "train_config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+        return None
+    out = Path(cfg.out)
+    ck = torch.load(out / CHECKPOINT, map_location="cpu", weights_only=True)
+    if ck.get("group", group) != group:
+        raise UserError(f"--resume: {out} was trained with {ck['group']} micro-batches per step "
+                        f"(processes x --grad-accum), this run has {group}; keep the product the same")
+    stored = ck.get("settings")
+    if stored is not None and "mix" not in stored:  # written before --mix existed: batches were pieces
+        stored = {**stored, "mix": "pieces", "mix_tokens": settings["mix_tokens"]}
+    if stored is None:  # a checkpoint from before the contract: compare the config it was started with
+        old = rundir.stored_train_config(out) or {}
+        stored = {k: old.get(k) for k in rundir.RESUME_FIXED}
+        settings = {k: settings[k] for k in rundir.RESUME_FIXED}
+    rundir.check_resume(stored, settings, out)
+    rundir.claim(out, kind=kind, resume=True, inputs=inputs(cfg))
+    rundir.trim_metrics(out / "metrics.jsonl", ck["step"], ck["epoch"])
+    return ck
+
+
+
+def save(out: Path, vs: list[Variant], step: int, next_epoch: int, next_batch: int, group: int,
+         settings: dict) -> None:
+    """Write the checkpoint atomically: every variant's heads, optimizer and scheduler, and where to continue."""
+    rundir.atomic_save({"variants": [{"heads": v.heads.state_dict(), "optimizer": v.opt.state_dict(),
+                                      "scheduler": v.sched.state_dict()} for v in vs],
+                        "step": step, "epoch": next_epoch, "next_batch": next_batch, "group": group,
+                        "settings": settings}, out / CHECKPOINT)
+
+
+def restore(out: Path, vs: list[Variant], device: str) -> tuple[int, int, int]:
+    """Load every variant's state from the checkpoint; (step, epoch, next batch) to continue from."""
+    ck = torch.load(out / CHECKPOINT, map_location=device, weights_only=True)
+    for v, st in zip(vs, ck["variants"], strict=True):
+        v.heads.load_state_dict(st["heads"])
+        v.opt.load_state_dict(st["optimizer"])
+        v.sched.load_state_dict(st["scheduler"])
+    return ck["step"], ck["epoch"], ck["next_batch"]

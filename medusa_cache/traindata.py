@@ -1,0 +1,99 @@
+"""What a run trains and validates on: the caches (checked against the config and each other), the split into
+training and held-out sequences, and the rows ``--mix positions`` draws from."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .errors import UserError
+from .loader import epoch_order, make_batches, make_position_plan
+from .store import Cache
+from .trainconfig import TrainConfig
+from .vocab import coverage, top_mapping
+
+
+def open_caches(cfg: TrainConfig) -> tuple[Cache, Cache | None]:
+    """The training cache and the optional validation cache, checked against the config and each other."""
+    cache = Cache(cfg.cache)
+    cache.require_complete(cfg.allow_partial)
+    check_cache_against(cache, cfg)
+    if cfg.draft_vocab_size is not None and cfg.draft_vocab_size != cache.meta.draft_vocab_size:
+        cache.remap(top_mapping(cache.stored("token_counts"), cfg.draft_vocab_size))
+    if not cfg.val_cache:
+        return cache, None
+    val = Cache(cfg.val_cache)
+    val.require_complete(cfg.allow_partial)
+    val.require_compatible(cache.meta.fingerprints.get("model"), cache.hidden_size, cfg.num_heads,
+                           f"--cache {cfg.cache}", "--val-cache")
+    if cache.mapping().fingerprint() != val.mapping().fingerprint() and cfg.draft_vocab_size is not None:
+        val.remap(cache.mapping())  # the training cache's re-mapped vocabulary, never one of its own
+    if val.mapping().fingerprint() != cache.mapping().fingerprint():
+        raise UserError(f"--val-cache: {cfg.val_cache} uses a different draft vocabulary than {cfg.cache}")
+    if val.content_fingerprint() == cache.content_fingerprint():
+        raise UserError(f"--val-cache: {cfg.val_cache} holds the same data as --cache {cfg.cache}; validating "
+                        "on training data measures nothing: dump a held-out file, or drop --val-cache to hold "
+                        "out --val-fraction of the sequences")
+    return cache, val
+
+
+
+def split(cache: Cache, cfg: TrainConfig) -> tuple[np.ndarray, np.ndarray]:
+    seqs = cache.usable_seqs(cfg.allow_partial)
+    if cfg.val_cache or cfg.val_fraction == 0 or len(seqs) < 2:
+        return seqs, np.array([], dtype=np.int64)
+    n_val = max(1, int(round(cfg.val_fraction * len(seqs))))
+    perm = np.random.default_rng([cfg.seed, 12345]).permutation(seqs)
+    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+
+
+
+def check_cache_against(cache: Cache, cfg: TrainConfig) -> None:
+    cache.require_reach(cfg.num_heads)
+    for name, have in (("hidden_size", cache.hidden_size), ("vocab_size", cache.meta.vocab_size)):
+        want = getattr(cfg, name)
+        if want is not None and want != have:
+            raise UserError(f"--{name.replace('_', '-')}: config says {want} but the cache {cache.path} has {have}")
+    have = cache.meta.pipeline
+    if cfg.data_pipeline and cfg.data_pipeline != have:
+        raise UserError(f"--data-pipeline: the config expects a cache dumped with --pipeline {cfg.data_pipeline}, but "
+                        f"{cache.path} was dumped with --pipeline {have} (for the Eagle3 comparison, dump with "
+                        "--pipeline specforge)")
+
+
+
+MIX_REACH = 8
+
+
+def mix_reach(num_heads: int) -> int:
+    """--mix positions draws the rows with a target for any of the first R heads, R = max(num_heads, 8). R depends
+    neither on a smaller head count nor on the store's layout, so a K-head run draws the same batches as the first
+    K heads of a larger one (ablate's exactness, up to 8 heads) and a needed-rows store the same as a full one; the
+    few rows without a target for the heads trained cost compute, not correctness (their loss terms are empty)."""
+    return max(num_heads, MIX_REACH)
+
+
+def vocab_summary(cache: Cache) -> dict:
+    """The draft vocabulary a run trained with, for its summary (re-mapped from which size, coverage)."""
+    d = cache.meta.draft_vocab_size
+    return {"draft_vocab_size": d, "remapped_from": cache.remapped_from,
+            "distinct_assistant_tokens": int((cache.array("token_counts") > 0).sum()),
+            "coverage": round(coverage(cache.stored("token_counts"), [d])[d], 4)}
+
+
+def epoch_batches(cfg: TrainConfig, blocks: list[np.ndarray], offsets: np.ndarray, trainable: np.ndarray | None,
+                  epoch: int):
+    """The epoch's batches: a PositionPlan (``--mix positions``: ``trainable`` rows) or a list of pieces per batch;
+    a pure function of (seed, epoch), so a resume recomputes it. Both have the same length every epoch."""
+    order = epoch_order(blocks, cfg.seed, epoch, cfg.shuffle_buffer)
+    if trainable is not None:
+        return make_position_plan(order, offsets, trainable, cfg.mix_tokens, cfg.batch_tokens, cfg.seed, epoch)
+    return make_batches(order, offsets, cfg.batch_size, cfg.batch_tokens)
+
+
+def heldout_coverage(cache: Cache, mapping, seqs: np.ndarray) -> float:
+    """Fraction of the assistant tokens of sequences ``seqs`` that ``mapping``'s draft vocabulary holds."""
+    ids, mask = cache.array("input_ids"), cache.array("loss_mask").astype(bool)
+    rows = np.concatenate([np.arange(cache.offsets[s], cache.offsets[s + 1]) for s in seqs]) if len(seqs) else \
+        np.zeros(0, dtype=np.int64)
+    rows = rows[mask[rows]]
+    return float(mapping.t2d[ids[rows]].mean()) if len(rows) else 0.0

@@ -138,3 +138,12 @@ def read_lm_head(model_dir: str, rows: np.ndarray | None = None, expect_fingerpr
     if rows is not None:
         w = w[torch.from_numpy(np.asarray(rows, dtype=np.int64))]
     return w
+
+
+def stop_ids(tok, model) -> set[int]:
+    """End-of-sequence ids: the tokenizer's and the generation config's (an int or a list), as greedy decoding
+    stops on them (speculate and generate alike)."""
+    ids = set()
+    for src in (tok.eos_token_id, getattr(model.generation_config, "eos_token_id", None)):
+        ids.update([src] if isinstance(src, int) else (src or []))
+    return ids

@@ -205,7 +205,7 @@ def _run_units(cfg: DumpConfig, cache: store.Cache | None, rank: int, world_size
         if cfg.strict and not torch.isfinite(h).all():
             a, _ = cache.unit_range(k)
             row = cache.token_of_row(a + int(np.flatnonzero(~torch.isfinite(h).all(dim=1).numpy())[0]))
-            s = int(np.searchsorted(cache.offsets, row, side="right") - 1)
+            s = int(store.seq_of(cache.offsets, row))
             f, r = sources[s]
             raise UserError(f"--strict: NaN/Inf hidden state at token {row} (sequence {s}, {cfg.data[f]} row "
                             f"{r + 1}); unit {k} not written")

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from .config import check
+from .config import check, flag
 from .errors import UserError
 from .heads import MedusaHeads
 from .vocab import VocabMapping
@@ -89,13 +89,13 @@ def command_line(command: str, values: dict, defaults: dict, skip: tuple[str, ..
     for k, v in values.items():
         if k in skip or v == defaults.get(k) or v is None:
             continue
-        flag = "--" + k.replace("_", "-")
+        name = flag(k)
         if isinstance(v, bool):
-            parts.append(flag if v else f"--no-{k.replace('_', '-')}")
+            parts.append(name if v else f"--no-{name[2:]}")
         elif isinstance(v, list):
-            parts += [flag, *map(str, v)]
+            parts += [name, *map(str, v)]
         else:
-            parts += [flag, str(v)]
+            parts += [name, str(v)]
     return shlex.join(parts)
 
 

@@ -22,6 +22,7 @@ from typing import ClassVar, Literal
 
 import torch
 
+from .backbone import stop_ids
 from .config import check
 from .data import RowError, read_rows
 from .errors import UserError
@@ -204,8 +205,7 @@ def _generate_ids(model, tok, prompts: list[str], cfg: GenerateConfig, add_speci
     kw = dict(do_sample=True, temperature=cfg.temperature) if cfg.temperature > 0 else dict(do_sample=False)
     gen = model.generate(**enc, max_new_tokens=cfg.max_new_tokens, pad_token_id=tok.pad_token_id, **kw)
     width = enc["input_ids"].shape[1]
-    eos = {tok.eos_token_id} | set(model.generation_config.eos_token_id if isinstance(
-        model.generation_config.eos_token_id, list) else [model.generation_config.eos_token_id])
+    eos = stop_ids(tok, model)
     out = []
     for i in range(len(prompts)):
         pad = int((enc["attention_mask"][i] == 0).sum())

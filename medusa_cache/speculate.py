@@ -26,6 +26,7 @@ from typing import ClassVar, Literal
 
 import torch
 
+from .backbone import stop_ids
 from .config import check
 from .errors import UserError
 from .progress import progress
@@ -162,13 +163,6 @@ class MedusaDecoder:
                     break
             x0, h_last = out[-1], h[0, cur]
         return out[:max_new], steps
-
-
-def stop_ids(tok, model) -> set[int]:
-    ids = set()
-    for src in (tok.eos_token_id, getattr(model.generation_config, "eos_token_id", None)):
-        ids.update([src] if isinstance(src, int) else (src or []))
-    return ids
 
 
 def prompt_ids(tok, path: str, limit: int | None) -> list[torch.Tensor]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .config import flag
 from .errors import UserError
 from .loader import epoch_order, make_batches, make_position_plan
 from .store import Cache
@@ -52,7 +53,7 @@ def check_cache_against(cache: Cache, cfg: TrainConfig) -> None:
     for name, have in (("hidden_size", cache.hidden_size), ("vocab_size", cache.meta.vocab_size)):
         want = getattr(cfg, name)
         if want is not None and want != have:
-            raise UserError(f"--{name.replace('_', '-')}: config says {want} but the cache {cache.path} has {have}")
+            raise UserError(f"{flag(name)}: config says {want} but the cache {cache.path} has {have}")
     have = cache.meta.pipeline
     if cfg.data_pipeline and cfg.data_pipeline != have:
         raise UserError(f"--data-pipeline: the config expects a cache dumped with --pipeline {cfg.data_pipeline}, but "

@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -115,6 +116,50 @@ def sharegpt_slice(n: int, name: str = "fastchat_dummy_sharegpt.json", start: in
 def small_chat(tmp_path) -> Path:
     """40 real ShareGPT conversations as JSONL."""
     return write_jsonl(tmp_path / "chat.jsonl", sharegpt_slice(40))
+
+
+FAULT_SCRIPT = """
+import importlib, os, signal, sys
+from medusa_cache.cli import main
+
+target, after, action = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+module, attr = target.split(":")
+*path, name = attr.split(".")
+owner = importlib.import_module(module)
+for part in path:
+    owner = getattr(owner, part)
+real, calls = getattr(owner, name), [0]
+
+
+def wrapped(*a, **k):
+    out = real(*a, **k)
+    calls[0] += 1
+    if calls[0] == after:  # right after the after-th call returned in this process
+        if action == "raise":
+            raise RuntimeError("injected fault")
+        os.kill(os.getpid(), getattr(signal, action))
+    return out
+
+
+setattr(owner, name, wrapped)
+sys.exit(main(sys.argv[4:]))
+"""
+
+
+def fault_command(target: str, after: int, action: str, *args: str) -> list[str]:
+    """The command line of ``medusa-cache ARGS`` with a fault injected at a given step, deterministically: right after
+    the ``after``-th call of ``target`` (``module:Class.method`` or ``module:function``) returns in the process,
+    ``action`` happens there: a signal sent to itself (``SIGKILL``, ``SIGINT``, ``SIGTERM``) or ``raise``."""
+    script = Path(tempfile.gettempdir()) / f"medusa_cache_fault_{os.getpid()}.py"
+    if not script.exists():
+        script.write_text(FAULT_SCRIPT)
+    return [str(script), target, str(after), action, *args]
+
+
+def run_fault(target: str, after: int, action: str, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, *fault_command(target, after, action, *args)], capture_output=True,
+                          text=True, env=env, timeout=600)
 
 
 def run_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:

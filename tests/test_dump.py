@@ -3,18 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import zarr
-from conftest import run_cli, sharegpt_slice, write_jsonl
+from conftest import run_cli, run_fault, sharegpt_slice, write_jsonl
 
 from medusa_cache.backbone import plan_batches
 from medusa_cache.data import Templater, read_rows
@@ -105,32 +101,26 @@ def _dump_args(model, data, out, *extra):
 
 @pytest.mark.slow
 def test_kill_and_resume_is_bit_identical(tmp_path, tiny_llama):
-    """kill -9 at 10 moments (while preparing the store, then after 1, 2, 3, 5, ... units, i.e. mid-batch,
-    mid-write or right after a commit, wherever the poll lands), resuming each time."""
+    """kill -9 at 10 given moments (while preparing the store, mid-batch, after a shard is written but before its
+    unit is marked done, right after a commit), resuming each time."""
     data = write_jsonl(tmp_path / "chat.jsonl", sharegpt_slice(250))
     run_cli(*_dump_args(tiny_llama, data, tmp_path / "ref"))
     out = tmp_path / "killed"
-    env = {**os.environ, "TQDM_DISABLE": "1"}
-
-    def units_done() -> int:
-        d = out / "unit_done" / "c"
-        return len(list(d.glob("*"))) if d.exists() else 0
-
-    triggers = [lambda: (out / "zarr.json").exists(), lambda: (out / "input_ids").exists()]
-    triggers += [lambda n=n: units_done() >= n for n in (1, 2, 3, 5, 7, 9, 11, 13)]
-    kills = 0
-    for trigger in triggers:
+    kills = [("medusa_cache.store.writer:_array", 1),  # the group exists, marked as being prepared
+             ("medusa_cache.store.writer:_array", 4),  # some arrays written
+             ("medusa_cache.backbone:ModelPass.run", 2),  # mid-unit: batches computed, nothing written
+             ("medusa_cache.store.writer:CacheWriter.write_unit", 1),  # a shard written, its unit not marked done
+             ("medusa_cache.store.writer:CacheWriter.mark_done", 1),  # right after a commit
+             ("medusa_cache.backbone:ModelPass.run", 7),
+             ("medusa_cache.store.writer:CacheWriter.write_unit", 2),
+             ("medusa_cache.store.writer:CacheWriter.mark_done", 2),
+             ("medusa_cache.store.writer:CacheWriter.write_unit", 1),
+             ("medusa_cache.store.writer:CacheWriter.mark_done", 1)]
+    for target, after in kills:
         args = _dump_args(tiny_llama, data, out, *(["--resume"] if out.exists() else []))
-        p = subprocess.Popen([sys.executable, "-m", "medusa_cache", *args], env=env,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.time() + 120
-        while time.time() < deadline and p.poll() is None and not trigger():
-            time.sleep(0.002)
-        if p.poll() is None:
-            p.send_signal(signal.SIGKILL)
-            kills += 1
-        p.wait()
-    assert kills >= 8, f"only {kills} kills landed before the dump finished; make the workload larger"
+        p = run_fault(target, after, "SIGKILL", *args)
+        assert p.returncode == -signal.SIGKILL, (target, after, p.stderr[-2000:])
+    assert not zarr.open_group(str(out), mode="r").attrs["complete"]
     run_cli(*_dump_args(tiny_llama, data, out, "--resume"))
     a, b = zarr.open_group(str(tmp_path / "ref"), mode="r"), zarr.open_group(str(out), mode="r")
     for name in ("hidden", "input_ids", "loss_mask", "labels", "seq_offsets", "seq_source", "d2t", "t2d",

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from conftest import sharegpt_slice, write_jsonl
+from conftest import run_fault, sharegpt_slice, write_jsonl
 from safetensors.torch import load_file
 
 pytest.importorskip("moto")
@@ -99,18 +99,10 @@ def test_killed_dump_on_s3_resumes(tiny_llama, local_and_s3, s3):
     import s3fs
 
     fs = s3fs.S3FileSystem()
-    env = {**os.environ, "TQDM_DISABLE": "1"}
-    p = subprocess.Popen([sys.executable, "-m", "medusa_cache", *_args(tiny_llama, data, out)], env=env,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and p.poll() is None:
-        fs.invalidate_cache()
-        if fs.exists(f"{out}/unit_done/c") and len(fs.ls(f"{out}/unit_done/c")) >= 2:
-            break
-        time.sleep(0.05)
-    assert p.poll() is None, "finished before the kill"
-    p.send_signal(signal.SIGKILL)
-    p.wait()
+    p = run_fault("medusa_cache.store.writer:CacheWriter.mark_done", 2, "SIGKILL", *_args(tiny_llama, data, out))
+    assert p.returncode == -signal.SIGKILL, p.stderr[-2000:]  # killed right after its second unit's commit
+    fs.invalidate_cache()
+    assert len(fs.ls(f"{out}/unit_done/c")) == 2
     from medusa_cache.cli import main
 
     assert main(_args(tiny_llama, data, out) + ["--resume"]) == 0

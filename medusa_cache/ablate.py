@@ -196,16 +196,7 @@ def report(rows: list[dict], cfg: TrainConfig, a: AblateConfig, out: Path, comma
             if params else 0.0
         r["options"] = options(r, verify_cost)
     best_row, best_opt = max(((r, o) for r in rows for o in r["options"]), key=lambda x: x[1]["expected_speedup"])
-    hv, mapping, _ = load_heads(best_row["dir"])
-    hv.heads = hv.heads[: best_row["num_heads"]]
-    (out / "best").mkdir(exist_ok=True)
-    vocab, layers, lr = parse_variant(best_row["variant"])
-    chosen = replace(cfg, num_heads=best_row["num_heads"], num_layers=layers, lr=lr, draft_vocab_size=vocab)
-    save_heads(hv, cache_for(cfg, mapping), chosen, out / "best",
-               command=(command + f"  # best/: the first {best_row['num_heads']} heads of variant "
-                        f"{best_row['variant']}") if command else None)
-    (out / "best" / "tree.json").write_text(json.dumps(best_opt["tree"]))
-    export(out / "best", "vllm", out / "best-vllm", overwrite=True)
+    write_best(best_row, best_opt, cfg, out, command)
     table = render_table(rows, budgets)
     rule = (f"best = highest expected speedup = acceptance / (1 + {verify_cost:.4g} x tree nodes + heads' weights / "
             f"model's weights), the verification cost per node from {cost_source}; the heads' cost (ResBlocks and an "
@@ -251,6 +242,20 @@ def report(rows: list[dict], cfg: TrainConfig, a: AblateConfig, out: Path, comma
     if plot_note:
         print(plot_note)
     return summary
+
+
+def write_best(best_row: dict, best_opt: dict, cfg: TrainConfig, out: Path, command: str | None) -> None:
+    """``best/``: the first heads of the chosen variant, their provenance and tree; ``best-vllm/``: its export."""
+    hv, mapping, _ = load_heads(best_row["dir"])
+    hv.heads = hv.heads[: best_row["num_heads"]]
+    (out / "best").mkdir(exist_ok=True)
+    vocab, layers, lr = parse_variant(best_row["variant"])
+    chosen = replace(cfg, num_heads=best_row["num_heads"], num_layers=layers, lr=lr, draft_vocab_size=vocab)
+    save_heads(hv, cache_for(cfg, mapping), chosen, out / "best",
+               command=(command + f"  # best/: the first {best_row['num_heads']} heads of variant "
+                        f"{best_row['variant']}") if command else None)
+    (out / "best" / "tree.json").write_text(json.dumps(best_opt["tree"]))
+    export(out / "best", "vllm", out / "best-vllm", overwrite=True)
 
 
 def verification_cost(rows: list[dict], cfg: TrainConfig, a: AblateConfig, model: str | None, out: Path

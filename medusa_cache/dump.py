@@ -178,6 +178,31 @@ def run_dump(cfg: DumpConfig, rank: int = 0, world_size: int = 1) -> dict:
             lock.release()
 
 
+class UnitWriter:
+    """Writes a computed unit and marks it done (on the writer thread); counts NaN/Inf rows, or refuses them with
+    ``--strict`` naming the token, sequence and input row; a failed write keeps every finished unit."""
+
+    def __init__(self, cfg: DumpConfig, cache: store.CacheWriter):
+        self.cfg, self.cache, self.nonfinite = cfg, cache, 0
+        self.sources = cache.array("seq_source")
+
+    def __call__(self, k: int, h: torch.Tensor) -> None:
+        cache = self.cache
+        if self.cfg.strict and not torch.isfinite(h).all():
+            a, _ = cache.unit_range(k)
+            row = cache.token_of_row(a + int(np.flatnonzero(~torch.isfinite(h).all(dim=1).numpy())[0]))
+            s = int(store.seq_of(cache.offsets, row))
+            f, r = self.sources[s]
+            raise UserError(f"--strict: NaN/Inf hidden state at token {row} (sequence {s}, {self.cfg.data[f]} row "
+                            f"{r + 1}); unit {k} not written")
+        try:
+            self.nonfinite += cache.write_unit(k, h)
+            cache.mark_done(k)
+        except OSError as e:
+            raise UserError(f"--out: writing unit {k} to {cache.path} failed: {e.strerror or e}; finished units "
+                            "are kept: free space, then rerun with --resume") from None
+
+
 def _run_units(cfg: DumpConfig, cache: store.Cache | None, rank: int, world_size: int, t0: float) -> dict:
     """The unit loop of every rank (the store exists: prepared or opened by rank 0)."""
     if rank != 0:
@@ -196,25 +221,7 @@ def _run_units(cfg: DumpConfig, cache: store.Cache | None, rank: int, world_size
     tokens_todo = sum(cache.unit_tokens(k)[1] - cache.unit_tokens(k)[0] for k in todo)
     bar = Progress(tokens_todo, "dump", "token", enabled=rank == 0)
     pending: Future | None = None
-
-    nonfinite = 0
-    sources = cache.array("seq_source")
-
-    def write(k: int, h: torch.Tensor) -> None:
-        nonlocal nonfinite
-        if cfg.strict and not torch.isfinite(h).all():
-            a, _ = cache.unit_range(k)
-            row = cache.token_of_row(a + int(np.flatnonzero(~torch.isfinite(h).all(dim=1).numpy())[0]))
-            s = int(store.seq_of(cache.offsets, row))
-            f, r = sources[s]
-            raise UserError(f"--strict: NaN/Inf hidden state at token {row} (sequence {s}, {cfg.data[f]} row "
-                            f"{r + 1}); unit {k} not written")
-        try:
-            nonfinite += cache.write_unit(k, h)
-            cache.mark_done(k)
-        except OSError as e:
-            raise UserError(f"--out: writing unit {k} to {cache.path} failed: {e.strerror or e}; finished units "
-                            "are kept: free space, then rerun with --resume") from None
+    write = UnitWriter(cfg, cache)
 
     error = None
     try:
@@ -235,6 +242,7 @@ def _run_units(cfg: DumpConfig, cache: store.Cache | None, rank: int, world_size
     bar.close()
     dist.agree(error)  # every rank stops with the same message if any rank failed
     dist.barrier()
+    nonfinite = write.nonfinite
     if nonfinite:
         print(f"warning: {nonfinite} token rows had NaN/Inf hidden states; their sequences are recorded in "
               "'bad_rows' and excluded from training (--strict makes this an error)", file=sys.stderr)

@@ -154,43 +154,12 @@ def export(src: str | Path, fmt: str, out: str | Path, overwrite: bool = False,
     if base_model:
         config = {**config, "base_model_name_or_path": base_model}
     out = claim(out, kind="export", overwrite=overwrite, inputs={"heads directory": src})
-    token_map = torch.from_numpy(mapping.draft_to_target)
-    sd = heads.reference_state_dict()
-    H, L, K = heads.hidden_size, heads.num_layers, heads.num_heads
+    base = config.get("base_model_name_or_path")
     if fmt == "vllm":
-        tensors = {}
-        for h in range(K):
-            for layer in range(L):
-                tensors[f"blocks.{h}.layers.{layer}.weight"] = sd[f"{h}.{layer}.linear.weight"]
-                tensors[f"blocks.{h}.layers.{layer}.bias"] = sd[f"{h}.{layer}.linear.bias"]
-            tensors[f"lm_heads.{h}.weight"] = sd[f"{h}.{L}.weight"]
-        if mapping.draft_size < mapping.target_size:
-            tensors["token_map"] = token_map.to(torch.int64)
-        cfg = {
-            "model_type": "medusa",
-            "architectures": ["MedusaModel"],
-            "hidden_size": H,
-            "vocab_size": mapping.target_size,
-            "truncated_vocab_size": mapping.draft_size,
-            "num_heads": K,
-            "num_hidden_layers": L,
-            "medusa_fc_bias": True,
-            "base_model_name_or_path": config.get("base_model_name_or_path"),
-        }
+        tensors, cfg = vllm_layout(heads, mapping, base)
         save_file(tensors, str(out / "model.safetensors"))
-    elif fmt == "medusa":
-        tensors = dict(sd)
-        for h in range(K):
-            full = torch.zeros(mapping.target_size, H, dtype=sd[f"{h}.{L}.weight"].dtype)
-            full[token_map] = sd[f"{h}.{L}.weight"]
-            tensors[f"{h}.{L}.weight"] = full
-        cfg = {
-            "medusa_num_heads": K,
-            "medusa_num_layers": L,
-            "base_model_name_or_path": config.get("base_model_name_or_path"),
-            "hidden_size": H,
-            "vocab_size": mapping.target_size,
-        }
+    else:
+        tensors, cfg = medusa_layout(heads, mapping, base)
         if safetensors:
             save_file(tensors, str(out / "medusa_lm_head.safetensors"))
         # The reference's loader (MedusaModel.from_pretrained) opens only medusa_lm_head.pt: a plain state dict
@@ -207,6 +176,37 @@ def export(src: str | Path, fmt: str, out: str | Path, overwrite: bool = False,
 
 
 @torch.no_grad()
+def vllm_layout(heads: MedusaHeads, mapping: VocabMapping, base: str | None) -> tuple[dict, dict]:
+    """(tensors, config.json) of vLLM's Medusa layout: draft-vocabulary heads and ``token_map``."""
+    sd = heads.reference_state_dict()
+    H, L, K = heads.hidden_size, heads.num_layers, heads.num_heads
+    tensors = {}
+    for h in range(K):
+        for layer in range(L):
+            tensors[f"blocks.{h}.layers.{layer}.weight"] = sd[f"{h}.{layer}.linear.weight"]
+            tensors[f"blocks.{h}.layers.{layer}.bias"] = sd[f"{h}.{layer}.linear.bias"]
+        tensors[f"lm_heads.{h}.weight"] = sd[f"{h}.{L}.weight"]
+    if mapping.draft_size < mapping.target_size:
+        tensors["token_map"] = torch.from_numpy(mapping.draft_to_target).to(torch.int64)
+    return tensors, {"model_type": "medusa", "architectures": ["MedusaModel"], "hidden_size": H,
+                     "vocab_size": mapping.target_size, "truncated_vocab_size": mapping.draft_size, "num_heads": K,
+                     "num_hidden_layers": L, "medusa_fc_bias": True, "base_model_name_or_path": base}
+
+
+def medusa_layout(heads: MedusaHeads, mapping: VocabMapping, base: str | None) -> tuple[dict, dict]:
+    """(tensors, config.json) of the Medusa reference: full-vocabulary output rows, zero outside the draft."""
+    sd = heads.reference_state_dict()
+    H, L, K = heads.hidden_size, heads.num_layers, heads.num_heads
+    tensors = dict(sd)
+    token_map = torch.from_numpy(mapping.draft_to_target)
+    for h in range(K):
+        full = torch.zeros(mapping.target_size, H, dtype=sd[f"{h}.{L}.weight"].dtype)
+        full[token_map] = sd[f"{h}.{L}.weight"]
+        tensors[f"{h}.{L}.weight"] = full
+    return tensors, {"medusa_num_heads": K, "medusa_num_layers": L, "base_model_name_or_path": base,
+                     "hidden_size": H, "vocab_size": mapping.target_size}
+
+
 def full_vocab_agreement(heads: MedusaHeads, mapping: VocabMapping, hidden: torch.Tensor) -> list[float]:
     """Per head: share of positions whose top-1 is unchanged when the draft head becomes a zero-filled
     full-vocabulary matrix (the reference layout)."""

@@ -11,9 +11,10 @@ from tqdm.auto import tqdm
 
 from . import store
 from .config import to_dict
-from .data import RowError, Templater, read_rows
+from .data import RowError, read_rows
 from .dumpconfig import DumpConfig
 from .errors import UserError
+from .templater import Templater
 from .vocab import build_mapping, count_tokens, load_mapping
 
 

@@ -231,11 +231,50 @@ def first_difference(a: list[int], b: list[int]) -> int | None:
 
 
 def run_speculate(cfg: SpeculateConfig) -> dict:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Decode every prompt greedily and with Medusa (alternated, after a warm-up), compare them token for token,
+    and report tokens per step, the step cost and the speedup measured in this run."""
+    from transformers import AutoModelForCausalLM
+
+    model_cfg, tok, heads, mapping, paths = check_request(cfg)
+    prompts = prompt_ids(tok, cfg.prompts, cfg.max_prompts)
+    dtype = torch.float32 if cfg.dtype == "float32" else torch.bfloat16
+    try:
+        model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=dtype).to(cfg.device).eval()
+    except Exception as e:  # noqa: BLE001
+        raise UserError(f"--model: cannot load {cfg.model}: {e}") from None
+    heads = heads.to(cfg.device).eval()
+    dec = MedusaDecoder(model, heads, torch.from_numpy(mapping.draft_to_target), Tree(paths))
+    stop = stop_ids(tok, model)
+    greedy(model, prompts[0], 4, stop)  # warm-up
+    dec.generate(prompts[0].to(cfg.device), 4, stop)
+    rows, mismatches = [], []
+    for i, p in enumerate(progress(prompts, "speculate", "prompt")):
+        row, mismatch = decode_both(model, dec, p.to(cfg.device), cfg.max_new_tokens, stop)
+        rows.append({"prompt": i, **row})
+        if mismatch:
+            mismatches.append({"prompt": i, **mismatch})
+    res = summarise(cfg, len(paths), rows, mismatches)
+    if cfg.out:
+        out = Path(cfg.out)
+        (out / "results.json").write_text(json.dumps(res, indent=2))
+        (out / "report.md").write_text(render(res) + "\n")
+    bad = [m for m in mismatches if cfg.dtype == "float32" and m["top2_gap"] > 1e-4]
+    if bad:
+        m = bad[0]
+        raise UserError(f"Medusa output differs from greedy decoding at prompt {m['prompt']}, position "
+                        f"{m['position']} (top-2 logit gap {m['top2_gap']:.3g}, not a near-tie): this is a bug")
+    return res
+
+
+def check_request(cfg: SpeculateConfig):
+    """Everything that can refuse the run, before the model is loaded: (model config, tokenizer, heads, mapping,
+    tree paths)."""
+    from transformers import AutoConfig, AutoTokenizer
 
     from .dist import check_device
     from .evaluate import load_tree
     from .export import load_heads
+    from .fingerprint import model_fingerprint
 
     check_device(cfg.device)
     if cfg.out:  # refused before any work: a file, an input, another command's output, a foreign directory
@@ -243,16 +282,8 @@ def run_speculate(cfg: SpeculateConfig) -> dict:
 
         own_dir(cfg.out, "speculate", {"--heads": cfg.heads, "--model": cfg.model, "--prompts": cfg.prompts})
     heads, mapping, hcfg = load_heads(cfg.heads)
-    if cfg.chain:
-        paths = [(0,) * d for d in range(1, heads.num_heads + 1)]
-    else:
-        paths = load_tree(cfg.tree, heads.num_heads)
-    dtype = torch.float32 if cfg.dtype == "float32" else torch.bfloat16
-    from transformers import AutoConfig
-
-    from .fingerprint import model_fingerprint
-
-    try:  # everything that can refuse the run before the model is loaded
+    paths = [(0,) * d for d in range(1, heads.num_heads + 1)] if cfg.chain else load_tree(cfg.tree, heads.num_heads)
+    try:
         mc = AutoConfig.from_pretrained(cfg.model)
         tok = AutoTokenizer.from_pretrained(cfg.model)
     except Exception as e:  # noqa: BLE001
@@ -266,54 +297,38 @@ def run_speculate(cfg: SpeculateConfig) -> dict:
         raise UserError(f"--heads: {cfg.heads} were trained on states of another model than {cfg.model} (model "
                         "fingerprints differ); decoding stays identical to greedy, but its tokens per step would "
                         "say nothing about these heads: pass the model they were trained for, or --allow-other-model")
-    prompts = prompt_ids(tok, cfg.prompts, cfg.max_prompts)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=dtype).to(cfg.device).eval()
-    except Exception as e:  # noqa: BLE001
-        raise UserError(f"--model: cannot load {cfg.model}: {e}") from None
-    heads = heads.to(cfg.device).eval()
-    dec = MedusaDecoder(model, heads, torch.from_numpy(mapping.draft_to_target), Tree(paths))
-    stop = stop_ids(tok, model)
-    greedy(model, prompts[0], 4, stop)  # warm-up
-    dec.generate(prompts[0].to(cfg.device), 4, stop)
-    rows, mismatches = [], []
-    for i, p in enumerate(progress(prompts, "speculate", "prompt")):
-        p = p.to(cfg.device)
-        t0 = time.perf_counter()
-        ref = greedy(model, p, cfg.max_new_tokens, stop)
-        t1 = time.perf_counter()
-        got, steps = dec.generate(p, cfg.max_new_tokens, stop)
-        t2 = time.perf_counter()
-        d = first_difference(ref, got)
-        if d is not None:
-            with torch.inference_mode():
-                seq = torch.tensor(ref[:d], dtype=torch.long, device=cfg.device)
-                lg = model(torch.cat([p, seq])[None]).logits[0, -1].float()
-                gap = float(lg.topk(2).values[0] - lg.topk(2).values[1])
-            mismatches.append({"prompt": i, "position": d, "top2_gap": gap})
-        rows.append({"prompt": i, "tokens": len(got), "steps": steps, "tokens_per_step": len(got) / steps,
-                     "greedy_s": t1 - t0, "medusa_s": t2 - t1, "identical": d is None})
+    return mc, tok, heads, mapping, paths
+
+
+def decode_both(model, dec: MedusaDecoder, p: torch.Tensor, max_new: int, stop: set[int]) -> tuple[dict, dict | None]:
+    """One prompt decoded greedily, then with Medusa, timed; (its row, the first difference or None)."""
+    t0 = time.perf_counter()
+    ref = greedy(model, p, max_new, stop)
+    t1 = time.perf_counter()
+    got, steps = dec.generate(p, max_new, stop)
+    t2 = time.perf_counter()
+    d = first_difference(ref, got)
+    mismatch = None
+    if d is not None:
+        with torch.inference_mode():
+            seq = torch.tensor(ref[:d], dtype=torch.long, device=p.device)
+            lg = model(torch.cat([p, seq])[None]).logits[0, -1].float()
+            mismatch = {"position": d, "top2_gap": float(lg.topk(2).values[0] - lg.topk(2).values[1])}
+    return {"tokens": len(got), "steps": steps, "tokens_per_step": len(got) / steps, "greedy_s": t1 - t0,
+            "medusa_s": t2 - t1, "identical": d is None}, mismatch
+
+
+def summarise(cfg: SpeculateConfig, nodes: int, rows: list[dict], mismatches: list[dict]) -> dict:
     tokens, steps = sum(r["tokens"] for r in rows), sum(r["steps"] for r in rows)
     g_s, m_s = sum(r["greedy_s"] for r in rows), sum(r["medusa_s"] for r in rows)
-    res = {"model": cfg.model, "heads": cfg.heads, "tree": "chain" if cfg.chain else cfg.tree, "nodes": len(paths),
-           "dtype": cfg.dtype, "prompts": len(rows), "tokens": tokens, "steps": steps,
-           "tokens_per_step": round(tokens / steps, 4), "greedy_s": round(g_s, 3), "medusa_s": round(m_s, 3),
-           "speedup": round(g_s / m_s, 3) if m_s else None,
-           # one Medusa step (tree forward + heads) over one greedy step (one-token forward), both measured here;
-           # speedup = tokens_per_step / step_cost_ratio
-           "step_cost_ratio": round((m_s / steps) / (g_s / tokens), 3) if g_s and steps else None,
-           "identical_to_greedy": not mismatches,
-           "mismatches": mismatches, "per_prompt": rows}
-    if cfg.out:
-        out = Path(cfg.out)
-        (out / "results.json").write_text(json.dumps(res, indent=2))
-        (out / "report.md").write_text(render(res) + "\n")
-    bad = [m for m in mismatches if cfg.dtype == "float32" and m["top2_gap"] > 1e-4]
-    if bad:
-        m = bad[0]
-        raise UserError(f"Medusa output differs from greedy decoding at prompt {m['prompt']}, position "
-                        f"{m['position']} (top-2 logit gap {m['top2_gap']:.3g}, not a near-tie): this is a bug")
-    return res
+    return {"model": cfg.model, "heads": cfg.heads, "tree": "chain" if cfg.chain else cfg.tree, "nodes": nodes,
+            "dtype": cfg.dtype, "prompts": len(rows), "tokens": tokens, "steps": steps,
+            "tokens_per_step": round(tokens / steps, 4), "greedy_s": round(g_s, 3), "medusa_s": round(m_s, 3),
+            "speedup": round(g_s / m_s, 3) if m_s else None,
+            # one Medusa step (tree forward + heads) over one greedy step (one-token forward), both measured here;
+            # speedup = tokens_per_step / step_cost_ratio
+            "step_cost_ratio": round((m_s / steps) / (g_s / tokens), 3) if g_s and steps else None,
+            "identical_to_greedy": not mismatches, "mismatches": mismatches, "per_prompt": rows}
 
 
 def render(res: dict) -> str:

@@ -7,8 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from medusa_cache.data import RowError, Templater, read_rows
+from medusa_cache.data import RowError, read_rows
 from medusa_cache.errors import UserError
+from medusa_cache.templater import Templater
 
 CONV = [
     {"role": "system", "content": "You are terse."},
@@ -189,7 +190,8 @@ def test_a_template_that_renders_a_turn_to_nothing_is_an_error_naming_row_and_ro
     """The fixture Qwen2 template has no tool role: a tool turn would vanish and glue the next reply on."""
     from conftest import CHAT
 
-    from medusa_cache.data import RowError, Templater
+    from medusa_cache.data import RowError
+    from medusa_cache.templater import Templater
 
     rows = [r for r in read_rows(CHAT / "glaive_toolcall_sharegpt.json", 0)
             if any(m["role"] == "tool" for m in r.messages)][:3]

@@ -13,10 +13,11 @@ import zarr
 from conftest import run_cli, run_fault, sharegpt_slice, write_jsonl
 
 from medusa_cache.backbone import plan_batches
-from medusa_cache.data import Templater, read_rows
+from medusa_cache.data import read_rows
 from medusa_cache.dump import DumpConfig, run_dump
 from medusa_cache.errors import UserError
 from medusa_cache.store import Cache
+from medusa_cache.templater import Templater
 from medusa_cache.vocab import IGNORE
 
 

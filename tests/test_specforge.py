@@ -34,7 +34,7 @@ def test_every_conversation_matches_specforges_ids_and_mask(name, llama_tok, qwe
 
 def test_default_pipeline_differs_from_specforge_where_documented(llama_tok):
     """Our own pipeline: no inserted system prompt, function_call trained, observations kept untrained."""
-    from medusa_cache.data import Templater
+    from medusa_cache.templater import Templater
 
     rows = list(read_rows(CHAT / "fastchat_dummy_sharegpt.json", 0))[:20]
     ours = Templater(llama_tok).encode_many(rows)

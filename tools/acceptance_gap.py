@@ -6,6 +6,7 @@ same ranks (what real decoding visits), and `speculate`'s measured tokens per st
 exactly (tests/test_speculate.py); the first differs from it because decoding skips the positions it accepted.
 
     python tools/acceptance_gap.py [--demo medusa-cache-demo] [--max-new-tokens 128]
+    python tools/acceptance_gap.py --quick     # seconds: a small demo (tools/quick.py), what CI runs
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -32,7 +34,13 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--demo", default="medusa-cache-demo")
     ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--quick", action="store_true", help="a small demo built in seconds (tools/quick.py)")
     args = ap.parse_args()
+    if args.quick:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from quick import quick_demo
+
+        args.demo, args.max_new_tokens = str(quick_demo()), 32
     abl = Path(args.demo) / "ablate"
     best = json.loads((abl / "results.json").read_text())["best"]
     heads, mapping, _ = load_heads(abl / "best")

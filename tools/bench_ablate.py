@@ -5,6 +5,7 @@ count with trees of 16/32/64 nodes) / cost of a single 5-head training on the sa
 Target <= 1.2 (five separate runs of 1..5 heads would cost 15/5 = 3.0 in head-steps).
 
     python tools/bench_ablate.py [--hidden 256] [--draft 2000] [--tokens 30000]
+    python tools/bench_ablate.py --quick     # seconds (what CI runs)
 """
 
 from __future__ import annotations
@@ -29,7 +30,10 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--draft", type=int, default=2000)
     ap.add_argument("--tokens", type=int, default=30000)
+    ap.add_argument("--quick", action="store_true", help="a small cache (what CI runs)")
     a = ap.parse_args()
+    if a.quick:
+        a.hidden, a.draft, a.tokens = 64, 200, 4000
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         synthetic_cache(tmp / "c", a.tokens, a.hidden, a.draft)
@@ -40,7 +44,8 @@ def main() -> None:
         single = time.perf_counter() - t0
         t0 = time.perf_counter()
         run_ablate(TrainConfig(out=str(tmp / "abl"), **common),
-                   AblateConfig(heads=[1, 2, 3, 4, 5], layers=[1], lr=[1e-3], tree_budget=[16, 32, 64]))
+                   AblateConfig(heads=[1, 2, 3, 4, 5], layers=[1], lr=[1e-3], tree_budget=[16, 32, 64],
+                                verify_cost=0.05))  # synthetic: no model to time
         abl = time.perf_counter() - t0
     print(f"cache: {a.tokens} tokens, hidden {a.hidden}, draft vocab {a.draft}")
     print(f"ablation 1..5 heads {abl:.1f}s / single 5-head training {single:.1f}s = {abl / single:.3f}"

@@ -1,6 +1,7 @@
 """Compression ratio and decode speed of candidate codecs on real bf16 hidden states (one run).
 
     python tools/bench_codecs.py CACHE [CACHE ...]
+    python tools/bench_codecs.py --quick     # seconds: the small demo cache of tools/quick.py (what CI runs)
 
 Reads up to 4M values of `hidden` from each cache (converted to bf16 when stored as float32), cuts them
 into ~1 MiB chunks and reports, per codec, raw/compressed size and decode MB/s.
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -25,7 +27,15 @@ def main() -> None:
         "blosc-lz4-bitshuffle": Blosc("lz4", 5, Blosc.BITSHUFFLE),
         "zstd1": Zstd(1),
     }
-    for path in sys.argv[1:]:
+    paths = sys.argv[1:]
+    if paths == ["--quick"]:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from quick import quick_demo
+
+        paths = [str(quick_demo() / "cache.zarr")]
+    if not paths:
+        sys.exit("usage: python tools/bench_codecs.py CACHE [CACHE ...] | --quick")
+    for path in paths:
         g = zarr.open_group(path, mode="r")
         h = g["hidden"]
         rows = min(h.shape[0], (4 << 20) // h.shape[1])

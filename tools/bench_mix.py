@@ -2,6 +2,7 @@
 
     python tools/bench_mix.py --cache medusa-cache-demo/cache.zarr --init-from-lm-head medusa_cache/demo/stories260K
     python tools/bench_mix.py --stories 2700 --work /tmp/mix --epochs 20 --lr 1e-3   # a larger self-generated set
+    python tools/bench_mix.py --quick     # seconds: the small demo of tools/quick.py, 1 seed (what CI runs)
 
 Trains the same heads (same seed, epochs, lr, --batch-tokens) with ``--mix pieces`` and ``--mix positions`` and
 scores both on the same held-out sequences (the train split's validation sequences): top-1 per head (eval's
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -68,7 +70,14 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--json", default=None, help="also write the raw results here")
     ap.add_argument("--mixes", nargs="+", default=["pieces", "positions"], choices=["pieces", "positions"])
+    ap.add_argument("--quick", action="store_true", help="the small demo of tools/quick.py, one seed (what CI runs)")
     a = ap.parse_args()
+    if a.quick:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from quick import quick_demo
+
+        a.cache, a.init_from_lm_head = str(quick_demo() / "cache.zarr"), str(STORIES)
+        a.heads, a.epochs, a.seeds, a.batch_tokens, a.mix_tokens = 2, 1, [0], 512, 4096
 
     from medusa_cache.evaluate import evaluate_ranks, head_ranks
     from medusa_cache.export import load_heads

@@ -1,6 +1,7 @@
 """Storage: bytes per token on disk, int8 reconstruction error, what int8 does to the heads, and read speed.
 
     python tools/bench_storage.py [--demo medusa-cache-demo] [--fixtures ../shared/fixtures] [--read-tokens 100000]
+    python tools/bench_storage.py --quick     # seconds: small demo, 8 rows per chat file, 3000 tokens (CI)
 
 1. Bytes/token of `hidden` (+ scales, + row_kept) for lossless bf16 and int8, every row and only the needed rows
    (`--keep-rows needed --max-heads 5`), on the fixture chat files
@@ -17,7 +18,9 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -78,7 +81,7 @@ def int8_error(x: torch.Tensor, group: int) -> tuple[float, float]:
     return rel, worst
 
 
-def heads_comparison(demo: Path, work: Path) -> list[str]:
+def heads_comparison(demo: Path, work: Path, epochs: int = 4) -> list[str]:
     from medusa_cache.evaluate import chain_acceptance, head_ranks, topk_accuracy
     from medusa_cache.export import load_heads
     from medusa_cache.train import TrainConfig, split, train
@@ -88,7 +91,7 @@ def heads_comparison(demo: Path, work: Path) -> list[str]:
     for codec in ("lossless", "int8"):
         run_dump(DumpConfig(model=str(DEMO / "stories260K"), data=[str(stories)], out=str(work / f"demo-{codec}"),
                             dtype="bfloat16", hidden_codec=codec, int8_group=16, max_length=512))
-        train(TrainConfig(cache=str(work / f"demo-{codec}"), out=str(work / f"h-{codec}"), num_heads=5, epochs=4,
+        train(TrainConfig(cache=str(work / f"demo-{codec}"), out=str(work / f"h-{codec}"), num_heads=5, epochs=epochs,
                           lr=3e-3, batch_tokens=1024, grad_accum=1, val_fraction=0.1, seed=0))
     ref = store.Cache(work / "demo-lossless")
     _, val = split(ref, TrainConfig(cache="x", out="y", val_fraction=0.1, seed=0))
@@ -148,18 +151,29 @@ def main() -> None:
     ap.add_argument("--fixtures", default=str(REPO / "tests" / "fixtures"))
     ap.add_argument("--read-tokens", type=int, default=100000)
     ap.add_argument("--only-read", action="store_true", help="only part 4")
+    ap.add_argument("--quick", action="store_true", help="small demo, 8 rows per chat file, 3000 tokens (CI)")
     a = ap.parse_args()
+    if a.quick:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from quick import quick_demo
+
+        a.demo, a.read_tokens = str(quick_demo()), 3000
     work = Path(tempfile.mkdtemp())
     fx = Path(a.fixtures)
-    tok = fx / "tokenizers" / "llama3"
-    if not (tok / "tokenizer.json").exists():
-        tok = fx / ".unpacked" / "llama3"
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from quick import tokenizer_dir
+
+    tok = tokenizer_dir(fx / "tokenizers" / "llama3")
     if a.only_read:
         return read_speed(work, a)
     print("## 1. Bytes per token of the hidden states (bf16 uncompressed = 2 x H)\n")
     print("| data | layout (needed rows: --max-heads 5) | rows stored / tokens | bytes/token | vs raw bf16 | "
           "vs lossless bf16 all rows |\n|---|---|---|---|---|---|")
     chats = [str(fx / "chat" / f) for f in ("fastchat_dummy_sharegpt.json", "glaive_toolcall_sharegpt.json")]
+    if a.quick:  # the first 8 conversations of each file
+        for i, f in enumerate(chats):
+            (work / f"chat{i}.json").write_text(json.dumps(json.loads(Path(f).read_text())[:8]))
+            chats[i] = str(work / f"chat{i}.json")
     for row in sizes(work, "fixture chats, Llama-3 tokenizer", tiny_llama(work, tok), chats, max_length=2048,
                      draft_vocab_size=32000, pipeline="specforge", int8_group=128):
         print(row)
@@ -168,7 +182,8 @@ def main() -> None:
         print(row)
     print("\n## 2. int8 reconstruction error (relative L2; worst channel: max abs error / channel absmax)\n")
     print("| states | group | relative L2 | worst channel |\n|---|---|---|---|")
-    st = store.Cache(work / "stories260K demo-lossless").read_hidden(0, 20000).float()
+    demo_states = store.Cache(work / "stories260K demo-lossless")
+    st = demo_states.read_hidden(0, min(20000, demo_states.n_tokens)).float()
     for g in (16, 32, 64):
         rel, worst = int8_error(st, g)
         print(f"| stories260K (H 64) | {g} | {rel:.4f} | {worst:.4f} |")
@@ -180,7 +195,7 @@ def main() -> None:
         print(f"| synthetic H 4096, 8 outlier channels 10-100x | {g} | {rel:.4f} | {worst:.4f} |")
     print("\n## 3. Heads trained on bf16 vs int8 states (demo data, same seed and steps; scored on bf16 states)\n")
     print("| cache | top-1 per head | chain acceptance |\n|---|---|---|")
-    for row in heads_comparison(Path(a.demo), work):
+    for row in heads_comparison(Path(a.demo), work, 1 if a.quick else 4):
         print(row)
     read_speed(work, a)
 

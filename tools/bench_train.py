@@ -9,6 +9,7 @@
                                                                                             target <= 1.0
 
     python tools/bench_train.py [--hidden 512] [--draft 4000] [--tokens 40000] [--heads 2]
+    python tools/bench_train.py --quick     # seconds: hidden 64, draft 200, 6000 tokens (what CI runs)
 """
 
 from __future__ import annotations
@@ -134,7 +135,10 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=40000)
     ap.add_argument("--heads", type=int, default=2)
     ap.add_argument("--reference-memory", action="store_true", help="also measure (e): needs ~6 GB and a minute")
+    ap.add_argument("--quick", action="store_true", help="a small cache (what CI runs)")
     a = ap.parse_args()
+    if a.quick:
+        a.hidden, a.draft, a.tokens = 64, 200, 6000
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         synthetic_cache(tmp / "c1", a.tokens, a.hidden, a.draft)

@@ -5,12 +5,14 @@ for online training here. Same data, same seed, same steps; held-out top-1 per h
 scored on the float32 states of the same held-out sequences.
 
     python tools/bf16_drift.py [--stories medusa-cache-demo/stories.jsonl] [--epochs 4]
+    python tools/bf16_drift.py --quick     # seconds: the small demo of tools/quick.py, 1 epoch (what CI runs)
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -28,7 +30,13 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--stories", default="medusa-cache-demo/stories.jsonl", help="the demo's self-generated stories")
     ap.add_argument("--epochs", type=int, default=4)
+    ap.add_argument("--quick", action="store_true", help="the small demo of tools/quick.py, 1 epoch (what CI runs)")
     args = ap.parse_args()
+    if args.quick:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from quick import quick_demo
+
+        args.stories, args.epochs = str(quick_demo() / "stories.jsonl"), 1
     model = str(DEMO / "stories260K")
     work = Path(tempfile.mkdtemp())
     res = {}

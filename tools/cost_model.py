@@ -33,6 +33,8 @@ def main() -> None:
     ap.add_argument("--int8", type=float, default=2.05, help="measured raw bf16 bytes / int8 store bytes")
     ap.add_argument("--needed", type=float, default=0.49, help="measured rows stored / tokens, --keep-rows needed")
     ap.add_argument("--read-tokens-per-s", type=float, default=208e3, help="measured streaming loader rate")
+    ap.add_argument("--quick", action="store_true", help="accepted for CI's tool run; the table is arithmetic and "
+                    "takes no time either way")
     a = ap.parse_args()
     print("| model | backbone fwd GFLOP/tok | heads train GFLOP/tok | dump PFLOP | cache size GB | "
           f"online {a.epochs} epochs PFLOP | cached {a.epochs} epochs PFLOP (incl. dump) | each further run: "

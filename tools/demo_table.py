@@ -1,6 +1,7 @@
 """The issue-5 table: stories260K self-distilled heads, with and without --init-from-lm-head and --distill.
 
     python tools/demo_table.py [--work medusa-cache-demo] [--epochs 4]
+    python tools/demo_table.py --quick     # seconds: the small demo of tools/quick.py, 2 heads, 1 epoch (CI)
 
 Reuses (or makes) the demo's stories and cache, runs `ablate` (1..5 heads, trees 16/32/64) for the four
 combinations, and prints one markdown table: per-head top-1 and chain/tree acceptance on held-out positions.
@@ -28,7 +29,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", default="medusa-cache-demo")
     ap.add_argument("--epochs", type=int, default=4)
+    ap.add_argument("--quick", action="store_true", help="the small demo of tools/quick.py, 2 heads, 1 epoch (CI)")
     a = ap.parse_args()
+    heads = [1, 2, 3, 4, 5]
+    if a.quick:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from quick import quick_demo
+
+        a.work, a.epochs, heads = str(quick_demo()), 1, [1, 2]
     w, model = Path(a.work), str(DEMO / "stories260K")
     w.mkdir(parents=True, exist_ok=True)
     if not (w / "stories.jsonl").exists():
@@ -45,7 +53,7 @@ def main() -> None:
                               epochs=a.epochs, lr=3e-3, batch_tokens=1024, grad_accum=1, val_fraction=0.1,
                               init_from_lm_head=model if init else None, distill=model if distill else None,
                               overwrite=True)
-            res = run_ablate(cfg, AblateConfig(heads=[1, 2, 3, 4, 5], layers=[1], lr=[3e-3], tree_budget=[16, 32, 64]))
+            res = run_ablate(cfg, AblateConfig(heads=heads, layers=[1], lr=[3e-3], tree_budget=[16, 32, 64]))
             for r in res["results"]:
                 t = r["trees"]
                 lines.append(f"| {'yes' if init else 'no'} | {'yes' if distill else 'no'} | {r['num_heads']} | "

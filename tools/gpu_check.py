@@ -1,6 +1,7 @@
 """The CUDA paths, run once on a GPU machine: correctness first, then the numbers that need a GPU.
 
     python tools/gpu_check.py [--out DIR] [--tokens 262144]     # prints one JSON line per check
+    python tools/gpu_check.py --quick     # every check on small sizes, on the CPU without a GPU (what CI runs)
 
 1. dump on CUDA (stories260K, float32) and `verify --deep --model` recomputing sequences on the CPU;
 2. train on CUDA from that cache, then `speculate --device cuda` (chain and a tree): identical to greedy decoding;
@@ -28,15 +29,17 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tools"))
 
 
-def report(name: str, fn) -> None:
+def report(name: str, fn) -> bool:
     t0 = time.perf_counter()
     try:
         res = fn()
         print(json.dumps({"check": name, "ok": True, "seconds": round(time.perf_counter() - t0, 1), **(res or {})}),
               flush=True)
+        return True
     except Exception as e:  # noqa: BLE001 - report and go on
         print(json.dumps({"check": name, "ok": False, "error": f"{type(e).__name__}: {e}",
                           "trace": traceback.format_exc()[-1500:]}), flush=True)
+        return False
 
 
 def cli(*args: str, timeout: int = 300) -> str:
@@ -208,8 +211,13 @@ def main() -> None:
     ap.add_argument("--read-tokens", type=int, default=65536)
     ap.add_argument("--only", nargs="*", default=None)
     ap.add_argument("--device", default="cuda", help="cpu: a dry run of checks 1-3 on a machine without a GPU")
+    ap.add_argument("--quick", action="store_true", help="small sizes; on the CPU when there is no GPU (CI)")
     a = ap.parse_args()
     import torch
+
+    if a.quick:
+        a.tokens, a.read_tokens = 8192, 4096
+        a.device = a.device if torch.cuda.is_available() else "cpu"
 
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -220,9 +228,9 @@ def main() -> None:
               ("more", lambda: more_commands(out, d)), ("torchrun", lambda: torchrun_one(out, d)),
               ("step", lambda: step_ratios(out, a.tokens, d)),
               ("loader", lambda: loader_alone(out, a.read_tokens))]
-    for name, fn in checks:
-        if a.only is None or name in a.only:
-            report(name, fn)
+    failed = [name for name, fn in checks if (a.only is None or name in a.only) and not report(name, fn)]
+    if failed:
+        sys.exit(f"failed: {', '.join(failed)}")
 
 
 if __name__ == "__main__":

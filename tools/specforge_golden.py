@@ -10,6 +10,8 @@ with ``--no-deps`` (so it cannot replace torch) next to the same transformers/to
     pip download specforge --no-deps -d /tmp/sf && pip install --no-deps /tmp/sf/specforge-*.whl
     git -C SPECFORGE_CHECKOUT show HEAD:scripts/prepare_data.py > /tmp/prepare_data.py
     python tools/specforge_golden.py --prepare-data /tmp/prepare_data.py --commit SPECFORGE_COMMIT
+    python tools/specforge_golden.py --quick     # no SpecForge needed: do the stored goldens still cover every
+                                                 # conversation this tool reads? (what CI runs)
 
 Writes ``tests/fixtures/specforge/{llama3,qwen2}.npz`` (ids, mask, offsets, file and row of each conversation)
 and ``tests/fixtures/specforge/provenance.json``. The project never imports SpecForge.
@@ -51,10 +53,16 @@ def tokenizer_dir(name: str) -> Path:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--prepare-data", required=True, help="SpecForge's scripts/prepare_data.py")
-    ap.add_argument("--commit", required=True, help="the SpecForge commit prepare_data.py came from")
+    ap.add_argument("--prepare-data", help="SpecForge's scripts/prepare_data.py")
+    ap.add_argument("--commit", help="the SpecForge commit prepare_data.py came from")
     ap.add_argument("--max-length", type=int, default=2048)
+    ap.add_argument("--quick", action="store_true", help="without SpecForge: check the stored goldens against the "
+                    "inputs this tool reads (files, row counts, tokenizers, provenance)")
     args = ap.parse_args()
+    if args.quick:
+        return check_goldens()
+    if not (args.prepare_data and args.commit):
+        ap.error("--prepare-data and --commit are required (or --quick)")
     from specforge.data.parse import GeneralParser
     from specforge.data.template import TEMPLATE_REGISTRY
     from transformers import AutoTokenizer
@@ -88,6 +96,23 @@ def main() -> None:
         "templates": TOKENIZERS, "tools": "tools/specforge_golden.py",
     }
     (out / "provenance.json").write_text(json.dumps(prov, indent=2) + "\n")
+
+
+def check_goldens() -> None:
+    """What a rerun would rewrite is there and lines up: one golden per tokenizer, one conversation per row of every
+    fixture file in order, offsets that end at the token count, provenance naming the same files and templates."""
+    out = FIX / "specforge"
+    prov = json.loads((out / "provenance.json").read_text())
+    assert prov["files"] == FILES and prov["templates"] == TOKENIZERS, "provenance names other files or templates"
+    rows = [(fi, ri) for fi, name in enumerate(FILES) for ri in range(len(json.loads((FIX / "chat" / name)
+                                                                                         .read_text())))]
+    for tok_name in TOKENIZERS:
+        assert (tokenizer_dir(tok_name) / "tokenizer.json").exists(), f"tokenizer {tok_name} missing"
+        g = np.load(out / f"{tok_name}.npz")
+        assert [tuple(w) for w in g["where"].tolist()] == rows, f"{tok_name}.npz: conversations differ from the files"
+        assert g["offsets"][-1] == len(g["ids"]) == len(g["mask"]), f"{tok_name}.npz: offsets do not end at N"
+        print(f"{tok_name}: {len(rows)} conversations, {len(g['ids'])} tokens; SpecForge {prov['specforge_version']} "
+              f"at {prov['specforge_commit'][:12]}")
 
 
 if __name__ == "__main__":

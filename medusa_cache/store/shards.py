@@ -20,11 +20,12 @@ class ShardReader:
 
     EMPTY = (1 << 64) - 1
 
-    def __init__(self, root: Path, name: str, shard: int, chunk: int, width: int, dtype: np.dtype, compressed: bool,
-                 fill, checksummed: bool = False):
-        self.root, self.name = root, name
-        self.shard, self.chunk, self.width, self.dtype = shard, chunk, width, dtype
-        self.compressed, self.fill, self.per_shard = compressed, fill, shard // chunk
+    def __init__(self, root: Path, name: str, grid: tuple[int, int, int], dtype: np.dtype, fill,
+                 compressed: bool, checksummed: bool = False):
+        self.root, self.name, self.dtype, self.fill = root, name, dtype, fill
+        self.shard, self.chunk, self.width = grid  # rows per shard, rows per chunk, columns
+        self.per_shard = self.shard // self.chunk
+        self.compressed = compressed  # Blosc; else the chunk's bytes are the rows
         self.checksummed = checksummed  # format 5: each chunk ends with the CRC32C of the bytes before it
         self.verify = True  # check those checksums (tools/bench_checksum.py turns it off to measure their cost)
         self.index: dict[int, tuple[np.memmap, np.ndarray]] = {}
@@ -51,8 +52,8 @@ class ShardReader:
         chunk, cw = sc.chunk_shape
         if cw != width or array.shape[1] != width or shard % chunk:
             return None
-        return ShardReader(root, name, int(shard), int(chunk), int(width), np.dtype(array.dtype), len(inner) == 2,
-                           array.metadata.fill_value, checksummed)
+        return ShardReader(root, name, (int(shard), int(chunk), int(width)), np.dtype(array.dtype),
+                           array.metadata.fill_value, len(inner) == 2, checksummed)
 
     def _bad(self, k: int, what: str, chunk: int | None = None) -> ChunkError:
         rows = (f"chunk {chunk}, rows {chunk * self.chunk}:{(chunk + 1) * self.chunk}" if chunk is not None else

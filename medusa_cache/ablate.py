@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from .ablate_plots import label, measured_table, parse_variant, plot, plot_vocab, variant_name, vocab_table
+from .backbone import model_parameters, timed_verify_cost
 from .config import check, flag
 from .errors import UserError
 from .evaluate import evaluate_ranks, head_ranks, render_table, write_trees
@@ -110,15 +111,20 @@ def run_ablate(cfg: TrainConfig, a: AblateConfig) -> dict:
     rows = []
     jobs = [(Path(c.out) / "variants" / name, name, res) for (_, c, specs), res in zip(runs, results, strict=True)
             for name, _, _ in specs]
+    counts = Cache(cfg.cache).stored("token_counts")
+    held: dict[str, Cache] = {}  # the held-out cache, opened once per draft vocabulary
     for d, name, result in progress(jobs, "ablate: evaluate", "variant"):
         hv, mapping, _ = load_heads(d)
-        cache = Cache(cfg.val_cache) if cfg.val_cache else Cache(cfg.cache)
-        if cache.mapping().fingerprint() != mapping.fingerprint():
-            cache.remap(mapping)
+        key = mapping.fingerprint()
+        if key not in held:
+            held[key] = Cache(cfg.val_cache or cfg.cache)
+            if held[key].mapping().fingerprint() != key:
+                held[key].remap(mapping)
+        cache = held[key]
         val = cache.usable_seqs(cfg.allow_partial, warn=False) if cfg.val_cache else result["val_seqs"]
         r = head_ranks(hv, cache, val, topk, cfg.device)
         n = mapping.draft_size
-        cover = {"cache": round(coverage(Cache(cfg.cache).stored("token_counts"), [n])[n], 4),
+        cover = {"cache": round(coverage(counts, [n])[n], 4),
                  "heldout": round(heldout_coverage(cache, mapping, val), 4)}
         for k in sorted(set(heads)):
             res = {"variant": name, "label": label(name), "dir": str(d), "draft_vocab_size": mapping.draft_size,
@@ -185,11 +191,11 @@ def check_request(cfg: TrainConfig, a: AblateConfig) -> None:
 
 def report(rows: list[dict], cfg: TrainConfig, a: AblateConfig, out: Path, command: str | None = None) -> dict:
     """Measured decoding (optional), the cost-aware choice, best/ and its card, report.md, results.json, plot."""
-    model = Cache(cfg.cache).meta.dump_args.get("model")
+    train_cache = Cache(cfg.cache)
+    model, H = train_cache.meta.dump_args.get("model"), train_cache.hidden_size
     budgets, speculate_prompts = a.tree_budget, a.speculate_prompts
     verify_cost, cost_source = verification_cost(rows, cfg, a, model, out)
     params = model_parameters(model)
-    H = Cache(cfg.cache).hidden_size
     for r in rows:
         _, layers_r, _ = parse_variant(r["variant"])
         r["head_cost"] = round(r["num_heads"] * (layers_r * (H * H + H) + H * r["draft_vocab_size"]) / params, 5) \
@@ -271,60 +277,6 @@ def verification_cost(rows: list[dict], cfg: TrainConfig, a: AblateConfig, model
     if a.verify_cost is not None:
         return a.verify_cost, "--verify-cost"
     return timed_verify_cost(model, cfg.device, max(a.tree_budget, default=16))
-
-
-def timed_verify_cost(model: str | None, device: str, nodes: int, context: int = 256, repeats: int = 5
-                      ) -> tuple[float, str]:
-    """(cost per tree node relative to a one-token step, where it came from), timed on this device: forwards of
-    1 and of ``nodes`` tokens over a KV cache of ``context`` tokens, median of ``repeats`` each. A constant would
-    be a guess (0.005 suits a memory-bound GPU; on a CPU a node costs ~0.1); a model that is not at hand gives
-    an error naming the ways to supply the cost."""
-    import time
-
-    from transformers import AutoModelForCausalLM, DynamicCache
-
-    if not model or not Path(model, "config.json").exists():
-        raise UserError(f"ablate: the expected speedup needs the verification cost of the model ({model!r} is not a "
-                        "model directory here): pass --verify-cost C (per tree node, relative to a one-token step) "
-                        "or --speculate-prompts FILE to measure it by real decoding")
-    m = AutoModelForCausalLM.from_pretrained(model).to(device).eval()
-    g = torch.Generator().manual_seed(0)
-    ctx = torch.randint(0, m.config.vocab_size, (1, context), generator=g).to(device)
-
-    def step(n: int) -> float:
-        times = []
-        for _ in range(repeats + 1):  # the first is a warm-up
-            with torch.inference_mode():
-                kv = DynamicCache()
-                m(ctx, cache=kv, use_cache=True)
-                x = torch.randint(0, m.config.vocab_size, (1, n), generator=g).to(device)
-                if device.startswith("cuda"):
-                    torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                m(x, cache=kv, use_cache=True)
-                if device.startswith("cuda"):
-                    torch.cuda.synchronize()
-                times.append(time.perf_counter() - t0)
-        return float(np.median(times[1:]))
-
-    t1, tn = step(1), step(nodes)
-    cost = max(0.0, (tn / t1 - 1) / nodes)
-    return cost, (f"timed on this device ({device}): a 1-token step {t1 * 1e3:.2f} ms, a {nodes}-token step "
-                  f"{tn * 1e3:.2f} ms over a {context}-token KV cache")
-
-
-def model_parameters(model: str | None) -> int | None:
-    """Parameters of the model directory's safetensors files (their headers only), or None when it is not here."""
-    if not model or not Path(model).is_dir():
-        return None
-    from safetensors import safe_open
-
-    total = 0
-    for f in sorted(Path(model).glob("*.safetensors")):
-        with safe_open(str(f), "pt") as st:
-            for k in st.keys():
-                total += int(np.prod(st.get_slice(k).get_shape()))
-    return total or None
 
 
 def cache_for(cfg: TrainConfig, mapping) -> Cache:

@@ -147,3 +147,57 @@ def stop_ids(tok, model) -> set[int]:
     for src in (tok.eos_token_id, getattr(model.generation_config, "eos_token_id", None)):
         ids.update([src] if isinstance(src, int) else (src or []))
     return ids
+
+
+def timed_verify_cost(model: str | None, device: str, nodes: int, context: int = 256, repeats: int = 5
+                      ) -> tuple[float, str]:
+    """(cost per tree node relative to a one-token step, where it came from), timed on this device: forwards of
+    1 and of ``nodes`` tokens over a KV cache of ``context`` tokens, median of ``repeats`` each. A constant would
+    be a guess (0.005 suits a memory-bound GPU; on a CPU a node costs ~0.1); a model that is not at hand gives
+    an error naming the ways to supply the cost."""
+    import time
+
+    from transformers import AutoModelForCausalLM, DynamicCache
+
+    if not model or not Path(model, "config.json").exists():
+        raise UserError(f"ablate: the expected speedup needs the verification cost of the model ({model!r} is not a "
+                        "model directory here): pass --verify-cost C (per tree node, relative to a one-token step) "
+                        "or --speculate-prompts FILE to measure it by real decoding")
+    m = AutoModelForCausalLM.from_pretrained(model).to(device).eval()
+    g = torch.Generator().manual_seed(0)
+    ctx = torch.randint(0, m.config.vocab_size, (1, context), generator=g).to(device)
+
+    def step(n: int) -> float:
+        times = []
+        for _ in range(repeats + 1):  # the first is a warm-up
+            with torch.inference_mode():
+                kv = DynamicCache()
+                m(ctx, cache=kv, use_cache=True)
+                x = torch.randint(0, m.config.vocab_size, (1, n), generator=g).to(device)
+                if device.startswith("cuda"):
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                m(x, cache=kv, use_cache=True)
+                if device.startswith("cuda"):
+                    torch.cuda.synchronize()
+                times.append(time.perf_counter() - t0)
+        return float(np.median(times[1:]))
+
+    t1, tn = step(1), step(nodes)
+    cost = max(0.0, (tn / t1 - 1) / nodes)
+    return cost, (f"timed on this device ({device}): a 1-token step {t1 * 1e3:.2f} ms, a {nodes}-token step "
+                  f"{tn * 1e3:.2f} ms over a {context}-token KV cache")
+
+
+def model_parameters(model: str | None) -> int | None:
+    """Parameters of the model directory's safetensors files (their headers only), or None when it is not here."""
+    if not model or not Path(model).is_dir():
+        return None
+    from safetensors import safe_open
+
+    total = 0
+    for f in sorted(Path(model).glob("*.safetensors")):
+        with safe_open(str(f), "pt") as st:
+            for k in st.keys():
+                total += int(np.prod(st.get_slice(k).get_shape()))
+    return total or None

@@ -28,7 +28,8 @@ from .backbone import model_parameters, timed_verify_cost
 from .config import check, flag
 from .errors import UserError
 from .evaluate import evaluate_ranks, head_ranks, render_table, write_trees
-from .export import export, load_heads, save_heads
+from .export import export
+from .headsdir import load_heads, save_heads
 from .progress import progress
 from .store import Cache
 from .train import TrainConfig, train
@@ -136,7 +137,7 @@ def run_ablate(cfg: TrainConfig, a: AblateConfig) -> dict:
 
 def ablate_command(cfg: TrainConfig, a: AblateConfig) -> str:
     """The ``medusa-cache ablate`` call that gives these settings (the provenance of the heads it writes)."""
-    from .export import command_line
+    from .headsdir import command_line
 
     train_defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)
                       if f.default is not dataclasses.MISSING}

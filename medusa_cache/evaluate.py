@@ -324,7 +324,7 @@ def run_eval(cfg: EvalConfig) -> dict:
     """Score the heads on every usable sequence of the cache: top-k per head, chain and tree acceptance, fitted
     trees (written to ``trees_out``)."""
     from .dist import check_device
-    from .export import load_heads
+    from .headsdir import load_heads
 
     heads_dir, cache_path = cfg.heads, cfg.cache
     heads, mapping, config = load_heads(heads_dir)

@@ -273,8 +273,8 @@ def check_request(cfg: SpeculateConfig):
 
     from .dist import check_device
     from .evaluate import load_tree
-    from .export import load_heads
     from .fingerprint import model_fingerprint
+    from .headsdir import load_heads
 
     check_device(cfg.device)
     if cfg.out:  # refused before any work: a file, an input, another command's output, a foreign directory

@@ -94,7 +94,7 @@ def parallel(heads: torch.nn.Module, world: int, device: str) -> torch.nn.Module
 
 def write_heads(vs: list[Variant], cache: Cache, cfg: TrainConfig, out: Path) -> None:
     """Each variant's heads to ``out`` (one variant) or ``out/variants/NAME``, in the heads directory format."""
-    from .export import save_heads
+    from .headsdir import save_heads
 
     for v in vs:
         d = out / "variants" / v.name if v.name else out

@@ -10,8 +10,8 @@ import pytest
 from medusa_cache.demo import DEMO
 from medusa_cache.dump import DumpConfig, run_dump
 from medusa_cache.evaluate import head_ranks, topk_accuracy
-from medusa_cache.export import load_heads
 from medusa_cache.generate import GenerateConfig, generate
+from medusa_cache.headsdir import load_heads
 from medusa_cache.store import Cache
 from medusa_cache.train import TrainConfig, train
 from medusa_cache.vocab import IGNORE

@@ -76,7 +76,7 @@ def test_train_with_distill_runs_from_the_cache_and_refuses_another_model(tmp_pa
     # the KL term must act: the same run without it ends farther from the teacher
     train(TrainConfig(cache=str(c), out=str(tmp_path / "plain"), num_heads=3, epochs=2, lr=3e-3, batch_tokens=64,
                       grad_accum=1, log_every=1, val_fraction=0))
-    from medusa_cache.export import load_heads
+    from medusa_cache.headsdir import load_heads
     from medusa_cache.store import Cache
     from medusa_cache.train import draft_lm_head
 

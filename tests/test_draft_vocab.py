@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 from medusa_cache.ablate import AblateConfig, run_ablate
 from medusa_cache.dump import DumpConfig, run_dump
 from medusa_cache.evaluate import EvalConfig, run_eval
-from medusa_cache.export import export, load_heads
+from medusa_cache.export import export
+from medusa_cache.headsdir import load_heads
 from medusa_cache.info import inspect_store
 from medusa_cache.store import Cache
 from medusa_cache.train import TrainConfig, train

@@ -16,8 +16,8 @@ from conftest import killed_copy, sharegpt_slice, write_jsonl
 from medusa_cache.dump import DumpConfig, run_dump
 from medusa_cache.errors import UserError
 from medusa_cache.evaluate import EvalConfig, head_ranks, run_eval
-from medusa_cache.export import load_heads
 from medusa_cache.heads import MedusaHeads
+from medusa_cache.headsdir import load_heads
 from medusa_cache.info import inspect_store
 from medusa_cache.store import Cache, chunk_key, from_arrays, needed_rows
 from medusa_cache.train import TrainConfig, train

@@ -116,7 +116,7 @@ def _teacher_forced_ranks_on_greedy_text(tmp_path, model, prompts, max_new: int)
     from transformers import AutoTokenizer
 
     from medusa_cache.evaluate import head_ranks
-    from medusa_cache.export import load_heads
+    from medusa_cache.headsdir import load_heads
     from medusa_cache.speculate import cache_greedy_text
 
     tok = AutoTokenizer.from_pretrained(STORIES)

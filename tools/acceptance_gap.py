@@ -26,7 +26,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from medusa_cache.demo import DEMO  # noqa: E402
 from medusa_cache.evaluate import decoding_walk, head_ranks, tree_acceptance, validate_tree  # noqa: E402
-from medusa_cache.export import load_heads  # noqa: E402
+from medusa_cache.headsdir import load_heads  # noqa: E402
 from medusa_cache.speculate import cache_greedy_text  # noqa: E402
 
 

@@ -80,7 +80,7 @@ def main() -> None:
         a.heads, a.epochs, a.seeds, a.batch_tokens, a.mix_tokens = 2, 1, [0], 512, 4096
 
     from medusa_cache.evaluate import evaluate_ranks, head_ranks
-    from medusa_cache.export import load_heads
+    from medusa_cache.headsdir import load_heads
     from medusa_cache.store import Cache
     from medusa_cache.train import TrainConfig, split, train
 

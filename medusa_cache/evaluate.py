@@ -35,9 +35,10 @@ import torch
 from .config import check
 from .errors import UserError
 from .heads import MedusaHeads
-from .loader import BatchStream, StreamSource, make_batches, make_blocks, targets_for
+from .loader import make_batches, make_blocks, targets_for
 from .progress import progress
 from .store import Cache
+from .stream import BatchStream, StreamSource
 from .vocab import IGNORE
 
 

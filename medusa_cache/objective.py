@@ -18,8 +18,9 @@ import torch
 import torch.nn.functional as F
 
 from .heads import MedusaHeads
-from .loader import BatchStream, StreamSource, make_batches, make_blocks
+from .loader import make_batches, make_blocks
 from .store import Cache
+from .stream import BatchStream, StreamSource
 from .vocab import IGNORE
 
 

@@ -27,17 +27,12 @@ import torch
 
 from . import checkpoint, rundir
 from .errors import Interrupted, UserError
-from .loader import (
-    BatchStream,
-    StreamSource,
-    all_targets,
-    make_blocks,
-    trainable_rows,
-)
+from .loader import all_targets, make_blocks, trainable_rows
 from .objective import head_losses, validate
 from .reporting import RunLog, render_summary
 from .runtime import StopSignals, tune_allocator
 from .store import int8_unpack
+from .stream import BatchStream, StreamSource
 from .trainconfig import TrainConfig
 from .traindata import epoch_batches, mix_reach, open_caches, split, vocab_summary
 from .variant import clip, draft_lm_head, make_variant, parallel, write_heads

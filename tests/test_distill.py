@@ -13,8 +13,9 @@ from test_train import make_cache
 from medusa_cache.errors import UserError
 from medusa_cache.evaluate import head_ranks
 from medusa_cache.heads import MedusaHeads
-from medusa_cache.loader import BatchStream, StreamSource, make_batches, make_blocks
+from medusa_cache.loader import make_batches, make_blocks
 from medusa_cache.objective import head_losses
+from medusa_cache.stream import BatchStream, StreamSource
 from medusa_cache.train import TrainConfig, train
 
 

@@ -7,7 +7,8 @@ import torch
 from safetensors.torch import load_file
 from test_train import make_cache
 
-from medusa_cache.loader import BatchStream, StreamSource, all_targets, make_blocks, make_position_plan, trainable_rows
+from medusa_cache.loader import all_targets, make_blocks, make_position_plan, trainable_rows
+from medusa_cache.stream import BatchStream, StreamSource
 from medusa_cache.train import TrainConfig, train
 from medusa_cache.vocab import IGNORE
 

@@ -56,7 +56,8 @@ def test_a_truncated_or_missing_shard_is_never_read_as_data(tmp_path):
 @pytest.mark.parametrize("codec,dtype", [("lossless", "bfloat16"), ("lossless", "float32"), ("int8", "float32")])
 def test_batches_decoded_straight_into_their_buffers_equal_the_block_reader(tmp_path, monkeypatch, codec, dtype):
     """The loader's direct path (pieces decoded into one buffer per batch) yields exactly the block path's batches."""
-    from medusa_cache.loader import BatchStream, StreamSource, epoch_order, make_batches, make_blocks
+    from medusa_cache.loader import epoch_order, make_batches, make_blocks
+    from medusa_cache.stream import BatchStream, StreamSource
 
     rng = np.random.default_rng(1)
     n = 3000

@@ -20,7 +20,8 @@ from medusa_cache.cli import main
 from medusa_cache.errors import UserError
 from medusa_cache.export import export
 from medusa_cache.headsdir import load_heads
-from medusa_cache.loader import BatchStream, StreamSource, make_batches, make_blocks, targets_for
+from medusa_cache.loader import make_batches, make_blocks, targets_for
+from medusa_cache.stream import BatchStream, StreamSource
 from medusa_cache.train import TrainConfig, train
 from medusa_cache.vocab import IGNORE, VocabMapping
 

@@ -33,7 +33,8 @@ import torch  # noqa: E402
 from medusa_cache import store  # noqa: E402
 from medusa_cache.demo import DEMO  # noqa: E402
 from medusa_cache.dump import DumpConfig, run_dump  # noqa: E402
-from medusa_cache.loader import BatchStream, StreamSource, epoch_order, make_batches, make_blocks  # noqa: E402
+from medusa_cache.loader import epoch_order, make_batches, make_blocks  # noqa: E402
+from medusa_cache.stream import BatchStream, StreamSource  # noqa: E402
 from medusa_cache.vocab import VocabMapping  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]

@@ -24,10 +24,7 @@ import hashlib
 import importlib.metadata as md
 import importlib.util
 import json
-import lzma
-import shutil
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -40,15 +37,11 @@ TOKENIZERS = {"llama3": "llama3", "qwen2": "qwen"}  # fixture tokenizer -> SpecF
 
 
 def tokenizer_dir(name: str) -> Path:
-    src = FIX / "tokenizers" / name
-    d = Path(tempfile.mkdtemp()) / name
-    d.mkdir()
-    for f in src.iterdir():
-        if f.name.endswith(".xz"):
-            (d / f.name[:-3]).write_bytes(lzma.decompress(f.read_bytes()))
-        else:
-            shutil.copy(f, d / f.name)
-    return d
+    """The vendored tokenizer ``name`` as a directory transformers loads (its ``tokenizer.json.xz`` unpacked)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from quick import tokenizer_dir as unpacked
+
+    return unpacked(FIX / "tokenizers" / name)
 
 
 def main() -> None:

@@ -39,18 +39,23 @@ def claim_or_resume(cfg: TrainConfig, settings: dict, group: int, lock: list, ki
     if ck.get("group", group) != group:
         raise UserError(f"--resume: {out} was trained with {ck['group']} micro-batches per step "
                         f"(processes x --grad-accum), this run has {group}; keep the product the same")
-    stored = ck.get("settings")
-    if stored is not None and "mix" not in stored:  # written before --mix existed: batches were pieces
-        stored = {**stored, "mix": "pieces", "mix_tokens": settings["mix_tokens"]}
-    if stored is None:  # a checkpoint from before the contract: compare the config it was started with
-        old = rundir.stored_train_config(out) or {}
-        stored = {k: old.get(k) for k in rundir.RESUME_FIXED}
-        settings = {k: settings[k] for k in rundir.RESUME_FIXED}
+    stored, settings = upgrade_settings(ck.get("settings"), settings, out)
     rundir.check_resume(stored, settings, out)
     rundir.claim(out, kind=kind, resume=True, inputs=inputs(cfg))
     rundir.trim_metrics(out / "metrics.jsonl", ck["step"], ck["epoch"])
     return ck
 
+
+
+def upgrade_settings(stored: dict | None, settings: dict, out: Path) -> tuple[dict, dict]:
+    """(the checkpoint's resume settings, this run's) as today's contract compares them; older checkpoints' in one
+    place: before ``--mix`` existed batches were pieces; before the contract, the config the run was started with."""
+    if stored is not None and "mix" not in stored:
+        return {**stored, "mix": "pieces", "mix_tokens": settings["mix_tokens"]}, settings
+    if stored is None:
+        old = rundir.stored_train_config(out) or {}
+        return {k: old.get(k) for k in rundir.RESUME_FIXED}, {k: settings[k] for k in rundir.RESUME_FIXED}
+    return stored, settings
 
 
 def save(out: Path, vs: list[Variant], step: int, next_epoch: int, next_batch: int, group: int,

@@ -80,4 +80,6 @@ def test_older_stores_are_upgraded_in_one_place():
     meta = StoreMeta.from_attrs(old, "old")
     assert meta.fingerprints == {"model": "m", "hidden_codec": "lossless", "keep_rows": "all",
                                  "hidden_compression": "zstd"}
+    assert (meta.hidden_codec, meta.keep_rows, meta.max_heads, meta.pipeline) == ("lossless", "all", 0, "medusa-cache")
     assert upgrade({"fingerprints": {"keep_rows": "needed"}})["fingerprints"]["keep_rows"] == "needed"
+    assert upgrade({"keep_rows": "needed", "max_heads": 3})["keep_rows"] == "needed"  # what a store says wins

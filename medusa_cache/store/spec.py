@@ -128,10 +128,18 @@ class Layout:
 FINGERPRINT_DEFAULTS = {"hidden_codec": "lossless", "keep_rows": "all", "hidden_compression": "zstd"}
 
 
+# attributes a store of an older format (or of the default layout) does not write, and what their absence means
+ATTRIBUTE_DEFAULTS = {
+    "hidden_codec": "lossless", "int8_group": 0,  # format 3 added int8; lossless stores write no group
+    "keep_rows": "all", "max_heads": 0,  # format 4 added needed rows; stores of every row write neither
+    "pipeline": "medusa-cache",  # written since --pipeline specforge existed
+}
+
+
 def upgrade(attrs: dict[str, Any]) -> dict[str, Any]:
     """The attributes an older store would have if written today: every default of an attribute or fingerprint
     added after version 1, in one place (the readers see only today's attributes)."""
-    out = dict(attrs)
+    out = {**ATTRIBUTE_DEFAULTS, **attrs}
     out["fingerprints"] = {**FINGERPRINT_DEFAULTS, **(attrs.get("fingerprints") or {})}
     return out
 

@@ -21,7 +21,7 @@ EPILOG = """examples:
 """
 
 
-def _dump(args: argparse.Namespace, cfg) -> None:
+def _dump(cfg) -> None:
     from . import dist
     from .dump import print_summary, run_dump
 
@@ -32,14 +32,14 @@ def _dump(args: argparse.Namespace, cfg) -> None:
         print_summary(s)
 
 
-def _inspect(args: argparse.Namespace, cfg) -> None:
+def _inspect(cfg) -> None:
     from .info import inspect_store, render
 
     info = inspect_store(cfg.store, cfg.coverage)
     print(json.dumps(info, indent=2) if cfg.json else render(info))
 
 
-def _verify(args: argparse.Namespace, cfg) -> None:
+def _verify(cfg) -> None:
     from .verify import verify
 
     res = verify(cfg.store, cfg.deep, cfg.model, cfg.samples, cfg.allow_partial)
@@ -54,13 +54,13 @@ def _verify(args: argparse.Namespace, cfg) -> None:
         raise SystemExit(1)
 
 
-def _generate(args: argparse.Namespace, cfg) -> None:
+def _generate(cfg) -> None:
     from .generate import generate
 
     print(f"{generate(cfg)} rows in {cfg.out}")
 
 
-def _demo(args: argparse.Namespace, cfg) -> None:
+def _demo(cfg) -> None:
     from .demo import run_demo
     from .dist import set_threads
 
@@ -78,7 +78,7 @@ def _train_base(args: argparse.Namespace) -> dict | None:
     return {k: v for k, v in base.items() if k not in ("resume", "overwrite")} if base else None
 
 
-def _train(args: argparse.Namespace, cfg) -> None:
+def _train(cfg) -> None:
     from . import dist
     from .train import render_summary, train
 
@@ -89,7 +89,7 @@ def _train(args: argparse.Namespace, cfg) -> None:
         print(render_summary(res))
 
 
-def _export(args: argparse.Namespace, cfg) -> None:
+def _export(cfg) -> None:
     from pathlib import Path
 
     from .export import export
@@ -102,7 +102,7 @@ def _export(args: argparse.Namespace, cfg) -> None:
           f"base_model_name_or_path: {base})")
 
 
-def _speculate(args: argparse.Namespace, cfg) -> None:
+def _speculate(cfg) -> None:
     from .dist import set_threads
     from .speculate import render, run_speculate
 
@@ -113,7 +113,7 @@ def _speculate(args: argparse.Namespace, cfg) -> None:
         print(f"results: {cfg.out}/results.json, {cfg.out}/report.md")
 
 
-def _eval(args: argparse.Namespace, cfg) -> None:
+def _eval(cfg) -> None:
     from .dist import set_threads
     from .evaluate import render_table, run_eval
 
@@ -129,7 +129,7 @@ def _eval(args: argparse.Namespace, cfg) -> None:
         print(f"top{k} per head: " + " ".join(f"{x:.3f}" for x in res[f"top{k}"]))
 
 
-def _ablate(args: argparse.Namespace, configs) -> None:
+def _ablate(configs) -> None:
     from . import dist
     from .ablate import run_ablate
 
@@ -151,10 +151,10 @@ def _ablate_configs(args: argparse.Namespace):
     a = build_config(AblateConfig, args)
     own = {f.name for f in dataclasses.fields(AblateConfig)}
     rest = argparse.Namespace(**{k: v for k, v in vars(args).items() if k not in own})
-    file = load_config_file(args.config, TrainConfig) if args.config else {}
+    file = load_config_file(args.config, TrainConfig) if args.config else {}  # read once, the base of the flags
     layers = a.layers or [file.get("num_layers", TrainConfig.num_layers)]
     lrs = a.lr or [file.get("lr", TrainConfig.lr)]
-    return build_config(TrainConfig, rest, args.config, num_heads=max(a.heads), num_layers=max(layers),
+    return build_config(TrainConfig, rest, base=file, num_heads=max(a.heads), num_layers=max(layers),
                         lr=max(lrs)), a
 
 
@@ -167,7 +167,7 @@ class Command:
     example: str
     config: str
     """module:Class of the config dataclass (its fields are the flags, their docstrings the help)"""
-    run: Callable[[argparse.Namespace, Any], None]
+    run: Callable[[Any], None]
     config_file: bool = False
     """--config FILE: a JSON file mirroring the config (dump, train, ablate)"""
     also: str | None = None
@@ -248,11 +248,10 @@ def build_parser() -> argparse.ArgumentParser:
 def _run(args: argparse.Namespace) -> None:
     c: Command = args.command_spec
     if c.build is not None:
-        c.run(args, c.build(args))
+        c.run(c.build(args))
         return
     base = c.base(args) if c.base else None
-    c.run(args, build_config(_class(c.config), args, getattr(args, "config", None) if c.config_file else None,
-                             base=base))
+    c.run(build_config(_class(c.config), args, getattr(args, "config", None) if c.config_file else None, base=base))
 
 
 def library_failure(e: BaseException) -> str | None:

@@ -27,7 +27,7 @@ from .ablate_plots import label, measured_table, parse_variant, plot, plot_vocab
 from .backbone import model_parameters, timed_verify_cost
 from .config import check, flag
 from .errors import UserError
-from .evaluate import evaluate_ranks, head_ranks, render_table, write_trees
+from .evaluate import COLUMNS, category_table, evaluate_ranks, head_ranks, render_table, write_trees
 from .export import export
 from .headsdir import load_heads, save_heads
 from .progress import progress
@@ -63,10 +63,19 @@ class AblateConfig:
     step and speedup"""
     speculate_tokens: int = 128
     """new tokens per prompt for --speculate-prompts"""
+    heldout_prompts: str | None = None
+    """prompts or Spec-Bench / MT-Bench question file: the base model (--model) answers them greedily once, and every
+    variant is scored by the tokens per step decoding realises on those answers (trees fitted on the validation split
+    when there is one), instead of on the validation split of the training conversations"""
+    model: str | None = None
+    """base model for --heldout-prompts (default: the model the cache was dumped from)"""
+    heldout_tokens: int = 256
+    """--heldout-prompts: tokens generated per prompt or turn (as speculate --max-new-tokens)"""
 
     def __post_init__(self) -> None:
         check(self.topk >= 1, "topk", f"must be >= 1, got {self.topk}")
         check(self.speculate_tokens >= 1, "speculate_tokens", f"must be >= 1, got {self.speculate_tokens}")
+        check(self.heldout_tokens >= 1, "heldout_tokens", f"must be >= 1, got {self.heldout_tokens}")
         check(bool(self.heads) and min(self.heads) >= 1, "heads", f"give head counts >= 1, got {self.heads}")
         check(self.layers is None or (bool(self.layers) and min(self.layers) >= 1), "layers",
               f"give layer counts >= 1, got {self.layers}")
@@ -113,26 +122,50 @@ def run_ablate(cfg: TrainConfig, a: AblateConfig) -> dict:
     jobs = [(Path(c.out) / "variants" / name, name, res) for (_, c, specs), res in zip(runs, results, strict=True)
             for name, _, _ in specs]
     counts = Cache(cfg.cache).stored("token_counts")
-    held: dict[str, Cache] = {}  # the held-out cache, opened once per draft vocabulary
+    heldout = None
+    if a.heldout_prompts:
+        from .heldout import answer_cache
+
+        heldout = answer_cache(heldout_model(cfg, a), a.heldout_prompts, out / "heldout", cfg.cache, a.heldout_tokens,
+                               device=cfg.device)
+    held: dict[str, tuple[Cache, Cache | None]] = {}  # scored and tree-fitting caches, opened once per vocabulary
     for d, name, result in progress(jobs, "ablate: evaluate", "variant"):
         hv, mapping, _ = load_heads(d)
         key = mapping.fingerprint()
         if key not in held:
-            held[key] = Cache(cfg.val_cache or cfg.cache)
-            if held[key].mapping().fingerprint() != key:
-                held[key].remap(mapping)
-        cache = held[key]
-        val = cache.usable_seqs(cfg.allow_partial, warn=False) if cfg.val_cache else result["val_seqs"]
+            held[key] = (_mapped(heldout.cache if heldout else cfg.val_cache or cfg.cache, mapping),
+                         _mapped(cfg.cache, mapping) if heldout and len(result["val_seqs"]) else None)
+        cache, fit_cache = held[key]
+        if heldout or cfg.val_cache:
+            val = cache.usable_seqs(cfg.allow_partial, warn=False)
+        else:
+            val = result["val_seqs"]
         r = head_ranks(hv, cache, val, topk, cfg.device)
+        fit = head_ranks(hv, fit_cache, result["val_seqs"], topk, cfg.device) if fit_cache is not None else None
         n = mapping.draft_size
         cover = {"cache": round(coverage(counts, [n])[n], 4),
                  "heldout": round(heldout_coverage(cache, mapping, val), 4)}
         for k in sorted(set(heads)):
             res = {"variant": name, "label": label(name), "dir": str(d), "draft_vocab_size": mapping.draft_size,
-                   "coverage": cover, **evaluate_ranks(r, k, topk, budgets)}
+                   "coverage": cover, **evaluate_ranks(r, k, topk, budgets, categories=heldout and heldout.categories,
+                                                       fit=fit)}
             write_trees(res, out / "trees", f"{name}_heads{k}_tree")
             rows.append(res)
     return report(rows, cfg, a, out, command)
+
+
+def _mapped(path: str, mapping) -> Cache:
+    c = Cache(path)
+    return c if c.mapping().fingerprint() == mapping.fingerprint() else c.remap(mapping)
+
+
+def heldout_model(cfg: TrainConfig, a: AblateConfig) -> str:
+    """--model, else the model the cache was dumped from (refused by name when neither is a model directory)."""
+    model = a.model or Cache(cfg.cache).meta.dump_args.get("model")
+    if not model or not Path(model, "config.json").exists():
+        raise UserError(f"--model: --heldout-prompts needs the base model that answers them; the cache was dumped "
+                        f"from {model!r}, not a model directory here: pass --model PATH")
+    return model
 
 
 def ablate_command(cfg: TrainConfig, a: AblateConfig) -> str:
@@ -144,11 +177,13 @@ def ablate_command(cfg: TrainConfig, a: AblateConfig) -> str:
     base = command_line("ablate", dataclasses.asdict(cfg), train_defaults,
                         skip=("resume", "overwrite", "num_heads", "num_layers", "lr", "clip_per_head"))
     own = dataclasses.asdict(a)
-    for name in ("draft_vocab", "verify_cost", "speculate_prompts"):
+    for name in ("draft_vocab", "verify_cost", "speculate_prompts", "heldout_prompts", "model"):
         if own[name] is None:
             del own[name]
     if "speculate_prompts" not in own:
         del own["speculate_tokens"]
+    if "heldout_prompts" not in own:
+        del own["heldout_tokens"]
     words = [w for name, v in own.items() for w in (flag(name), ",".join(f"{x:g}" if isinstance(x, float) else str(x)
                                                                          for x in v) if isinstance(v, list) else
                                                       f"{v:g}" if isinstance(v, float) else str(v))]
@@ -167,8 +202,16 @@ def check_request(cfg: TrainConfig, a: AblateConfig) -> None:
             raise UserError("--draft-vocab: pass the sizes to sweep there, not --draft-vocab-size as well")
     if a.speculate_prompts and not Path(a.speculate_prompts).is_file():
         raise UserError(f"--speculate-prompts: file not found: {a.speculate_prompts}")
-    if cfg.val_fraction <= 0 and not cfg.val_cache:
-        raise UserError("--val-fraction: ablate needs held-out data (a fraction > 0, or --val-cache)")
+    if a.heldout_prompts:
+        from .heldout import read_prompts
+
+        if cfg.val_cache:
+            raise UserError("--heldout-prompts: give it or --val-cache, not both (both would be the held-out data)")
+        read_prompts(a.heldout_prompts, flag="--heldout-prompts")  # a bad file is refused before training
+        heldout_model(cfg, a)
+    elif cfg.val_fraction <= 0 and not cfg.val_cache:
+        raise UserError("--val-fraction: ablate needs held-out data (a fraction > 0, --val-cache or "
+                        "--heldout-prompts)")
     c.require_reach(max(a.heads), "--heads")
     if cfg.val_cache:  # something to hold out (else it would fail only after training)
         vc = Cache(cfg.val_cache)
@@ -180,7 +223,7 @@ def check_request(cfg: TrainConfig, a: AblateConfig) -> None:
     else:
         c.require_complete(cfg.allow_partial)
         n = len(c.usable_seqs(cfg.allow_partial, warn=False))
-        if n < 2:
+        if n < 2 and not a.heldout_prompts:
             raise UserError(f"--val-fraction: {cfg.cache} has {n} usable sequences; holding out {cfg.val_fraction} "
                             "of them leaves none to evaluate on: give a larger --val-fraction or a --val-cache")
     model = c.meta.dump_args.get("model")
@@ -205,33 +248,43 @@ def report(rows: list[dict], cfg: TrainConfig, a: AblateConfig, out: Path, comma
     best_row, best_opt = max(((r, o) for r in rows for o in r["options"]), key=lambda x: x[1]["expected_speedup"])
     write_best(best_row, best_opt, cfg, out, command)
     table = render_table(rows, budgets)
-    rule = (f"best = highest expected speedup = acceptance / (1 + {verify_cost:.4g} x tree nodes + heads' weights / "
-            f"model's weights), the verification cost per node from {cost_source}; the heads' cost (ResBlocks and an "
+    rule = (f"best = highest expected speedup = tokens per step / (1 + {verify_cost:.4g} x tree nodes + heads' weights "
+            f"/ model's weights), the verification cost per node from {cost_source}; the heads' cost (ResBlocks and an "
             f"H x draft-vocabulary output layer each, read every step) "
             + (f"relative to the model's {params:,} parameters" if params else
                "not counted (the model is not at hand)"))
     summary = {"best": {"variant": best_row["variant"], "label": label(best_row["variant"]),
                         "num_heads": best_row["num_heads"], "tree": best_opt["name"], "nodes": best_opt["nodes"],
-                        "acceptance": best_opt["acceptance"], "ci": best_opt["ci"],
-                        "expected_speedup": best_opt["expected_speedup"], "rule": rule},
+                        "tokens_per_step": best_opt["tokens_per_step"],
+                        "tokens_per_step_ci": best_opt["tokens_per_step_ci"],
+                        "per_position_acceptance": best_opt["per_position_acceptance"],
+                        "per_position_acceptance_ci": best_opt["per_position_acceptance_ci"],
+                        "expected_speedup": best_opt["expected_speedup"], "scored_on": scored_on(cfg, a),
+                        "rule": rule,
+                        **({"categories": best_row["categories"]} if best_row.get("categories") else {})},
                "verify_cost_per_node": verify_cost,
                "results": [{k: v for k, v in r.items() if k != "trees"} |
                            {"trees": {n: {kk: vv for kk, vv in t.items() if kk != "tree"}
                                       for n, t in r["trees"].items()}} for r in rows]}
     (out / "results.json").write_text(json.dumps(summary, indent=2))
     caption = describe(cfg, rows)
-    warning = separation_warning(rows, best_row, best_opt, verify_cost)
+    warning = separation_warning(rows, best_row, best_opt, bool(a.heldout_prompts))
     (out / "report.md").write_text(
-        f"# Ablation on {cfg.cache}\n\n{caption}\n\nAcceptance = tokens per step (1 + accepted draft tokens), "
-        "teacher forced, with a 95% interval from a bootstrap over held-out *sequences*. Trees are fitted on half "
-        f"the held-out sequences and reported on the other half.\n\n{table}\n\n"
+        f"# Ablation on {cfg.cache}\n\n{caption}\n\nScored on {scored_on(cfg, a)}. {COLUMNS}"
+        + (" With --heldout-prompts, trees are fitted on the validation split of the training cache (when there is "
+           "one) and reported on all held-out prompts." if a.heldout_prompts else "")
+        + f"\n\n{table}\n\n"
+        + (f"Per category (best variant, {best_row['num_heads']} heads, chain):\n\n"
+           f"{category_table(best_row['categories'])}\n\n" if best_row.get("categories") else "")
         + (vocab_table(rows, H) + "\n\n" if len({r["draft_vocab_size"] for r in rows}) > 1 else "")
         + (measured_table(rows) + "\n\n" if speculate_prompts else "")
         + f"**Best: {label(best_row['variant'])}, {best_row['num_heads']} heads, {best_opt['name']}** "
-        f"(acceptance {best_opt['acceptance']:.3f}, expected speedup {best_opt['expected_speedup']:.3f}). "
+        f"({best_opt['tokens_per_step']:.3f} tokens per step, per-position acceptance "
+        f"{best_opt['per_position_acceptance']:.3f}, expected speedup {best_opt['expected_speedup']:.3f}). "
         f"Rule: {rule}.\n\n" + (f"> **Warning:** {warning}\n\n" if warning else "")
         + "Heads in `best/` (its tree in `best/tree.json`, model card `best/README.md`), vLLM layout in "
-        "`best-vllm/`, all fitted trees in `trees/`, plot `acceptance.png`.\n")
+        "`best-vllm/`, all fitted trees in `trees/`, plot `acceptance.png`"
+        + (", the held-out answers and their cache in `heldout/`" if a.heldout_prompts else "") + ".\n")
     plot_note = plot(rows, budgets, out / "acceptance.png", caption)
     if len({r["draft_vocab_size"] for r in rows}) > 1:
         plot_note = plot_vocab(rows, budgets, out / "vocab.png") or plot_note
@@ -244,8 +297,10 @@ def report(rows: list[dict], cfg: TrainConfig, a: AblateConfig, out: Path, comma
     if warning:
         print(f"warning: {warning}")
     print(f"\nbest: {label(best_row['variant'])}, {best_row['num_heads']} heads, {best_opt['name']} ({rule})")
-    print(f"outputs: {out / 'report.md'}, {out / 'results.json'}, {out / 'acceptance.png'}, {out / 'best'}, "
-          f"{out / 'best-vllm'}, {out / 'trees'}")
+    outputs = [out / n for n in ("report.md", "results.json", "acceptance.png", "best", "best-vllm", "trees")]
+    outputs += [out / "vocab.png"] if len({r["draft_vocab_size"] for r in rows}) > 1 else []
+    outputs += [out / "heldout"] if a.heldout_prompts else []
+    print("outputs: " + ", ".join(map(str, outputs)))
     if plot_note:
         print(plot_note)
     return summary
@@ -287,36 +342,50 @@ def cache_for(cfg: TrainConfig, mapping) -> Cache:
 
 
 def options(r: dict, verify_cost: float) -> list[dict]:
-    """The chain and each fitted tree of a row, with the expected speedup under the cost model."""
-    opts = [{"name": "chain", "nodes": r["num_heads"], "acceptance": r["chain_acceptance"], "ci": r["chain_ci"],
-             "tree": [[0] * d for d in range(1, r["num_heads"] + 1)]}]
-    opts += [{"name": f"tree{n}", "nodes": t["nodes"], "acceptance": t["acceptance"], "ci": t["ci"], "tree": t["tree"]}
-             for n, t in r["trees"].items()]
+    """The chain and each fitted tree of a row, with the expected speedup under the cost model: tokens per decoding
+    step over the cost of one step."""
+    opts = [{"name": "chain", "nodes": r["num_heads"], "tokens_per_step": r["chain_tokens_per_step"],
+             "tokens_per_step_ci": r["chain_tokens_per_step_ci"], "per_position_acceptance": r["chain_acceptance"],
+             "per_position_acceptance_ci": r["chain_ci"], "tree": [[0] * d for d in range(1, r["num_heads"] + 1)]}]
+    opts += [{"name": f"tree{n}", "nodes": t["nodes"], "tokens_per_step": t["tokens_per_step"],
+              "tokens_per_step_ci": t["tokens_per_step_ci"], "per_position_acceptance": t["acceptance"],
+              "per_position_acceptance_ci": t["ci"], "tree": t["tree"]} for n, t in r["trees"].items()]
     for o in opts:
-        o["expected_speedup"] = round(o["acceptance"] / (1 + verify_cost * o["nodes"] + r.get("head_cost", 0.0)), 4)
+        o["expected_speedup"] = round(o["tokens_per_step"] / (1 + verify_cost * o["nodes"] + r.get("head_cost", 0.0)),
+                                      4)
     return opts
+
+
+def scored_on(cfg: TrainConfig, a: AblateConfig) -> str:
+    if a.heldout_prompts:
+        return f"the base model's own greedy answers to {a.heldout_prompts} (--heldout-prompts)"
+    if cfg.val_cache:
+        return f"the held-out cache {cfg.val_cache}"
+    return f"the held-out split (--val-fraction {cfg.val_fraction:g}) of {cfg.cache}"
 
 
 MIN_HELDOUT_SEQUENCES = 10  # below this a bootstrap over sequences (trees: over half of them) says little
 
 
-def separation_warning(rows: list[dict], best_row: dict, best_opt: dict, verify_cost: float) -> str | None:
+def separation_warning(rows: list[dict], best_row: dict, best_opt: dict, prompts: bool = False) -> str | None:
     n = best_row["sequences"]
     if n < MIN_HELDOUT_SEQUENCES:
         return (f"the held-out set has only {n} sequences ({best_row['positions']} positions): its 95% intervals "
-                "(resampled over sequences; trees are fitted on half and scored on the other half) are not "
-                "meaningful; hold out more with --val-fraction or pass --val-cache")
+                "(resampled over sequences) are not meaningful; "
+                + ("give more prompts in --heldout-prompts" if prompts else
+                   "hold out more with --val-fraction or pass --val-cache"))
     others = [(r, o) for r in rows for o in r["options"] if (r is not best_row or o is not best_opt)]
     if not others:
         return None
     r2, o2 = max(others, key=lambda x: x[1]["expected_speedup"])
-    lo, hi = best_opt["ci"]
-    if o2["ci"][1] >= lo:
+    lo, hi = best_opt["tokens_per_step_ci"]
+    lo2, hi2 = o2["tokens_per_step_ci"]
+    if lo2 <= hi and lo <= hi2:  # the two intervals share a point
         return (f"the held-out set ({best_row['sequences']} sequences, {best_row['positions']} positions) is too small "
                 f"to separate the best ({label(best_row['variant'])}, {best_row['num_heads']} heads, "
-                f"{best_opt['name']}: {best_opt['acceptance']:.3f} [{lo:.2f}, {hi:.2f}]) from the runner-up "
-                f"({label(r2['variant'])}, {r2['num_heads']} heads, {o2['name']}: {o2['acceptance']:.3f} "
-                f"[{o2['ci'][0]:.2f}, {o2['ci'][1]:.2f}]): their 95% intervals overlap")
+                f"{best_opt['name']}: {best_opt['tokens_per_step']:.3f} tokens per step [{lo:.2f}, {hi:.2f}]) from the "
+                f"runner-up ({label(r2['variant'])}, {r2['num_heads']} heads, {o2['name']}: "
+                f"{o2['tokens_per_step']:.3f} [{lo2:.2f}, {hi2:.2f}]): their 95% intervals overlap")
     return None
 
 

@@ -1,4 +1,5 @@
-"""ablate's report figures and tables: acceptance per head count, the draft-vocabulary sweep, measured decoding."""
+"""ablate's report figures and tables: tokens per step per head count, the draft-vocabulary sweep, measured
+decoding."""
 
 from __future__ import annotations
 
@@ -42,7 +43,8 @@ def vocab_table(rows: list[dict], hidden_size: int) -> str:
 
 
 def plot_vocab(rows: list[dict], budgets: list[int], path: Path) -> str | None:
-    """Acceptance (the largest fitted tree and the chain) against head count, one line per draft vocabulary size."""
+    """Tokens per step (the largest fitted tree and the chain) against head count, one line per draft vocabulary
+    size."""
     try:
         import matplotlib
 
@@ -56,13 +58,13 @@ def plot_vocab(rows: list[dict], budgets: list[int], path: Path) -> str | None:
     for n in sorted({r["draft_vocab_size"] for r in rows}):
         rs = [r for r in rows if r["draft_vocab_size"] == n and parse_variant(r["variant"])[1:] == base]
         ks = [r["num_heads"] for r in rs]
-        line = ax.plot(ks, [r["chain_acceptance"] for r in rs], ls="--", marker="o", ms=3, label=f"{n:,} chain")
+        line = ax.plot(ks, [r["chain_tokens_per_step"] for r in rs], ls="--", marker="o", ms=3, label=f"{n:,} chain")
         if big:
-            ax.plot(ks, [r["trees"][big]["acceptance"] for r in rs], marker="o", color=line[0].get_color(),
+            ax.plot(ks, [r["trees"][big]["tokens_per_step"] for r in rs], marker="o", color=line[0].get_color(),
                     label=f"{n:,} tree {big}")
     ax.set_xlabel("heads")
-    ax.set_ylabel("acceptance (tokens per step, teacher forced)")
-    ax.set_title("acceptance by draft vocabulary size")
+    ax.set_ylabel("tokens per decoding step")
+    ax.set_title("tokens per step by draft vocabulary size")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -86,8 +88,9 @@ def measured_table(rows: list[dict]) -> str:
 
 
 def plot(rows: list[dict], budgets: list[int], path: Path, caption: str = "") -> str | None:
-    """One panel per variant: chain and each tree budget against head count, 95% intervals as error bars;
-    measured tokens/step (``speculate``) as black stars."""
+    """One panel per variant: tokens per decoding step of the chain and each tree budget against head count (the
+    decoding walk over the held-out text), 95% intervals as error bars; measured tokens/step (``speculate``) as black
+    stars."""
     try:
         import matplotlib
 
@@ -100,14 +103,14 @@ def plot(rows: list[dict], budgets: list[int], path: Path, caption: str = "") ->
     for ax, name in zip(axes[0], variants, strict=True):
         rs = [r for r in rows if r["variant"] == name]
         ks = np.array([r["num_heads"] for r in rs])
-        series = [("chain", [r["chain_acceptance"] for r in rs], [r["chain_ci"] for r in rs])]
-        series += [(f"tree {n}", [r["trees"][str(n)]["acceptance"] for r in rs],
-                    [r["trees"][str(n)]["ci"] for r in rs]) for n in budgets]
+        series = [("chain", [r["chain_tokens_per_step"] for r in rs], [r["chain_tokens_per_step_ci"] for r in rs])]
+        series += [(f"tree {n}", [r["trees"][str(n)]["tokens_per_step"] for r in rs],
+                    [r["trees"][str(n)]["tokens_per_step_ci"] for r in rs]) for n in budgets]
         for j, (lab, ys, cis) in enumerate(series):
             ys = np.array(ys)
             err = np.abs(np.array(cis).T - ys)
             ax.errorbar(ks + 0.06 * (j - len(series) / 2), ys, yerr=err, marker="o", ms=4, capsize=2,
-                        label=f"{lab} (teacher-forced)")
+                        label=f"{lab} (from the cache)")
         meas = [(r["num_heads"], r["measured"]["tokens_per_step"]) for r in rs if r.get("measured")]
         if meas:
             ax.plot(*zip(*meas, strict=True), "k*", ms=11, label="measured (speculate)")
@@ -115,9 +118,9 @@ def plot(rows: list[dict], budgets: list[int], path: Path, caption: str = "") ->
         ax.set_xlabel("number of heads")
         ax.set_xticks(sorted(set(ks.tolist())))
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("tokens per step (acceptance)")
+    axes[0][0].set_ylabel("tokens per decoding step")
     axes[0][-1].legend(fontsize=7, loc="upper left")
-    fig.suptitle("Medusa heads: acceptance by head count")
+    fig.suptitle("Medusa heads: tokens per decoding step by head count")
     fig.text(0.01, 0.01, caption, fontsize=7, wrap=True)
     fig.tight_layout(rect=(0, 0.06, 1, 1))
     fig.savefig(path, dpi=120)

@@ -2,7 +2,7 @@
 
 YAML front matter (``base_model``, ``library_name``, ``tags``) so ``huggingface-cli upload`` needs nothing more;
 then what produced the heads (base model, data, draft vocabulary, head count and layers, training settings),
-what they measured (held-out acceptance with intervals and the fitted tree, when known) and how to load them in
+what they measured (held-out tokens per decoding step with intervals and the fitted tree, when known) and how to load them in
 vLLM and in the Medusa reference. Everything comes from the heads' own ``config.json``.
 """
 
@@ -52,12 +52,21 @@ def write_card(out: Path, fmt: str, results: dict | None = None, config: dict | 
     if prov.get("commands"):
         lines += ["", "## Commands that produced these heads", "", "```bash", *prov["commands"], "```"]
     if results:
-        ci = results.get("ci") or [None, None]
-        lines += ["", "## Held-out acceptance", "",
+        ci = results.get("tokens_per_step_ci") or [None, None]
+        pci = results.get("per_position_acceptance_ci") or [None, None]
+        lines += ["", "## Tokens per decoding step (held out)", "",
                   f"{results.get('tree', 'chain')} ({results.get('nodes', '?')} nodes): "
-                  f"{results.get('acceptance', float('nan')):.3f} tokens per step, 95% interval "
-                  f"[{ci[0]}, {ci[1]}] (bootstrap over held-out sequences; teacher-forced). "
+                  f"**{results.get('tokens_per_step', float('nan')):.3f} tokens per step**, 95% interval "
+                  f"[{ci[0]}, {ci[1]}] (bootstrap over held-out sequences), on "
+                  f"{results.get('scored_on', 'held-out data')}: greedy Medusa decoding walked over the text, every "
+                  f"base-model forward counted including the prefill, as `medusa-cache speculate` counts them. "
+                  f"Per-position acceptance (an upper bound: decoding skips the positions inside each accepted run): "
+                  f"{results.get('per_position_acceptance', float('nan')):.3f} [{pci[0]}, {pci[1]}]. "
                   + (f"Chosen by: {results['rule']}." if results.get("rule") else "")]
+        if results.get("categories"):
+            lines += ["", "| category | prompts | turns | tokens/step (chain) |", "|---|---|---|---|"]
+            lines += [f"| {c} | {v['prompts']} | {v['turns']} | {v['tokens_per_step']:.3f} |"
+                      for c, v in results["categories"].items()]
         if (out / "tree.json").exists():
             lines += ["", "Tree (`tree.json`, medusa_choices):", "", "```json",
                       (out / "tree.json").read_text().strip(), "```"]

@@ -115,16 +115,22 @@ def _speculate(cfg) -> None:
 
 def _eval(cfg) -> None:
     from .dist import set_threads
-    from .evaluate import render_table, run_eval
+    from .evaluate import COLUMNS, category_table, render_table, run_eval
 
     set_threads(cfg.threads)
     res = run_eval(cfg)
     if cfg.json:
         print(json.dumps(res, indent=2))
         return
+    if "tree_tokens_per_step" in res:
+        ci = res["tree_tokens_per_step_ci"]
+        print(f"tree {cfg.tree}: {res['tree_tokens_per_step']:.3f} tokens per step [{ci[0]:.2f}, {ci[1]:.2f}] "
+              f"(per-position acceptance {res['tree_acceptance']:.3f})")
     print(render_table([res], cfg.tree_budget or []))
-    if "tree_acceptance" in res:
-        print(f"tree {cfg.tree}: acceptance {res['tree_acceptance']:.3f}")
+    if res.get("categories"):
+        print(f"\nper category ({'tree ' + cfg.tree if cfg.tree else 'chain'}):")
+        print(category_table(res["categories"]))
+    print(f"\n{COLUMNS}")
     for k in (1, 5, cfg.topk):
         print(f"top{k} per head: " + " ".join(f"{x:.3f}" for x in res[f"top{k}"]))
 
@@ -190,7 +196,7 @@ COMMANDS = (
     Command("train", "train Medusa heads from a cache (the backbone is never loaded)",
             "medusa-cache train --cache c.zarr --out heads --config configs/llama3-8B-medusa.json --epochs 2",
             "trainconfig:TrainConfig", _train, config_file=True, base=_train_base),
-    Command("eval", "per-head accuracy and acceptance length (chain and tree) on a cache",
+    Command("eval", "tokens per decoding step, acceptance and per-head accuracy on a cache or on held-out prompts",
             "medusa-cache eval --heads heads --cache heldout.zarr --tree-budget 16,32,64 --trees-out trees",
             "evaluate:EvalConfig", _eval),
     Command("ablate", "train and evaluate several head counts / layers / lrs in one pass",

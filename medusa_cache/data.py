@@ -7,6 +7,9 @@ Formats (detected per file from the first row, or forced with ``--format``):
 - ``text``:      ``{"text": ...}``: the whole row is trained (no chat template).
 - ``tokens``:    ``{"input_ids": [...], "trained": [0/1 ...]}`` (what ``generate`` writes, any extra ``text`` is
   ignored): stored verbatim, no tokeniser involved; ``trained`` (or ``loss_mask``) marks the trained tokens.
+- ``questions``: Spec-Bench's and MT-Bench's question files, ``{"question_id", "category", "turns": [str, ...]}``:
+  user turns only, answered turn by turn (``generate``, ``speculate``, ``eval --heldout-prompts``); nothing to
+  train on until ``generate`` has answered them.
 
 Roles are normalised to system / user / assistant / tool (table ``ROLE_MAP``). Deliberate choices:
 ShareGPT ``function_call`` is text the assistant generates, so it becomes an *assistant* turn and is
@@ -27,7 +30,7 @@ import numpy as np
 
 from .errors import UserError
 
-FORMATS = ("auto", "sharegpt", "specforge", "messages", "text", "tokens")
+FORMATS = ("auto", "sharegpt", "specforge", "messages", "text", "tokens", "questions")
 
 ROLE_MAP = {
     "system": "system",
@@ -62,6 +65,9 @@ class Row:
     tools: list | None = None  # the row's tool specs, rendered through the chat template's `tools`
     token_ids: list[int] | None = None  # format "tokens": ids and trained mask, used verbatim
     token_mask: list[int] | None = None
+    turns: list[str] | None = None  # format "questions": the user turns, answered one after another
+    category: str | None = None  # format "questions": the benchmark's category of the question
+    question_id: Any = None
 
 
 @dataclass
@@ -126,7 +132,7 @@ def read_rows(path: Path, file_index: int, fmt: str = "auto", pipeline: str = "m
         if file_fmt == "auto":
             file_fmt = detect_format(rec, where)
         try:
-            if pipeline == "specforge" and file_fmt not in ("text", "tokens"):
+            if pipeline == "specforge" and file_fmt not in ("text", "tokens", "questions"):
                 yield _specforge_row(rec, file_fmt, Row(file_index, n, where))
             else:
                 yield normalise(rec, file_fmt, Row(file_index, n, where))
@@ -157,6 +163,8 @@ def detect_format(rec: Any, where: str) -> str:
     if isinstance(rec, dict):
         if "input_ids" in rec:
             return "tokens"
+        if "turns" in rec:
+            return "questions"
         if isinstance(rec.get("conversations"), list) and rec["conversations"]:
             first = rec["conversations"][0]
             if isinstance(first, dict) and "from" in first:
@@ -169,7 +177,7 @@ def detect_format(rec: Any, where: str) -> str:
             return "text"
     raise UserError(
         f"{where}: unknown data format (expected 'conversations' with from/value or role/content, "
-        "'messages', or 'text'); use --format to force one"
+        "'messages', 'text', 'input_ids' or 'turns'); use --format to force one"
     )
 
 
@@ -180,6 +188,8 @@ def normalise(rec: Any, fmt: str, row: Row) -> Row:
         raise RowError(f"{row.where}: expected a JSON object, got {type(rec).__name__}")
     if fmt == "tokens":
         return _tokens_row(rec, row)
+    if fmt == "questions":
+        return _question_row(rec, row)
     if fmt == "text":
         text = rec.get("text")
         if not isinstance(text, str) or not text.strip():
@@ -196,6 +206,17 @@ def _tokens_row(rec: dict, row: Row) -> Row:
     if not isinstance(mask, list) or len(mask) != len(ids) or any(m not in (0, 1) for m in mask):
         raise RowError(f"{row.where}: 'trained' must be a list of 0/1, one per input id ({len(ids)})")
     row.token_ids, row.token_mask = ids, mask
+    return row
+
+
+def _question_row(rec: dict, row: Row) -> Row:
+    turns, category = rec.get("turns"), rec.get("category")
+    if not isinstance(turns, list) or not turns or not all(isinstance(t, str) and t.strip() for t in turns):
+        raise RowError(f"{row.where}: 'turns' must be a non-empty list of non-empty strings (the user turns of a "
+                       "Spec-Bench / MT-Bench question)")
+    if category is not None and not isinstance(category, str):
+        raise RowError(f"{row.where}: 'category' must be a string, got {type(category).__name__}")
+    row.turns, row.category, row.question_id = turns, category, rec.get("question_id")
     return row
 
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import numpy as np
 import torch
@@ -44,13 +44,27 @@ from .vocab import IGNORE
 
 @dataclass
 class EvalConfig:
-    """medusa-cache eval --heads heads --cache heldout.zarr --tree-budget 16,32,64 --trees-out trees"""
+    """medusa-cache eval --heads heads --cache heldout.zarr --tree-budget 16,32,64 --trees-out trees
+    medusa-cache eval --heads heads --model M --heldout-prompts question.jsonl --out ev --tree-budget 16,32,64"""
 
-    REQUIRED: ClassVar[tuple[str, ...]] = ("heads", "cache")
+    REQUIRED: ClassVar[tuple[str, ...]] = ("heads",)
     heads: str
     """heads directory written by train"""
-    cache: str
-    """store to evaluate on (ideally held out)"""
+    cache: str | None = None
+    """store to evaluate on (ideally held out); or --heldout-prompts"""
+    heldout_prompts: str | None = None
+    """prompts or Spec-Bench / MT-Bench question file (instead of --cache): --model answers them greedily (every turn,
+    as speculate decodes them), the answers are dumped into --out with the heads' draft vocabulary and scored there"""
+    model: str | None = None
+    """base model directory that answers --heldout-prompts"""
+    max_new_tokens: int = 256
+    """--heldout-prompts: tokens generated per prompt or turn (as speculate --max-new-tokens)"""
+    max_prompts: int | None = None
+    """--heldout-prompts: use only the first N prompts"""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """--heldout-prompts: model dtype for answering and dumping (as speculate --dtype)"""
+    out: str | None = None
+    """directory for results.json (and with --heldout-prompts the answers and their cache, in heldout/)"""
     topk: int = 10
     """top-k predictions considered per head"""
     tree: str | None = None
@@ -71,6 +85,14 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         check(self.topk >= 1, "topk", f"must be >= 1, got {self.topk}")
+        check(bool(self.cache) != bool(self.heldout_prompts), "cache", "give --cache STORE or --heldout-prompts FILE "
+              "(with --model and --out), one of them")
+        check(not self.heldout_prompts or bool(self.model), "model", "--heldout-prompts needs --model (the base model "
+              "that answers them)")
+        check(not self.heldout_prompts or bool(self.out), "out", "--heldout-prompts needs --out DIR (its answers and "
+              "their cache go there)")
+        check(self.max_new_tokens >= 1, "max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
+        check(self.max_prompts is None or self.max_prompts >= 1, "max_prompts", f"must be >= 1, got {self.max_prompts}")
         check(not (self.tree and self.tree_budget), "tree", "give --tree or --tree-budget, not both")
         check(all(b >= 1 for b in self.tree_budget or []), "tree_budget",
               f"tree sizes must be >= 1, got {self.tree_budget}")
@@ -80,7 +102,10 @@ class EvalConfig:
 @torch.no_grad()
 def head_ranks(heads: MedusaHeads, cache: Cache, seqs: np.ndarray, topk: int = 10, device: str = "cpu",
                block_tokens: int = 65536, base_lm_head: torch.Tensor | None = None) -> dict[str, np.ndarray]:
-    """rank [P, K] (int16, -1 = miss), has_target [P, K] (token t+2+i is an assistant token), seq [P].
+    """rank [P, K] (int16, -1 = miss), has_target [P, K] (token t+2+i is an assistant token), seq [P], run [P].
+
+    ``run``: the decoding run of each row (0, 1, ...): one per assistant turn, its rows consecutive from the turn's
+    last prompt token (where decoding prefills) to its second-to-last token (``decoding_tokens_per_step``).
 
     With ``base_lm_head`` (the base model's full [V, H] lm_head), the true token for head i at t is the base
     model's greedy choice there instead of the data's: argmax of lm_head x hidden[t+1+i] (what acceptance
@@ -94,13 +119,17 @@ def head_ranks(heads: MedusaHeads, cache: Cache, seqs: np.ndarray, topk: int = 1
     seqs = np.sort(np.asarray(seqs, dtype=np.int64))
     blocks = make_blocks(seqs, cache.offsets, block_tokens)
     batches = make_batches(seqs, cache.offsets, 1, None)
-    out_rank, out_has, out_seq = [], [], []
+    out_rank, out_has, out_seq, out_start = [], [], [], []
     heads = heads.to(device).eval()
     for b in progress(BatchStream(StreamSource(cache, labels, K, blocks), batches), "eval", "seq", total=len(batches)):
         piece = batches[b.index][0]
         pos = targets_for(mask, cache.offsets, piece, 1, shift=1)[:, 0] == 1
         if not pos.any():
             continue
+        # a decoding run (one prefill) starts at every row whose own token is not an assistant token: the last
+        # prompt token of each assistant turn
+        start = (targets_for(mask, cache.offsets, piece, 1, shift=0)[:, 0] != 1)[pos]
+        start[0] = True
         if base_lm_head is None:
             tg = b.targets.numpy()[pos]
             has = targets_for(mask, cache.offsets, piece, K)[pos] == 1
@@ -123,9 +152,11 @@ def head_ranks(heads: MedusaHeads, cache: Cache, seqs: np.ndarray, topk: int = 1
         out_rank.append(rank)
         out_has.append(has)
         out_seq.append(np.full(len(rank), piece[0]))
+        out_start.append(start)
     if not out_rank:
         raise UserError(f"{cache.path}: no assistant positions to evaluate")
-    return {"rank": np.concatenate(out_rank), "has_target": np.concatenate(out_has), "seq": np.concatenate(out_seq)}
+    return {"rank": np.concatenate(out_rank), "has_target": np.concatenate(out_has), "seq": np.concatenate(out_seq),
+            "run": np.cumsum(np.concatenate(out_start)) - 1}
 
 
 def topk_accuracy(rank: np.ndarray, has_target: np.ndarray, ks=(1, 5, 10)) -> dict[int, list[float]]:
@@ -211,20 +242,60 @@ def tree_acceptance(rank: np.ndarray, tree: list[tuple[int, ...]]) -> float:
 
 
 def decoding_walk(rank: np.ndarray, tree: list[tuple[int, ...]], max_new: int) -> tuple[int, int]:
-    """(tokens, base forwards) that real decoding takes over one sequence's rows, from teacher-forced ranks.
+    """(tokens, base forwards) that real decoding takes over one decoding run's rows, from teacher-forced ranks.
 
     Row 0 is the last prompt token. The prefill yields one token; each verification step at row t yields
     1 + L(t) tokens and moves to row t + 1 + L(t). Position-averaged acceptance (``tree_acceptance``) weighs
     every row; decoding visits only the rows it lands on, so the two differ; this walk is what ``speculate``
     measures on the same text (tested).
     """
-    lengths = accepted_lengths(rank, tree)
+    return _walk(accepted_lengths(rank, tree), max_new)
+
+
+def _walk(lengths: np.ndarray, max_new: int) -> tuple[int, int]:
     tokens, steps, t = 1, 1, 0
-    while tokens < max_new and t < len(rank):
+    while tokens < max_new and t < len(lengths):
         tokens += 1 + int(lengths[t])
         steps += 1
         t += 1 + int(lengths[t])
     return min(tokens, max_new), steps
+
+
+def walks(rank: np.ndarray, run: np.ndarray, tree: list[tuple[int, ...]]) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens [R], base forwards [R]) of every decoding run in ``run`` (rows of a run consecutive): the walk of
+    ``decoding_walk`` over each, as long as the turn's answer (its rows), prefill counted as ``speculate`` counts it."""
+    lengths = accepted_lengths(rank, tree)
+    cut = np.flatnonzero(np.diff(run)) + 1
+    out = [_walk(lg, len(lg)) for lg in np.split(lengths, cut)] if len(run) else []
+    return np.array([t for t, _ in out], dtype=np.int64), np.array([s for _, s in out], dtype=np.int64)
+
+
+def ratio_ci(tokens: np.ndarray, steps: np.ndarray, group: np.ndarray, n: int = 1000, seed: int = 0) -> list[float]:
+    """95% interval of sum(tokens) / sum(steps), resampling whole groups (sequences) with replacement."""
+    ids, inv = np.unique(group, return_inverse=True)
+    if len(ids) < 2:
+        m = float(tokens.sum() / max(steps.sum(), 1))
+        return [round(m, 4), round(m, 4)]
+    t = np.bincount(inv, weights=tokens, minlength=len(ids))
+    s = np.bincount(inv, weights=steps, minlength=len(ids))
+    pick = np.random.default_rng(seed).integers(0, len(ids), size=(n, len(ids)))
+    return [round(float(x), 4) for x in np.quantile(t[pick].sum(1) / np.maximum(s[pick].sum(1), 1), [0.025, 0.975])]
+
+
+def tokens_per_step(rank: np.ndarray, run: np.ndarray, seq: np.ndarray, tree: list[tuple[int, ...]]
+                    ) -> tuple[float, list[float]]:
+    """(tokens per decoding step over all runs, its 95% interval over sequences): what greedy Medusa decoding with
+    ``tree`` realises on this text, counting every base-model forward including each turn's prefill."""
+    tokens, steps = walks(rank, run, tree)
+    if not len(tokens):
+        return float("nan"), [float("nan"), float("nan")]
+    first = np.r_[True, np.diff(run) != 0]
+    return round(float(tokens.sum() / steps.sum()), 4), ratio_ci(tokens, steps, seq[first])
+
+
+def chain(num_heads: int) -> list[tuple[int, ...]]:
+    """The chain (top-1 of every head) as a tree: [(0,), (0, 0), ...]."""
+    return [(0,) * d for d in range(1, num_heads + 1)]
 
 
 def fit_tree(rank: np.ndarray, budget: int, topk: int) -> list[tuple[int, ...]]:
@@ -252,11 +323,15 @@ def fit_tree(rank: np.ndarray, budget: int, topk: int) -> list[tuple[int, ...]]:
     return sorted(chosen, key=lambda p: (len(p), p))
 
 
-def split_halves(seq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(fit, report) position masks: even and odd sequence ids."""
-    fit = seq % 2 == 0
-    if fit.all() or not fit.any():  # one sequence: split positions instead
-        fit = np.arange(len(seq)) % 2 == 0
+def split_halves(seq: np.ndarray, run: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(fit, report) position masks: even and odd sequence ids (one sequence: its even and odd decoding runs, then
+    its even and odd positions)."""
+    for unit in (seq, run, np.arange(len(seq))):
+        if unit is None:
+            continue
+        fit = unit % 2 == 0
+        if fit.any() and not fit.all():
+            return fit, ~fit
     return fit, ~fit
 
 
@@ -275,39 +350,94 @@ def bootstrap_ci(values: np.ndarray, seq: np.ndarray, n: int = 1000, seed: int =
 
 
 def evaluate_ranks(r: dict[str, np.ndarray], num_heads: int, topk: int, budgets: list[int],
-                   tree: list | None = None) -> dict:
-    rank, has = r["rank"][:, :num_heads], r["has_target"][:, :num_heads]
-    fit, rep = split_halves(r["seq"])
+                   tree: list | None = None, categories: dict[int, str] | None = None,
+                   fit: dict[str, np.ndarray] | None = None) -> dict:
+    """Every figure of ``eval`` from the ranks: tokens per decoding step first (the chain, each tree fitted on half
+    the sequences and reported on the other half, or fitted on ``fit``'s ranks and reported on all of ``r``, and
+    ``tree``), then per-position acceptance and top-k per head; with ``categories`` (sequence -> category) the tokens
+    per step of each category."""
+    rank, has, seq = r["rank"][:, :num_heads], r["has_target"][:, :num_heads], r["seq"]
+    run = r.get("run", seq)
+    if fit is None:
+        fit_rows, rep = split_halves(seq, run)
+        fit_rank = rank[fit_rows]
+    else:
+        fit_rank, rep = fit["rank"][:, :num_heads], np.ones(len(rank), dtype=bool)
+    tps, tps_ci = tokens_per_step(rank, run, seq, chain(num_heads))
     res = {
         "num_heads": num_heads,
+        "chain_tokens_per_step": tps, "chain_tokens_per_step_ci": tps_ci,
         "positions": int(len(rank)),
+        "sequences": int(len(np.unique(seq))),
+        "decoding_runs": int(len(np.unique(run))),
         "top1": topk_accuracy(rank, has, (1,))[1],
         "top5": topk_accuracy(rank, has, (5,))[5],
         f"top{topk}": topk_accuracy(rank, has, (topk,))[topk],
         "chain_acceptance": round(chain_acceptance(rank), 4),
-        "chain_ci": bootstrap_ci(1 + accepted_lengths(rank, [(0,) * d for d in range(1, num_heads + 1)]), r["seq"]),
-        "sequences": int(len(np.unique(r["seq"]))),
+        "chain_ci": bootstrap_ci(1 + accepted_lengths(rank, chain(num_heads)), seq),
         "trees": {},
     }
     if tree is not None:
+        res["tree_tokens_per_step"], res["tree_tokens_per_step_ci"] = tokens_per_step(rank, run, seq, tree)
         res["tree_acceptance"] = round(tree_acceptance(rank, tree), 4)
     for n in budgets:
-        t = fit_tree(rank[fit], n, topk)
-        res["trees"][str(n)] = {"acceptance": round(tree_acceptance(rank[rep], t), 4),
-                                "ci": bootstrap_ci(1 + accepted_lengths(rank[rep], t), r["seq"][rep]),
-                                "fit_acceptance": round(tree_acceptance(rank[fit], t), 4),
+        t = fit_tree(fit_rank, n, topk)
+        tp, tp_ci = tokens_per_step(rank[rep], run[rep], seq[rep], t)
+        res["trees"][str(n)] = {"tokens_per_step": tp, "tokens_per_step_ci": tp_ci,
+                                "acceptance": round(tree_acceptance(rank[rep], t), 4),
+                                "ci": bootstrap_ci(1 + accepted_lengths(rank[rep], t), seq[rep]),
+                                "fit_acceptance": round(tree_acceptance(fit_rank, t), 4),
                                 "nodes": len(t), "tree": [list(p) for p in t]}
+    if categories:
+        res["categories"] = by_category(rank, run, seq, categories, tree or chain(num_heads))
     return res
 
 
+def by_category(rank: np.ndarray, run: np.ndarray, seq: np.ndarray, categories: dict[int, str],
+                tree: list[tuple[int, ...]]) -> dict[str, dict]:
+    """{category: {tokens_per_step, ci, prompts (sequences), turns (decoding runs)}} for ``tree``, in first-seen
+    order; sequences without a category count as "(none)"."""
+    cat = np.array([categories.get(int(s), "(none)") for s in seq])
+    out = {}
+    for c in dict.fromkeys(cat.tolist()):
+        m = cat == c
+        tp, ci = tokens_per_step(rank[m], run[m], seq[m], tree)
+        out[c] = {"tokens_per_step": tp, "tokens_per_step_ci": ci, "prompts": int(len(np.unique(seq[m]))),
+                  "turns": int(len(np.unique(run[m])))}
+    return out
+
+
 def render_table(rows: list[dict], budgets: list[int]) -> str:
-    hdr = ["variant", "heads", "top1 per head", "top5 per head", "chain"] + [f"tree{n}" for n in budgets]
+    """Tokens per decoding step first (chain, each tree), then per-position acceptance, then top-1/top-5 per head."""
+    hdr = (["variant", "heads", "chain tokens/step"] + [f"tree{n} tokens/step" for n in budgets]
+           + ["chain per-position acceptance"] + [f"tree{n} per-position acceptance" for n in budgets]
+           + ["top1 per head", "top5 per head"])
     lines = ["| " + " | ".join(hdr) + " |", "|" + "---|" * len(hdr)]
     for r in rows:
-        cells = [r.get("label", r.get("variant", "")), str(r["num_heads"]), " ".join(f"{x:.3f}" for x in r["top1"]),
-                 " ".join(f"{x:.3f}" for x in r["top5"]), _with_ci(r["chain_acceptance"], r.get("chain_ci"))]
-        cells += [_with_ci(r["trees"][str(n)]["acceptance"], r["trees"][str(n)].get("ci")) for n in budgets]
+        trees = [r["trees"][str(n)] for n in budgets]
+        cells = [r.get("label", r.get("variant", "")), str(r["num_heads"]),
+                 _with_ci(r["chain_tokens_per_step"], r.get("chain_tokens_per_step_ci"))]
+        cells += [_with_ci(t["tokens_per_step"], t.get("tokens_per_step_ci")) for t in trees]
+        cells += [_with_ci(r["chain_acceptance"], r.get("chain_ci"))]
+        cells += [_with_ci(t["acceptance"], t.get("ci")) for t in trees]
+        cells += [" ".join(f"{x:.3f}" for x in r["top1"]), " ".join(f"{x:.3f}" for x in r["top5"])]
         lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+COLUMNS = ("tokens/step: tokens per decoding step that greedy Medusa decoding realises on this text (the decoding walk: "
+           "each assistant turn prefilled once, then steps of 1 + accepted draft tokens, every base-model forward "
+           "counted as `speculate` counts it), 95% interval over sequences. per-position acceptance: 1 + accepted "
+           "draft tokens averaged over every assistant position (an upper bound: decoding skips the positions "
+           "inside each accepted run). top1/top5 per head: share of head i's targets (token t+2+i) in its top k. "
+           "Trees are fitted on half the sequences and reported on the other half.")
+
+
+def category_table(categories: dict[str, dict]) -> str:
+    lines = ["| category | prompts | turns | tokens/step |", "|---|---|---|---|"]
+    for c, v in categories.items():
+        lines.append(f"| {c} | {v['prompts']} | {v['turns']} | "
+                     f"{_with_ci(v['tokens_per_step'], v.get('tokens_per_step_ci'))} |")
     return "\n".join(lines)
 
 
@@ -322,18 +452,31 @@ def write_trees(res: dict, out: Path, prefix: str = "tree") -> None:
 
 
 def run_eval(cfg: EvalConfig) -> dict:
-    """Score the heads on every usable sequence of the cache: top-k per head, chain and tree acceptance, fitted
-    trees (written to ``trees_out``)."""
+    """Score the heads on every usable sequence of the cache (or of the answered --heldout-prompts): tokens per
+    decoding step, per-position acceptance, top-k per head, fitted trees (written to ``trees_out``)."""
     from .dist import check_device
     from .headsdir import load_heads
 
-    heads_dir, cache_path = cfg.heads, cfg.cache
+    heads_dir = cfg.heads
     heads, mapping, config = load_heads(heads_dir)
     check_device(cfg.device)
-    if cfg.trees_out:  # refused now, not after scoring: a file, an input, another command's output
-        from .rundir import own_dir
+    inputs = {"--heads": heads_dir, **({"--cache": cfg.cache} if cfg.cache else
+                                       {"--heldout-prompts": cfg.heldout_prompts, "--model": cfg.model})}
+    from .rundir import own_dir
 
-        own_dir(cfg.trees_out, "eval", {"--heads": heads_dir, "--cache": cache_path}, "--trees-out")
+    tree = load_tree(cfg.tree, heads.num_heads, cfg.topk) if cfg.tree else None
+    # refused now, not after scoring: a file, an input, another command's output
+    for d, flag_ in ((cfg.trees_out, "--trees-out"), (cfg.out, "--out")):
+        if d:
+            own_dir(d, "eval", inputs, flag_)
+    categories, cache_path = {}, cfg.cache
+    if cfg.heldout_prompts:
+        from .heldout import answer_cache
+
+        out = Path(cfg.out)
+        held = answer_cache(cfg.model, cfg.heldout_prompts, out / "heldout", heads_dir, cfg.max_new_tokens, cfg.dtype,
+                            cfg.device, cfg.max_prompts)
+        categories, cache_path = held.categories, held.cache
     cache = Cache(cache_path)
     cache.require_complete(partial_flag=None)  # eval scores whole caches only
     cache.require_compatible((config.get("cache_fingerprint") or {}).get("model"), heads.hidden_size, heads.num_heads,
@@ -341,14 +484,15 @@ def run_eval(cfg: EvalConfig) -> dict:
                              heads_flag=f"--heads {heads_dir}: num_heads", why="; their scores would mean nothing")
     if mapping.fingerprint() != cache.mapping().fingerprint():
         cache.remap(mapping)  # score against the heads' draft vocabulary: tokens outside it are misses
-    tree = load_tree(cfg.tree, heads.num_heads, cfg.topk) if cfg.tree else None
     base = None
     if cfg.base_model:
         from .backbone import read_lm_head
 
         base = read_lm_head(cfg.base_model, None, cache.meta.fingerprints.get("model"), flag="--base-model").float()
     r = head_ranks(heads, cache, cache.usable_seqs(), cfg.topk, cfg.device, base_lm_head=base)
-    res = evaluate_ranks(r, heads.num_heads, cfg.topk, cfg.tree_budget or [], tree)
+    res = evaluate_ranks(r, heads.num_heads, cfg.topk, cfg.tree_budget or [], tree, categories)
     if cfg.trees_out:
         write_trees(res, Path(cfg.trees_out))
+    if cfg.out:
+        (Path(cfg.out) / "results.json").write_text(json.dumps(res, indent=2))
     return res

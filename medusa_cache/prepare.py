@@ -90,6 +90,10 @@ def tokenise(cfg: DumpConfig, template: str | None, tokenizer, vocab_size: int) 
                 handle(templater.encode_many(pending) + [row])
                 pending = []
                 continue
+            if row.turns is not None:
+                raise UserError(f"{row.where}: a question (Spec-Bench / MT-Bench format) holds no answers to train on: "
+                                f"answer it first (medusa-cache generate --prompts {f} --out answers.jsonl), then dump "
+                                "the answers")
             pending.append(row)
             if len(pending) == 512:  # batched: the Rust tokenizer encodes a batch in parallel
                 handle(templater.encode_many(pending))

@@ -29,7 +29,8 @@ import torch
 from .backbone import stop_ids
 from .config import check
 from .errors import UserError
-from .progress import progress
+from .heldout import greedy, read_prompts, walk_turns
+from .progress import Progress
 
 
 @dataclass
@@ -41,7 +42,9 @@ class SpeculateConfig:
     heads: str | None = None
     """Heads directory written by `medusa-cache train` (or ablate's best/)."""
     prompts: str | None = None
-    """JSON/JSONL prompts: {"text": ...} rows are continued; chat rows get the chat template's generation prompt."""
+    """JSON/JSONL prompts: {"text": ...} rows are continued; chat rows get the chat template's generation prompt;
+    Spec-Bench / MT-Bench question files ({"question_id", "category", "turns"}) are answered turn by turn, with
+    figures per category."""
     tree: str | None = None
     """medusa_choices JSON (a list of top-k index paths), e.g. from `eval --trees-out`."""
     chain: bool = False
@@ -49,7 +52,7 @@ class SpeculateConfig:
     max_new_tokens: int = 256
     """Tokens generated per prompt (fewer when an end-of-sequence token comes first)."""
     max_prompts: int | None = None
-    """Use only the first N prompts."""
+    """Use only the first N prompts (questions: every turn of the first N)."""
     dtype: Literal["float32", "bfloat16"] = "float32"
     """Model dtype for both greedy and Medusa decoding."""
     device: str = "cpu"
@@ -165,64 +168,6 @@ class MedusaDecoder:
         return out[:max_new], steps
 
 
-def prompt_ids(tok, path: str, limit: int | None) -> list[torch.Tensor]:
-    from .data import RowError, read_rows
-
-    out = []
-    for row in read_rows(Path(path), 0, flag="--prompts"):
-        if isinstance(row, RowError):
-            raise UserError(f"--prompts: {row}")
-        if row.messages is None and row.text is None:
-            raise UserError(f"--prompts: {row.where}: a token row has no prompt to decode from; give {{\"text\"}} or "
-                            "chat rows")
-        if row.text is not None:
-            ids = tok(row.text, return_tensors="pt")["input_ids"][0]
-        else:
-            if not getattr(tok, "chat_template", None):
-                raise UserError("--prompts: chat rows need a tokenizer with a chat template")
-            msgs = list(row.messages)
-            while msgs and msgs[-1]["role"] == "assistant":
-                msgs.pop()
-            ids = torch.tensor(tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True,
-                                                       return_dict=True)["input_ids"])
-        out.append(ids)
-        if limit and len(out) >= limit:
-            break
-    if not out:
-        raise UserError(f"--prompts: {path} holds no prompts")
-    return out
-
-
-@torch.inference_mode()
-def greedy(model, prompt: torch.Tensor, max_new: int, stop: set[int]) -> list[int]:
-    gen = model.generate(prompt[None].to(model.device), attention_mask=torch.ones_like(prompt[None]).to(model.device),
-                         do_sample=False, max_new_tokens=max_new, eos_token_id=sorted(stop) or None,
-                         pad_token_id=sorted(stop)[0] if stop else 0)
-    return gen[0, len(prompt):].tolist()
-
-
-def cache_greedy_text(model, tok, prompts: str, max_new: int, path, mapping):
-    """A store of each prompt plus the model's own greedy continuation (its ids, never re-tokenised) and the
-    post-norm states of a plain forward; the continuation is the trained part. ``eval``'s ranks on it are what
-    ``speculate`` meets (``evaluate.decoding_walk``)."""
-    import numpy as np
-
-    from . import store
-
-    ids, mask, hidden, offsets = [], [], [], [0]
-    for p in prompt_ids(tok, prompts, None):
-        cont = greedy(model, p, max_new, stop_ids(tok, model))
-        seq = torch.cat([p, torch.tensor(cont, dtype=p.dtype)])
-        with torch.no_grad():
-            hidden.append(model.model(seq[None].to(model.device)).last_hidden_state[0].float().cpu())
-        ids.append(seq.numpy())
-        mask.append(np.r_[np.zeros(len(p)), np.ones(len(cont))].astype(bool))
-        offsets.append(offsets[-1] + len(seq))
-    ids, mask = np.concatenate(ids), np.concatenate(mask)
-    return store.from_arrays(path, torch.cat(hidden), offsets, mapping.labels(ids, mask), mapping, input_ids=ids,
-                             loss_mask=mask, layout=store.Layout(256, 1024))
-
-
 def first_difference(a: list[int], b: list[int]) -> int | None:
     for i, (x, y) in enumerate(zip(a, b, strict=False)):
         if x != y:
@@ -236,7 +181,7 @@ def run_speculate(cfg: SpeculateConfig) -> dict:
     from transformers import AutoModelForCausalLM
 
     model_cfg, tok, heads, mapping, paths = check_request(cfg)
-    prompts = prompt_ids(tok, cfg.prompts, cfg.max_prompts)
+    questions = read_prompts(cfg.prompts, cfg.max_prompts)
     dtype = torch.float32 if cfg.dtype == "float32" else torch.bfloat16
     try:
         model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=dtype).to(cfg.device).eval()
@@ -245,14 +190,24 @@ def run_speculate(cfg: SpeculateConfig) -> dict:
     heads = heads.to(cfg.device).eval()
     dec = MedusaDecoder(model, heads, torch.from_numpy(mapping.draft_to_target), Tree(paths))
     stop = stop_ids(tok, model)
-    greedy(model, prompts[0], 4, stop)  # warm-up
-    dec.generate(prompts[0].to(cfg.device), 4, stop)
     rows, mismatches = [], []
-    for i, p in enumerate(progress(prompts, "speculate", "prompt")):
-        row, mismatch = decode_both(model, dec, p.to(cfg.device), cfg.max_new_tokens, stop)
-        rows.append({"prompt": i, **row})
+    bar = Progress(len(questions), "speculate", "prompt")
+
+    def answer(t) -> list[int]:
+        p = t.ids.to(cfg.device)
+        if not rows:  # warm-up, before the first timed prompt
+            greedy(model, p, 4, stop)
+            dec.generate(p, 4, stop)
+        row, mismatch = decode_both(model, dec, p, cfg.max_new_tokens, stop)
+        rows.append({"prompt": t.question, "turn": t.turn, "category": t.category, **row})
         if mismatch:
-            mismatches.append({"prompt": i, **mismatch})
+            mismatches.append({"prompt": t.question, "turn": t.turn, **mismatch})
+        if t.turn == len(questions[t.question].turns or [None]) - 1:
+            bar.update(1)
+        return row.pop("answer")
+
+    walk_turns(tok, questions, answer)
+    bar.close()
     res = summarise(cfg, len(paths), rows, mismatches)
     if cfg.out:
         out = Path(cfg.out)
@@ -315,23 +270,32 @@ def decode_both(model, dec: MedusaDecoder, p: torch.Tensor, max_new: int, stop: 
             lg = model(torch.cat([p, seq])[None]).logits[0, -1].float()
             mismatch = {"position": d, "top2_gap": float(lg.topk(2).values[0] - lg.topk(2).values[1])}
     return {"tokens": len(got), "steps": steps, "tokens_per_step": len(got) / steps, "greedy_s": t1 - t0,
-            "medusa_s": t2 - t1, "identical": d is None}, mismatch
+            "medusa_s": t2 - t1, "identical": d is None, "answer": ref}, mismatch
 
 
 def summarise(cfg: SpeculateConfig, nodes: int, rows: list[dict], mismatches: list[dict]) -> dict:
+    res = {"model": cfg.model, "heads": cfg.heads, "tree": "chain" if cfg.chain else cfg.tree, "nodes": nodes,
+           "dtype": cfg.dtype, **totals(rows), "identical_to_greedy": not mismatches, "mismatches": mismatches}
+    if any(r["category"] is not None for r in rows):
+        res["categories"] = {c: totals([r for r in rows if (r["category"] or "(none)") == c])
+                             for c in dict.fromkeys(r["category"] or "(none)" for r in rows)}
+    return res | {"per_prompt": rows}
+
+
+def totals(rows: list[dict]) -> dict:
+    """Tokens per step, step cost and speedup over ``rows`` (turns), all measured in this run."""
     tokens, steps = sum(r["tokens"] for r in rows), sum(r["steps"] for r in rows)
     g_s, m_s = sum(r["greedy_s"] for r in rows), sum(r["medusa_s"] for r in rows)
-    return {"model": cfg.model, "heads": cfg.heads, "tree": "chain" if cfg.chain else cfg.tree, "nodes": nodes,
-            "dtype": cfg.dtype, "prompts": len(rows), "tokens": tokens, "steps": steps,
+    return {"prompts": len({r["prompt"] for r in rows}), "turns": len(rows), "tokens": tokens, "steps": steps,
             "tokens_per_step": round(tokens / steps, 4), "greedy_s": round(g_s, 3), "medusa_s": round(m_s, 3),
             "speedup": round(g_s / m_s, 3) if m_s else None,
             # one Medusa step (tree forward + heads) over one greedy step (one-token forward), both measured here;
             # speedup = tokens_per_step / step_cost_ratio
-            "step_cost_ratio": round((m_s / steps) / (g_s / tokens), 3) if g_s and steps else None,
-            "identical_to_greedy": not mismatches, "mismatches": mismatches, "per_prompt": rows}
+            "step_cost_ratio": round((m_s / steps) / (g_s / tokens), 3) if g_s and steps else None}
 
 
 def render(res: dict) -> str:
+    cats = res.get("categories")
     return "\n".join([
         "| tree | nodes | prompts | tokens | steps | tokens/step | step cost / greedy step | greedy s | medusa s "
         "| speedup | identical to greedy |",
@@ -340,5 +304,7 @@ def render(res: dict) -> str:
         f"{res['tokens_per_step']:.3f} | {res['step_cost_ratio']} | {res['greedy_s']:.2f} | {res['medusa_s']:.2f} | "
         f"{res['speedup']} | "
         f"{'yes' if res['identical_to_greedy'] else 'no: ' + str(len(res['mismatches'])) + ' prompts'} |",
-    ])
+    ] + (["", "| category | prompts | turns | tokens | steps | tokens/step | speedup |", "|---|---|---|---|---|---|---|"]
+         + [f"| {c} | {v['prompts']} | {v['turns']} | {v['tokens']} | {v['steps']} | {v['tokens_per_step']:.3f} | "
+            f"{v['speedup']} |" for c, v in cats.items()] if cats else []))
 

@@ -148,7 +148,7 @@ def run_ablate(cfg: TrainConfig, a: AblateConfig) -> dict:
         for k in sorted(set(heads)):
             res = {"variant": name, "label": label(name), "dir": str(d), "draft_vocab_size": mapping.draft_size,
                    "coverage": cover, **evaluate_ranks(r, k, topk, budgets, categories=heldout and heldout.categories,
-                                                       fit=fit)}
+                                                       fit=fit, questions=heldout and heldout.questions)}
             write_trees(res, out / "trees", f"{name}_heads{k}_tree")
             rows.append(res)
     return report(rows, cfg, a, out, command)

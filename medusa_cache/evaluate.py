@@ -351,11 +351,11 @@ def bootstrap_ci(values: np.ndarray, seq: np.ndarray, n: int = 1000, seed: int =
 
 def evaluate_ranks(r: dict[str, np.ndarray], num_heads: int, topk: int, budgets: list[int],
                    tree: list | None = None, categories: dict[int, str] | None = None,
-                   fit: dict[str, np.ndarray] | None = None) -> dict:
+                   fit: dict[str, np.ndarray] | None = None, questions: dict[int, int] | None = None) -> dict:
     """Every figure of ``eval`` from the ranks: tokens per decoding step first (the chain, each tree fitted on half
     the sequences and reported on the other half, or fitted on ``fit``'s ranks and reported on all of ``r``, and
     ``tree``), then per-position acceptance and top-k per head; with ``categories`` (sequence -> category) the tokens
-    per step of each category."""
+    per step of each category (``questions``: sequence -> question, when a question has a sequence per turn)."""
     rank, has, seq = r["rank"][:, :num_heads], r["has_target"][:, :num_heads], r["seq"]
     run = r.get("run", seq)
     if fit is None:
@@ -389,20 +389,21 @@ def evaluate_ranks(r: dict[str, np.ndarray], num_heads: int, topk: int, budgets:
                                 "fit_acceptance": round(tree_acceptance(fit_rank, t), 4),
                                 "nodes": len(t), "tree": [list(p) for p in t]}
     if categories:
-        res["categories"] = by_category(rank, run, seq, categories, tree or chain(num_heads))
+        res["categories"] = by_category(rank, run, seq, categories, tree or chain(num_heads), questions)
     return res
 
 
 def by_category(rank: np.ndarray, run: np.ndarray, seq: np.ndarray, categories: dict[int, str],
-                tree: list[tuple[int, ...]]) -> dict[str, dict]:
-    """{category: {tokens_per_step, ci, prompts (sequences), turns (decoding runs)}} for ``tree``, in first-seen
-    order; sequences without a category count as "(none)"."""
+                tree: list[tuple[int, ...]], questions: dict[int, int] | None = None) -> dict[str, dict]:
+    """{category: {tokens_per_step, ci, prompts (questions), turns (decoding runs)}} for ``tree``, in first-seen
+    order; sequences without a category count as "(none)"; the interval resamples questions."""
     cat = np.array([categories.get(int(s), "(none)") for s in seq])
+    group = np.array([questions.get(int(s), -1 - int(s)) for s in seq]) if questions else seq
     out = {}
     for c in dict.fromkeys(cat.tolist()):
         m = cat == c
-        tp, ci = tokens_per_step(rank[m], run[m], seq[m], tree)
-        out[c] = {"tokens_per_step": tp, "tokens_per_step_ci": ci, "prompts": int(len(np.unique(seq[m]))),
+        tp, ci = tokens_per_step(rank[m], run[m], group[m], tree)
+        out[c] = {"tokens_per_step": tp, "tokens_per_step_ci": ci, "prompts": int(len(np.unique(group[m]))),
                   "turns": int(len(np.unique(run[m])))}
     return out
 
@@ -469,14 +470,14 @@ def run_eval(cfg: EvalConfig) -> dict:
     for d, flag_ in ((cfg.trees_out, "--trees-out"), (cfg.out, "--out")):
         if d:
             own_dir(d, "eval", inputs, flag_)
-    categories, cache_path = {}, cfg.cache
+    categories, questions, cache_path = {}, None, cfg.cache
     if cfg.heldout_prompts:
         from .heldout import answer_cache
 
         out = Path(cfg.out)
         held = answer_cache(cfg.model, cfg.heldout_prompts, out / "heldout", heads_dir, cfg.max_new_tokens, cfg.dtype,
                             cfg.device, cfg.max_prompts)
-        categories, cache_path = held.categories, held.cache
+        categories, questions, cache_path = held.categories, held.questions, held.cache
     cache = Cache(cache_path)
     cache.require_complete(partial_flag=None)  # eval scores whole caches only
     cache.require_compatible((config.get("cache_fingerprint") or {}).get("model"), heads.hidden_size, heads.num_heads,
@@ -490,7 +491,8 @@ def run_eval(cfg: EvalConfig) -> dict:
 
         base = read_lm_head(cfg.base_model, None, cache.meta.fingerprints.get("model"), flag="--base-model").float()
     r = head_ranks(heads, cache, cache.usable_seqs(), cfg.topk, cfg.device, base_lm_head=base)
-    res = evaluate_ranks(r, heads.num_heads, cfg.topk, cfg.tree_budget or [], tree, categories)
+    res = evaluate_ranks(r, heads.num_heads, cfg.topk, cfg.tree_budget or [], tree, categories,
+                         questions=questions)
     if cfg.trees_out:
         write_trees(res, Path(cfg.trees_out))
     if cfg.out:

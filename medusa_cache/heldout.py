@@ -107,15 +107,18 @@ class HeldOut:
     cache: str
     categories: dict[int, str]
     """sequence index -> category (question files; empty for plain prompt files)"""
+    questions: dict[int, int]
+    """sequence index -> question (a question of several turns has a sequence per turn)"""
     prompts: int
     turns: int
 
 
-def answer_cache(model_dir: str, prompts: str, out: Path, vocab_source: str, max_new: int = 256,
+def answer_cache(model_dir: str, prompts: str, out: Path, vocab_source: str | None, max_new: int = 256,
                  dtype: str = "float32", device: str = "cpu", limit: int | None = None,
                  flag: str = "--heldout-prompts") -> HeldOut:
     """``out/answers.jsonl`` (every turn's prompt + the model's greedy answer, token rows) and ``out/cache.zarr`` (their
-    dump with ``vocab_source``'s draft vocabulary, in ``dtype``); reused when ``out/heldout.json`` records the same
+    dump with ``vocab_source``'s draft vocabulary, a store or heads directory; None: the full vocabulary, in ``dtype``);
+    reused when ``out/heldout.json`` records the same
     model, prompts, settings and vocabulary and the cache is complete."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -147,10 +150,11 @@ def answer_cache(model_dir: str, prompts: str, out: Path, vocab_source: str, max
                                     "question": t.question, "turn": t.turn, "category": t.category}) + "\n")
         longest = max(len(t.ids) + len(a) for t, a in turns)
         run_dump(DumpConfig(model=model_dir, data=[str(answers)], out=str(cache), format="tokens", dtype=dtype,
-                            vocab_mapping=str(vocab_source), max_length=longest, overwrite=cache.exists(),
+                            vocab_mapping=vocab_source and str(vocab_source), max_length=longest, overwrite=cache.exists(),
                             device=device))
         marker.write_text(json.dumps({"written_by": "medusa-cache held-out answers", "settings": settings}, indent=1))
     meta = [json.loads(x) for x in answers.read_text().splitlines()]
     source = Cache(str(cache)).array("seq_source")[:, 1]
     cats = {s: meta[int(r)]["category"] for s, r in enumerate(source) if meta[int(r)]["category"] is not None}
-    return HeldOut(str(cache), cats, len({m["question"] for m in meta}), len(meta))
+    questions = {s: int(meta[int(r)]["question"]) for s, r in enumerate(source)}
+    return HeldOut(str(cache), cats, questions, len({m["question"] for m in meta}), len(meta))

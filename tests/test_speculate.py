@@ -96,8 +96,9 @@ def test_heads_trained_on_greedy_text_are_accepted_and_lossless(tmp_path, model)
     train(TrainConfig(cache=str(tmp_path / "c"), out=str(tmp_path / "h"), num_heads=3, epochs=8, lr=3e-3,
                       batch_tokens=512, grad_accum=1, val_fraction=0, warmup_ratio=0))
     prompts = write_jsonl(tmp_path / "p.jsonl", rows[:4])
-    (tmp_path / "tree.json").write_text(json.dumps([p for p in TREE if len(p) <= 3]))
-    ranks = _teacher_forced_ranks_on_greedy_text(tmp_path, model, prompts, 40)
+    tree = [p for p in TREE if len(p) <= 3]
+    (tmp_path / "tree.json").write_text(json.dumps(tree))
+    ranks = _teacher_forced_ranks_on_greedy_text(tmp_path, prompts, 40)
     for chain in (True, False):
         r = run_speculate(SpeculateConfig(model=str(STORIES), heads=str(tmp_path / "h"), prompts=str(prompts),
                                           chain=chain, tree=None if chain else str(tmp_path / "tree.json"),
@@ -106,22 +107,20 @@ def test_heads_trained_on_greedy_text_are_accepted_and_lossless(tmp_path, model)
         assert r["tokens_per_step"] > 1.3, r["tokens_per_step"]  # heads trained on this text are accepted
         # cross-check with eval: on the model's own greedy text, walking the teacher-forced ranks the way decoding
         # moves gives exactly the steps speculate took, prompt by prompt
-        paths = [(0,) * d for d in range(1, 4)] if chain else [tuple(p) for p in TREE if len(p) <= 3]
+        paths = [(0,) * d for d in range(1, 4)] if chain else [tuple(p) for p in tree]
         walked = [decoding_walk(rk, paths, 40) for rk in ranks]
         assert walked == [(p["tokens"], p["steps"]) for p in r["per_prompt"]]
 
 
-def _teacher_forced_ranks_on_greedy_text(tmp_path, model, prompts, max_new: int) -> list[np.ndarray]:
+def _teacher_forced_ranks_on_greedy_text(tmp_path, prompts, max_new: int) -> list[np.ndarray]:
     """A cache of prompt + greedy continuation (the model's own ids, no re-tokenisation), ranked by eval."""
-    from transformers import AutoTokenizer
-
     from medusa_cache.evaluate import head_ranks
     from medusa_cache.headsdir import load_heads
-    from medusa_cache.speculate import cache_greedy_text
+    from medusa_cache.heldout import answer_cache
+    from medusa_cache.store import Cache
 
-    tok = AutoTokenizer.from_pretrained(STORIES)
-    heads, mapping, _ = load_heads(tmp_path / "h")
-    c = cache_greedy_text(model, tok, str(prompts), max_new, tmp_path / "greedy.zarr", mapping)
+    heads, _, _ = load_heads(tmp_path / "h")
+    c = Cache(answer_cache(str(STORIES), str(prompts), tmp_path / "greedy", str(tmp_path / "h"), max_new).cache)
     r = head_ranks(heads, c, np.arange(c.n_seqs), topk=10)
     return [r["rank"][r["seq"] == s] for s in range(c.n_seqs)]
 

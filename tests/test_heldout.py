@@ -92,3 +92,24 @@ def test_a_question_file_through_eval_and_speculate_gives_equal_tokens_per_step_
     assert ev["categories"]["writing"]["turns"] == 3
     assert json.loads((tmp_path / "ev" / "results.json").read_text())["tree_tokens_per_step"] == \
         ev["tree_tokens_per_step"]
+
+
+def test_every_assistant_turn_of_a_cached_conversation_is_its_own_decoding_run(dumped):
+    """A run starts at the last prompt token of each assistant turn and holds one row per answer token, so the walk
+    prefills each turn once and never steps across the user turn between two answers."""
+    from medusa_cache.evaluate import head_ranks
+    from medusa_cache.heads import MedusaHeads
+    from medusa_cache.store import Cache
+
+    c = Cache(str(dumped))
+    mask, off = c.array("loss_mask").astype(bool), c.offsets
+    seqs = c.usable_seqs()
+    r = head_ranks(MedusaHeads(c.hidden_size, c.meta.draft_vocab_size, 2, 1, seed=0), c, seqs)
+    turns = []  # answer lengths, turn by turn, straight from the mask
+    for s in seqs:
+        m = mask[off[s]:off[s + 1]].astype(np.int8)
+        starts = np.flatnonzero(np.diff(np.r_[0, m]) == 1)
+        ends = np.flatnonzero(np.diff(np.r_[m, 0]) == -1) + 1
+        turns += (ends - starts).tolist()
+    assert np.bincount(r["run"]).tolist() == turns
+    assert len(turns) > len(seqs)  # the data has conversations of several assistant turns

@@ -6,7 +6,8 @@ the ids are exactly the model's (text does not always re-tokenise to them), with
 own tokens. ``dump`` reads such rows verbatim (format ``tokens``) and trains only the model's tokens.
 Chat files (any format ``dump`` reads) get every assistant turn
 regenerated from the conversation up to it (chat template required) and are written as OpenAI
-``messages`` rows. Batched with left padding; greedy at ``--temperature 0``.
+``messages`` rows; Spec-Bench / MT-Bench question files (``{"question_id", "category", "turns"}``) get every user turn
+answered after the model's own previous answers, written as ``messages`` rows with their id and category. Batched with left padding; greedy at ``--temperature 0``.
 
 Resumable: rows are appended one batch at a time and flushed; a rerun counts the complete lines already
 in ``--out`` (dropping a torn last line) and continues after them, so no row is written twice.
@@ -109,6 +110,9 @@ def generate(cfg: GenerateConfig) -> int:
     if not rows:
         raise UserError(f"--prompts: {cfg.prompts} holds no rows")
     for r in rows:
+        if r.turns is not None:  # a Spec-Bench / MT-Bench question: each user turn answered after the previous answer
+            r.messages = [m for t in r.turns for m in ({"role": "user", "content": t},
+                                                       {"role": "assistant", "content": None})]
         if r.text is None and r.token_ids is None and not _answerable(r.messages):
             raise UserError(f"--prompts: {r.where}: nothing to generate: the conversation has no assistant turn and "
                             "does not end with a user or tool turn to answer")
@@ -195,6 +199,8 @@ def _generate_window(model, tok, rows: list, cfg: GenerateConfig, bar: Progress)
     if chats:
         for i, msgs in zip(chats, _regenerate_chats(model, tok, [rows[i] for i in chats], cfg), strict=True):
             results[i] = {"messages": msgs}
+            if rows[i].turns is not None:  # kept, so answers can be reported per category
+                results[i] |= {"question_id": rows[i].question_id, "category": rows[i].category}
         bar.update(len(chats))
     return results  # type: ignore[return-value]
 @torch.inference_mode()
@@ -288,5 +294,6 @@ def _regenerate_chats(model, tok, rows: list, cfg: GenerateConfig) -> list[list[
             batch = [(i, prompt[i]) for i in idx]
             answers = _continue(model, tok, [p for _, p in batch], cfg, add_special_tokens=False)
             for (i, _), answer in zip(batch, answers, strict=True):
-                done[i].append({"role": "assistant", "content": answer})
+                # a question's answers are kept stripped, as Spec-Bench's harness keeps them (heldout.walk_turns)
+                done[i].append({"role": "assistant", "content": answer.strip() if rows[i].turns else answer})
                 pos[i] += 1

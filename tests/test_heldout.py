@@ -113,3 +113,29 @@ def test_every_assistant_turn_of_a_cached_conversation_is_its_own_decoding_run(d
         turns += (ends - starts).tolist()
     assert np.bincount(r["run"]).tolist() == turns
     assert len(turns) > len(seqs)  # the data has conversations of several assistant turns
+
+
+def test_generate_answers_every_turn_of_a_question_after_its_own_previous_answer(tmp_path, tiny_chatml):
+    """generate reads question files: one messages row per question, user turns as given, each assistant turn the
+    model's answer to the conversation up to it (the same answers eval --heldout-prompts caches), id and category
+    kept."""
+    from transformers import AutoTokenizer
+
+    from medusa_cache.generate import GenerateConfig, generate
+    from medusa_cache.heldout import answer_cache
+
+    q = write_jsonl(tmp_path / "q.jsonl", QUESTIONS)
+    generate(GenerateConfig(model=str(tiny_chatml), prompts=str(q), out=str(tmp_path / "g.jsonl"), max_new_tokens=12))
+    rows = [json.loads(x) for x in (tmp_path / "g.jsonl").read_text().splitlines()]
+    assert [(r["question_id"], r["category"]) for r in rows] == [(81, "writing"), (82, "writing"), (111, "math")]
+    assert [[m["role"] for m in r["messages"]] for r in rows] == [["user", "assistant"] * 2, ["user", "assistant"],
+                                                                  ["user", "assistant"]]
+    assert [m["content"] for m in rows[0]["messages"][::2]] == QUESTIONS[0]["turns"]
+    tok = AutoTokenizer.from_pretrained(tiny_chatml)
+    held = answer_cache(str(tiny_chatml), str(q), tmp_path / "a", None, 12)
+    answers = [json.loads(x) for x in (tmp_path / "a" / "answers.jsonl").read_text().splitlines()]
+    assert len(answers) == held.turns == 4
+    for a, m in zip(answers, [rows[0]["messages"][1], rows[0]["messages"][3], rows[1]["messages"][1],
+                              rows[2]["messages"][1]], strict=True):
+        ids = [t for t, k in zip(a["input_ids"], a["trained"], strict=True) if k]
+        assert tok.decode(ids, skip_special_tokens=True).strip() == m["content"].strip()

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .ablate_plots import label, measured_table, parse_variant, plot, plot_vocab, variant_name, vocab_table
+from .ablate_plots import curve_table, label, measured_table, plot, plot_curve, plot_vocab, vocab_table
 from .backbone import model_parameters, timed_verify_cost
 from .config import check, flag
 from .errors import UserError
@@ -53,6 +53,12 @@ class AblateConfig:
     draft_vocab: list[int] | None = None
     """draft vocabulary sizes to sweep, e.g. 8000,16000,32000: each re-mapped from this one cache (train
     --draft-vocab-size), every size x head count in one report (default: the cache's)"""
+    data_fraction: list[float] | None = None
+    """fractions of the training sequences, e.g. 0.125,0.25,0.5,1: nested seeded subsets (train --data-fraction),
+    each trained with the same recipe and epochs; the learning curve in data.png and the report"""
+    recipe: list[str] | None = None
+    """training recipes to compare, names in configs/recipes/ (reference, medusa1, distill) or JSON files of train
+    options; one run each"""
     topk: int = 10
     """top-k predictions per head considered for trees"""
     verify_cost: float | None = None
@@ -86,6 +92,11 @@ class AblateConfig:
         check(self.draft_vocab is None or (bool(self.draft_vocab) and len(set(self.draft_vocab)) == len(
             self.draft_vocab) and min(self.draft_vocab) >= 1), "draft_vocab", f"give distinct sizes >= 1, got "
               f"{self.draft_vocab}")
+        f = self.data_fraction
+        check(f is None or (bool(f) and len(set(f)) == len(f) and all(0 < x <= 1 for x in f)), "data_fraction",
+              f"give distinct fractions in (0, 1], got {f}")
+        check(self.recipe is None or (bool(self.recipe) and len(set(self.recipe)) == len(self.recipe)), "recipe",
+              f"give distinct recipe names, got {self.recipe}")
 
 
 def run_ablate(cfg: TrainConfig, a: AblateConfig) -> dict:
@@ -95,32 +106,27 @@ def run_ablate(cfg: TrainConfig, a: AblateConfig) -> dict:
     training run per size (its variants side by side, head counts exact prefixes as without it), all in one report.
     ``a.layers``/``a.lr`` default to the train config's one value.
     """
+    lr_given = a.lr is not None
     layers, lrs = a.layers or [cfg.num_layers], a.lr or [cfg.lr]
-    heads, topk, budgets, vocabs = a.heads, a.topk, a.tree_budget, a.draft_vocab
+    heads, topk, budgets = a.heads, a.topk, a.tree_budget
     a = replace(a, layers=layers, lr=lrs)
     check_request(cfg, a)
     command = ablate_command(cfg, a)
-    kmax = max(heads)
-    cfg = replace(cfg, num_heads=kmax, clip_per_head=True)
+    cfg = replace(cfg, num_heads=max(heads), clip_per_head=True)
     out = Path(cfg.out)
-    runs = []  # (vocab, train config, variant specs)
-    if vocabs:
+    runs = plan_runs(cfg, a, lr_given)
+    separate = len(runs) > 1 or bool(a.draft_vocab or a.data_fraction or a.recipe)
+    if separate:
         from .rundir import claim
 
         claim(out, kind="ablate", overwrite=cfg.overwrite, inputs={"--cache": cfg.cache, "--val-cache": cfg.val_cache})
-        for n in vocabs:
-            runs.append((n, replace(cfg, draft_vocab_size=n, out=str(out / "runs" / f"V{n}"), overwrite=False),
-                         [(variant_name(la, lr, n), la, lr) for la in layers for lr in lrs]))
-    else:
-        runs.append((None, cfg, [(variant_name(la, lr), la, lr) for la in layers for lr in lrs]))
-    results = [train(c, specs, kind="train" if vocabs else "ablate") for _, c, specs in runs]
+    results = [train(r.cfg, r.specs, kind="train" if separate else "ablate") for r in runs]
     from . import dist
 
     if dist.active() and torch.distributed.get_rank() != 0:
         return {}  # under torchrun the ranks train together; rank 0 evaluates and reports
     rows = []
-    jobs = [(Path(c.out) / "variants" / name, name, res) for (_, c, specs), res in zip(runs, results, strict=True)
-            for name, _, _ in specs]
+    jobs = [(run, spec, res) for run, res in zip(runs, results, strict=True) for spec in run.specs]
     counts = Cache(cfg.cache).stored("token_counts")
     heldout = None
     if a.heldout_prompts:
@@ -129,7 +135,9 @@ def run_ablate(cfg: TrainConfig, a: AblateConfig) -> dict:
         heldout = answer_cache(heldout_model(cfg, a), a.heldout_prompts, out / "heldout", cfg.cache, a.heldout_tokens,
                                device=cfg.device)
     held: dict[str, tuple[Cache, Cache | None]] = {}  # scored and tree-fitting caches, opened once per vocabulary
-    for d, name, result in progress(jobs, "ablate: evaluate", "variant"):
+    train_cache = Cache(cfg.cache)
+    for run, (name, la, lr), result in progress(jobs, "ablate: evaluate", "variant"):
+        d = Path(run.cfg.out) / "variants" / name
         hv, mapping, _ = load_heads(d)
         key = mapping.fingerprint()
         if key not in held:
@@ -146,12 +154,55 @@ def run_ablate(cfg: TrainConfig, a: AblateConfig) -> dict:
         cover = {"cache": round(coverage(counts, [n])[n], 4),
                  "heldout": round(heldout_coverage(cache, mapping, val), 4)}
         for k in sorted(set(heads)):
-            res = {"variant": name, "label": label(name), "dir": str(d), "draft_vocab_size": mapping.draft_size,
-                   "coverage": cover, **evaluate_ranks(r, k, topk, budgets, categories=heldout and heldout.categories,
+            res = {"variant": name, "run": run.name, "layers": la, "lr": lr, "recipe": run.recipe,
+                   "data_fraction": run.cfg.data_fraction, "train_tokens": trained_tokens(train_cache, run.cfg),
+                   "dir": str(d), "draft_vocab_size": mapping.draft_size, "coverage": cover, **evaluate_ranks(r, k, topk, budgets, categories=heldout and heldout.categories,
                                                        fit=fit, questions=heldout and heldout.questions)}
+            res["label"] = label(res)
             write_trees(res, out / "trees", f"{name}_heads{k}_tree")
             rows.append(res)
-    return report(rows, cfg, a, out, command)
+    return report(rows, cfg, a, out, command, {r.name: r.cfg for r in runs})
+
+
+@dataclass
+class AblationRun:
+    """One training run of an ablation: its config (recipe, data fraction, draft vocabulary applied) and the
+    variants (name, layers, lr) it trains side by side."""
+
+    name: str
+    cfg: TrainConfig
+    specs: list[tuple[str, int, float]]
+    recipe: str | None = None
+
+
+def plan_runs(cfg: TrainConfig, a: AblateConfig, lr_given: bool) -> list[AblationRun]:
+    """One run per recipe x data fraction x draft vocabulary (a single run without them), each in ``OUT/runs/NAME``
+    when there are several; a recipe's own lr is used unless --lr was given."""
+    from .recipes import apply_recipe, load_recipe
+
+    out, runs = Path(cfg.out), []
+    model = a.model or Cache(cfg.cache).meta.dump_args.get("model")
+    for recipe in a.recipe or [None]:
+        rc = apply_recipe(cfg, load_recipe(recipe), model) if recipe else cfg
+        lrs = a.lr if (lr_given or not recipe) else [rc.lr]
+        for f in a.data_fraction or [None]:
+            for n in a.draft_vocab or [None]:
+                name = "_".join(p for p in (recipe and f"R{Path(recipe).stem}", f and f"F{f:g}", n and f"V{n}") if p)
+                c = replace(rc, draft_vocab_size=n or rc.draft_vocab_size, data_fraction=f or 1.0)
+                if name:
+                    c = replace(c, out=str(out / "runs" / name), overwrite=False)
+                specs = [(f"{name + '_' if name else ''}L{la}_lr{lr:g}", la, lr) for la in a.layers for lr in lrs]
+                runs.append(AblationRun(name or "main", c, specs, recipe and Path(recipe).stem))
+    return runs
+
+
+def trained_tokens(cache: Cache, cfg: TrainConfig) -> int:
+    """Assistant tokens in the run's training sequences (its data fraction of what the held-out split leaves)."""
+    from .traindata import split
+
+    seqs, _ = split(cache, cfg)
+    mask, off = cache.array("loss_mask"), cache.offsets
+    return int(sum(int(mask[off[s]:off[s + 1]].sum()) for s in seqs))
 
 
 def _mapped(path: str, mapping) -> Cache:
@@ -177,7 +228,8 @@ def ablate_command(cfg: TrainConfig, a: AblateConfig) -> str:
     base = command_line("ablate", dataclasses.asdict(cfg), train_defaults,
                         skip=("resume", "overwrite", "num_heads", "num_layers", "lr", "clip_per_head"))
     own = dataclasses.asdict(a)
-    for name in ("draft_vocab", "verify_cost", "speculate_prompts", "heldout_prompts", "model"):
+    for name in ("draft_vocab", "verify_cost", "speculate_prompts", "heldout_prompts", "model", "data_fraction",
+                 "recipe"):
         if own[name] is None:
             del own[name]
     if "speculate_prompts" not in own:
@@ -202,6 +254,14 @@ def check_request(cfg: TrainConfig, a: AblateConfig) -> None:
             raise UserError("--draft-vocab: pass the sizes to sweep there, not --draft-vocab-size as well")
     if a.speculate_prompts and not Path(a.speculate_prompts).is_file():
         raise UserError(f"--speculate-prompts: file not found: {a.speculate_prompts}")
+    if a.data_fraction is not None:
+        if cfg.data_fraction != 1.0:
+            raise UserError("--data-fraction: pass the fractions to sweep as a list there, not a single value as well")
+        check_fractions(c, cfg, a.data_fraction)
+    for name in a.recipe or []:  # every file read and checked now, not after the first recipe's training
+        from .recipes import apply_recipe, load_recipe
+
+        apply_recipe(cfg, load_recipe(name), a.model or c.meta.dump_args.get("model"))
     if a.heldout_prompts:
         from .heldout import read_prompts
 
@@ -233,7 +293,22 @@ def check_request(cfg: TrainConfig, a: AblateConfig) -> None:
                         "to a one-token step) or --speculate-prompts FILE to measure it by real decoding")
 
 
-def report(rows: list[dict], cfg: TrainConfig, a: AblateConfig, out: Path, command: str | None = None) -> dict:
+def check_fractions(c: Cache, cfg: TrainConfig, fractions: list[float]) -> None:
+    """Each data fraction must hold at least one batch (--batch-tokens tokens, else --batch-size sequences)."""
+    from .traindata import split
+
+    for f in sorted(fractions):
+        seqs, _ = split(c, replace(cfg, data_fraction=f))
+        tokens = int(sum(int(c.offsets[s + 1] - c.offsets[s]) for s in seqs))
+        if (cfg.batch_tokens and tokens < cfg.batch_tokens) or (not cfg.batch_tokens and len(seqs) < cfg.batch_size):
+            need = f"{cfg.batch_tokens} tokens (--batch-tokens)" if cfg.batch_tokens else \
+                f"{cfg.batch_size} sequences (--batch-size)"
+            raise UserError(f"--data-fraction: {f:g} of the training sequences is {len(seqs)} sequences, {tokens} "
+                            f"tokens: less than one batch of {need}; give larger fractions")
+
+
+def report(rows: list[dict], cfg: TrainConfig, a: AblateConfig, out: Path, command: str | None = None,
+           run_cfgs: dict[str, TrainConfig] | None = None) -> dict:
     """Measured decoding (optional), the cost-aware choice, best/ and its card, report.md, results.json, plot."""
     train_cache = Cache(cfg.cache)
     model, H = train_cache.meta.dump_args.get("model"), train_cache.hidden_size
@@ -241,19 +316,18 @@ def report(rows: list[dict], cfg: TrainConfig, a: AblateConfig, out: Path, comma
     verify_cost, cost_source = verification_cost(rows, cfg, a, model, out)
     params = model_parameters(model)
     for r in rows:
-        _, layers_r, _ = parse_variant(r["variant"])
-        r["head_cost"] = round(r["num_heads"] * (layers_r * (H * H + H) + H * r["draft_vocab_size"]) / params, 5) \
+        r["head_cost"] = round(r["num_heads"] * (r["layers"] * (H * H + H) + H * r["draft_vocab_size"]) / params, 5) \
             if params else 0.0
         r["options"] = options(r, verify_cost)
     best_row, best_opt = max(((r, o) for r in rows for o in r["options"]), key=lambda x: x[1]["expected_speedup"])
-    write_best(best_row, best_opt, cfg, out, command)
+    write_best(best_row, best_opt, (run_cfgs or {}).get(best_row["run"], cfg), out, command)
     table = render_table(rows, budgets)
     rule = (f"best = highest expected speedup = tokens per step / (1 + {verify_cost:.4g} x tree nodes + heads' weights "
             f"/ model's weights), the verification cost per node from {cost_source}; the heads' cost (ResBlocks and an "
             f"H x draft-vocabulary output layer each, read every step) "
             + (f"relative to the model's {params:,} parameters" if params else
                "not counted (the model is not at hand)"))
-    summary = {"best": {"variant": best_row["variant"], "label": label(best_row["variant"]),
+    summary = {"best": {"variant": best_row["variant"], "label": best_row["label"],
                         "num_heads": best_row["num_heads"], "tree": best_opt["name"], "nodes": best_opt["nodes"],
                         "tokens_per_step": best_opt["tokens_per_step"],
                         "tokens_per_step_ci": best_opt["tokens_per_step_ci"],
@@ -277,8 +351,12 @@ def report(rows: list[dict], cfg: TrainConfig, a: AblateConfig, out: Path, comma
         + (f"Per category (best variant, {best_row['num_heads']} heads, chain):\n\n"
            f"{category_table(best_row['categories'])}\n\n" if best_row.get("categories") else "")
         + (vocab_table(rows, H) + "\n\n" if len({r["draft_vocab_size"] for r in rows}) > 1 else "")
+        + (curve_table(rows, budgets) + "\n\nSlope per doubling: the least-squares slope of tokens per step against "
+           "log2(training tokens), 95% interval from the t distribution over the fractions; `data.png` plots the "
+           "curve.\n\n" if a.data_fraction else "")
+        + (recipe_table(a, run_cfgs or {}) + "\n\n" if a.recipe else "")
         + (measured_table(rows) + "\n\n" if speculate_prompts else "")
-        + f"**Best: {label(best_row['variant'])}, {best_row['num_heads']} heads, {best_opt['name']}** "
+        + f"**Best: {best_row['label']}, {best_row['num_heads']} heads, {best_opt['name']}** "
         f"({best_opt['tokens_per_step']:.3f} tokens per step, per-position acceptance "
         f"{best_opt['per_position_acceptance']:.3f}, expected speedup {best_opt['expected_speedup']:.3f}). "
         f"Rule: {rule}.\n\n" + (f"> **Warning:** {warning}\n\n" if warning else "")
@@ -288,6 +366,8 @@ def report(rows: list[dict], cfg: TrainConfig, a: AblateConfig, out: Path, comma
     plot_note = plot(rows, budgets, out / "acceptance.png", caption)
     if len({r["draft_vocab_size"] for r in rows}) > 1:
         plot_note = plot_vocab(rows, budgets, out / "vocab.png") or plot_note
+    if a.data_fraction:
+        plot_note = plot_curve(rows, budgets, out / "data.png") or plot_note
     from .card import write_card
 
     (out / "best" / "eval.json").write_text(json.dumps(summary["best"], indent=2))
@@ -296,9 +376,10 @@ def report(rows: list[dict], cfg: TrainConfig, a: AblateConfig, out: Path, comma
     print(table)
     if warning:
         print(f"warning: {warning}")
-    print(f"\nbest: {label(best_row['variant'])}, {best_row['num_heads']} heads, {best_opt['name']} ({rule})")
+    print(f"\nbest: {best_row['label']}, {best_row['num_heads']} heads, {best_opt['name']} ({rule})")
     outputs = [out / n for n in ("report.md", "results.json", "acceptance.png", "best", "best-vllm", "trees")]
     outputs += [out / "vocab.png"] if len({r["draft_vocab_size"] for r in rows}) > 1 else []
+    outputs += [out / "data.png"] if a.data_fraction else []
     outputs += [out / "heldout"] if a.heldout_prompts else []
     print("outputs: " + ", ".join(map(str, outputs)))
     if plot_note:
@@ -306,13 +387,31 @@ def report(rows: list[dict], cfg: TrainConfig, a: AblateConfig, out: Path, comma
     return summary
 
 
+RECIPE_KEYS = ("lr", "schedule", "warmup_ratio", "max_grad_norm", "head_loss_weights", "init_from_lm_head", "distill",
+               "distill_weight", "epochs", "weight_decay")
+
+
+def recipe_table(a: AblateConfig, run_cfgs: dict[str, TrainConfig]) -> str:
+    """Every recipe's training options as they ran (the file's options over the flags), one row per recipe."""
+    from .recipes import recipe_path
+
+    lines = ["Recipes (each one run; options as trained):", "", "| recipe | file | " + " | ".join(RECIPE_KEYS) + " |",
+             "|---|---|" + "---|" * len(RECIPE_KEYS)]
+    for name in a.recipe or []:
+        stem = Path(name).stem
+        c = next(c for n, c in run_cfgs.items() if n.split("_")[0] == f"R{stem}")
+        lines.append(f"| {stem} | `{recipe_path(name)}` | "
+                     + " | ".join(str(getattr(c, k)) if getattr(c, k) is not None else "-" for k in RECIPE_KEYS) + " |")
+    return "\n".join(lines)
+
+
 def write_best(best_row: dict, best_opt: dict, cfg: TrainConfig, out: Path, command: str | None) -> None:
     """``best/``: the first heads of the chosen variant, their provenance and tree; ``best-vllm/``: its export."""
     hv, mapping, _ = load_heads(best_row["dir"])
     hv.heads = hv.heads[: best_row["num_heads"]]
     (out / "best").mkdir(exist_ok=True)
-    vocab, layers, lr = parse_variant(best_row["variant"])
-    chosen = replace(cfg, num_heads=best_row["num_heads"], num_layers=layers, lr=lr, draft_vocab_size=vocab)
+    chosen = replace(cfg, num_heads=best_row["num_heads"], num_layers=best_row["layers"], lr=best_row["lr"],
+                     draft_vocab_size=best_row["draft_vocab_size"])
     save_heads(hv, cache_for(cfg, mapping), chosen, out / "best",
                command=(command + f"  # best/: the first {best_row['num_heads']} heads of variant "
                         f"{best_row['variant']}") if command else None)
@@ -382,9 +481,9 @@ def separation_warning(rows: list[dict], best_row: dict, best_opt: dict, prompts
     lo2, hi2 = o2["tokens_per_step_ci"]
     if lo2 <= hi and lo <= hi2:  # the two intervals share a point
         return (f"the held-out set ({best_row['sequences']} sequences, {best_row['positions']} positions) is too small "
-                f"to separate the best ({label(best_row['variant'])}, {best_row['num_heads']} heads, "
+                f"to separate the best ({best_row['label']}, {best_row['num_heads']} heads, "
                 f"{best_opt['name']}: {best_opt['tokens_per_step']:.3f} tokens per step [{lo:.2f}, {hi:.2f}]) from the "
-                f"runner-up ({label(r2['variant'])}, {r2['num_heads']} heads, {o2['name']}: "
+                f"runner-up ({r2['label']}, {r2['num_heads']} heads, {o2['name']}: "
                 f"{o2['tokens_per_step']:.3f} [{lo2:.2f}, {hi2:.2f}]): their 95% intervals overlap")
     return None
 

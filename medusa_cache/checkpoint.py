@@ -49,12 +49,16 @@ def claim_or_resume(cfg: TrainConfig, settings: dict, group: int, lock: list, ki
 
 def upgrade_settings(stored: dict | None, settings: dict, out: Path) -> tuple[dict, dict]:
     """(the checkpoint's resume settings, this run's) as today's contract compares them; older checkpoints' in one
-    place: before ``--mix`` existed batches were pieces; before the contract, the config the run was started with."""
-    if stored is not None and "mix" not in stored:
-        return {**stored, "mix": "pieces", "mix_tokens": settings["mix_tokens"]}, settings
+    place: before ``--mix`` existed batches were pieces; before the contract, the config the run was started with; before
+    ``--data-fraction``, all the sequences."""
     if stored is None:
         old = rundir.stored_train_config(out) or {}
-        return {k: old.get(k) for k in rundir.RESUME_FIXED}, {k: settings[k] for k in rundir.RESUME_FIXED}
+        stored = {k: old.get(k) for k in rundir.RESUME_FIXED}
+        settings = {k: settings[k] for k in rundir.RESUME_FIXED}
+    elif "mix" not in stored:
+        stored = {**stored, "mix": "pieces", "mix_tokens": settings["mix_tokens"]}
+    if stored.get("data_fraction") is None:  # before --data-fraction every run trained on all its sequences
+        stored = {**stored, "data_fraction": 1.0}
     return stored, settings
 
 

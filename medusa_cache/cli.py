@@ -202,7 +202,7 @@ COMMANDS = (
     Command("ablate", "train and evaluate several head counts / layers / lrs in one pass",
             "medusa-cache ablate --cache c.zarr --out abl --heads 1,2,3,4,5 --layers 1,2 --tree-budget 16,32,64 "
             "--epochs 2", "trainconfig:TrainConfig", _ablate, config_file=True, also="ablate:AblateConfig",
-            skip=("num_heads", "num_layers", "lr", "clip_per_head"), build=_ablate_configs),
+            skip=("num_heads", "num_layers", "lr", "clip_per_head", "data_fraction"), build=_ablate_configs),
     Command("speculate", "real Medusa decoding with trained heads, checked against greedy decoding",
             "medusa-cache speculate --model M --heads heads --prompts p.jsonl --tree trees/tree_32.json "
             "--max-new-tokens 128 --out spec", "speculate:SpeculateConfig", _speculate),

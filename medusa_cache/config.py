@@ -151,18 +151,24 @@ def load_config_file(path: str | Path, cls: type) -> dict[str, Any]:
         raise UserError(f"--config: file not found: {path}") from None
     except json.JSONDecodeError as e:
         raise UserError(f"--config: {path}:{e.lineno}:{e.colno}: invalid JSON: {e.msg}") from None
+    return check_config_dict(raw, cls, f"--config: {path}")
+
+
+def check_config_dict(raw: Any, cls: type, where: str) -> dict[str, Any]:
+    """A JSON object of ``cls``'s fields (its ``"command"`` key dropped), every key known and of its field's type;
+    errors start with ``where`` (the flag and the file)."""
     if not isinstance(raw, dict):
-        raise UserError(f"--config: {path}: expected a JSON object at the top level")
+        raise UserError(f"{where}: expected a JSON object at the top level")
     raw.pop("command", None)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - names)
     if unknown:
-        raise UserError(f"--config: {path}: unknown key(s) {', '.join(unknown)} for {cls.__name__}")
+        raise UserError(f"{where}: unknown key(s) {', '.join(unknown)} for {cls.__name__}")
     hints = typing.get_type_hints(cls)
     for key, value in raw.items():
         problem = type_problem(hints[key], value)
         if problem:
-            raise UserError(f"--config: {path}: key {key!r} must be {problem}, got {json.dumps(value)} "
+            raise UserError(f"{where}: key {key!r} must be {problem}, got {json.dumps(value)} "
                             f"({type(value).__name__})")
     return raw
 

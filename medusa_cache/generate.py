@@ -144,7 +144,8 @@ def generate(cfg: GenerateConfig) -> int:
     return len(rows)
 
 
-WINDOW_BATCHES = 4  # rows are grouped by prompt length within windows of this many batches (less padding)
+WINDOW_BATCHES = 1  # rows reach disk after every batch (a Ctrl-C loses at most one batch); within a window rows are
+# grouped by prompt length, so a larger window pads less but writes less often
 
 
 def _marker(out: Path) -> Path:

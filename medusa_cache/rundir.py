@@ -130,7 +130,7 @@ def atomic_save(obj: Any, path: Path) -> None:
 RESUME_FIXED = ("num_heads", "num_layers", "epochs", "lr", "weight_decay", "batch_size", "batch_tokens",
                 "warmup_ratio", "schedule", "max_grad_norm", "clip_per_head", "head_loss_weights",
                 "init_from_lm_head", "distill", "distill_weight", "seed", "val_fraction", "allow_partial",
-                "shuffle_buffer", "block_tokens", "mix", "mix_tokens", "draft_vocab_size")
+                "shuffle_buffer", "block_tokens", "mix", "mix_tokens", "draft_vocab_size", "data_fraction")
 
 
 def resume_settings(cfg: Any, cache_fp: str, val_fp: str | None) -> dict[str, Any]:

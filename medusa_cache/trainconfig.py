@@ -22,6 +22,9 @@ class TrainConfig:
     """A separate store for validation (same model and vocab mapping); default: hold out --val-fraction."""
     val_fraction: float = 0.02
     """Fraction of the cache's sequences held out for validation (ignored with --val-cache)."""
+    data_fraction: float = 1.0
+    """Train on this fraction of the training sequences (after the held-out split): a seeded subset, each smaller
+    fraction a prefix of the larger ones (nested), for data-size curves from one cache."""
     num_heads: int = 4
     """Number of Medusa heads; head i predicts token t+2+i."""
     num_layers: int = 1
@@ -130,6 +133,7 @@ class TrainConfig:
         check(self.distill_weight >= 0, "distill_weight", f"must be >= 0, got {self.distill_weight}")
         check(self.max_grad_norm >= 0, "max_grad_norm", f"must be >= 0, got {self.max_grad_norm}")
         check(0 <= self.val_fraction < 1, "val_fraction", f"must be in [0, 1), got {self.val_fraction}")
+        check(0 < self.data_fraction <= 1, "data_fraction", f"must be in (0, 1], got {self.data_fraction}")
         check(not (self.resume and self.overwrite), "resume", "--resume and --overwrite exclude each other")
         for r in self.report_to or []:
             check(r in ("tensorboard", "wandb", "none"), "report_to", f"unknown destination {r!r} (tensorboard, wandb)")

@@ -39,12 +39,23 @@ def open_caches(cfg: TrainConfig) -> tuple[Cache, Cache | None]:
 
 
 def split(cache: Cache, cfg: TrainConfig) -> tuple[np.ndarray, np.ndarray]:
+    """(training, held-out) sequences: --val-fraction held out by a seeded permutation, then --data-fraction of the
+    rest kept (``subset``)."""
     seqs = cache.usable_seqs(cfg.allow_partial)
     if cfg.val_cache or cfg.val_fraction == 0 or len(seqs) < 2:
-        return seqs, np.array([], dtype=np.int64)
+        return subset(seqs, cfg.data_fraction, cfg.seed), np.array([], dtype=np.int64)
     n_val = max(1, int(round(cfg.val_fraction * len(seqs))))
     perm = np.random.default_rng([cfg.seed, 12345]).permutation(seqs)
-    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+    return subset(np.sort(perm[n_val:]), cfg.data_fraction, cfg.seed), np.sort(perm[:n_val])
+
+
+def subset(seqs: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """The first ceil(fraction x n) sequences of one seeded order of ``seqs`` (sorted): the subsets of one seed are
+    nested, each the prefix of every larger one, and fraction 1 is ``seqs`` itself."""
+    if fraction >= 1:
+        return seqs
+    order = np.random.default_rng([seed, 54321]).permutation(seqs)
+    return np.sort(order[: max(1, int(np.ceil(fraction * len(seqs))))])
 
 
 

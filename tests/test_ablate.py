@@ -240,7 +240,8 @@ def test_a_held_out_set_of_a_few_sequences_or_overlapping_intervals_is_called_ou
     from medusa_cache.ablate import separation_warning
 
     opt, other = _option("chain", 3.0, [2.9, 3.1], 2.9), _option("tree16", 2.0, [1.9, 2.1], 1.9)
-    row = {"variant": "L1_lr0.003", "num_heads": 5, "sequences": 2, "positions": 400, "options": [opt, other]}
+    row = {"variant": "L1_lr0.003", "label": "1 layer, lr 3e-3", "num_heads": 5, "sequences": 2, "positions": 400,
+           "options": [opt, other]}
     assert "only 2 sequences" in separation_warning([row], row, opt)
     assert "give more prompts in --heldout-prompts" in separation_warning([row], row, opt, prompts=True)
     row["sequences"] = 12  # enough sequences and intervals apart: no warning
@@ -268,3 +269,81 @@ def test_ablate_times_the_verification_cost_instead_of_assuming_one(tmp_path):
     res = run_ablate(cfg, AblateConfig([1, 2], [1], [3e-3], [4, 8]))
     assert "timed on this device (cpu): a 1-token step" in res["best"]["rule"]
     assert res["verify_cost_per_node"] != 0.005 and res["verify_cost_per_node"] >= 0
+
+
+def test_data_fractions_are_nested_seeded_prefixes_and_one_is_everything():
+    from medusa_cache.traindata import subset
+
+    seqs = np.arange(3, 103)
+    subsets = {f: subset(seqs, f, seed=7) for f in (0.125, 0.25, 0.5, 1.0)}
+    assert [len(x) for x in subsets.values()] == [13, 25, 50, 100]
+    assert set(subsets[0.125]) <= set(subsets[0.25]) <= set(subsets[0.5]) <= set(subsets[1.0])
+    assert subsets[1.0] is seqs and np.array_equal(subset(seqs, 0.5, seed=7), subsets[0.5])
+    assert not np.array_equal(subset(seqs, 0.5, seed=8), subsets[0.5])  # another seed, another subset
+
+
+def test_data_fraction_ablation_rows_equal_plain_runs_on_the_same_subsets(tmp_path):
+    """Fraction 1 is the plain run; a fraction's K-head variant is a separate K-head run with that --data-fraction
+    (bit for bit); every fraction x head count is one row, with the learning curve in the report and data.png."""
+    learnable_cache(tmp_path / "c")
+    common = dict(cache=str(tmp_path / "c"), lr=1e-2, epochs=2, batch_tokens=256, grad_accum=2, val_fraction=0.2)
+    out = tmp_path / "abl"
+    res = run_ablate(TrainConfig(out=str(out), **common),
+                     AblateConfig(heads=[1, 2, 3], layers=[1], lr=[1e-2], tree_budget=[4], verify_cost=0.01,
+                                  data_fraction=[0.25, 0.5, 1.0]))
+    assert sorted({(r["data_fraction"], r["num_heads"]) for r in res["results"]}) == \
+        [(f, k) for f in (0.25, 0.5, 1.0) for k in (1, 2, 3)]
+    tokens = {r["data_fraction"]: r["train_tokens"] for r in res["results"]}
+    assert tokens[0.25] < tokens[0.5] < tokens[1.0]
+    heads = {f: load_file(str(out / "runs" / f"F{f:g}" / "variants" / f"F{f:g}_L1_lr0.01" /
+                              "medusa_lm_head.safetensors")) for f in (0.5, 1.0)}
+    train(TrainConfig(out=str(tmp_path / "plain"), num_heads=3, clip_per_head=True, **common))
+    train(TrainConfig(out=str(tmp_path / "half2"), num_heads=2, clip_per_head=True, data_fraction=0.5, **common))
+    for ref, got in ((tmp_path / "plain", heads[1.0]), (tmp_path / "half2", heads[0.5])):
+        want = load_file(str(ref / "medusa_lm_head.safetensors"))
+        assert set(want) == {k for k in got if int(k.split(".")[0]) < len(set(int(x.split(".")[0]) for x in want))}
+        for k in want:
+            assert torch.equal(want[k], got[k]), (ref.name, k)
+    assert not torch.equal(heads[0.5]["0.1.weight"], heads[1.0]["0.1.weight"])  # the subsets differ
+    report = (out / "report.md").read_text()
+    assert "Learning curve (tree4 tokens per step" in report and "slope per doubling" in report
+    assert "| data 1/4, 1 layer, lr 1e-2 | 3 |" in report
+    assert (out / "data.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("fractions, why", [([0.0, 1.0], "in \\(0, 1\\]"), ([1.5], "in \\(0, 1\\]"),
+                                            ([0.5, 0.5], "distinct"), ([0.001, 1.0], "less than one batch")])
+def test_bad_data_fractions_are_refused_before_training(tmp_path, fractions, why):
+    learnable_cache(tmp_path / "c")
+    with pytest.raises(UserError, match=f"--data-fraction: .*{why}"):
+        run_ablate(TrainConfig(cache=str(tmp_path / "c"), out=str(tmp_path / "abl"), batch_tokens=256),
+                   AblateConfig(heads=[1], tree_budget=[4], verify_cost=0.01, data_fraction=fractions))
+    assert not (tmp_path / "abl").exists()
+
+
+def test_recipes_are_named_files_of_train_options_each_trained_and_written_down(tmp_path):
+    """--recipe: one run per recipe, its options as in the file (the recipe's lr unless --lr is given), the report
+    lists every recipe's options; a recipe that sets what the ablation sets, or an unknown name, is refused."""
+    from medusa_cache.recipes import load_recipe
+
+    assert load_recipe("medusa1") == {"lr": 0.001, "schedule": "cosine", "warmup_ratio": 0.015,
+                                      "init_from_lm_head": "MODEL", "head_loss_weights": [0.8]}
+    assert load_recipe("reference")["schedule"] == "constant" and load_recipe("distill")["distill"] == "MODEL"
+    learnable_cache(tmp_path / "c")
+    mine = tmp_path / "fast.json"
+    mine.write_text(json.dumps({"lr": 0.02, "schedule": "linear", "head_loss_weights": [0.5]}))
+    res = run_ablate(TrainConfig(cache=str(tmp_path / "c"), out=str(tmp_path / "abl"), epochs=1, batch_tokens=256,
+                                 grad_accum=1, val_fraction=0.2),
+                     AblateConfig(heads=[1, 2], tree_budget=[4], verify_cost=0.01, recipe=["reference", str(mine)]))
+    by = {r["recipe"]: r for r in res["results"] if r["num_heads"] == 2}
+    assert set(by) == {"reference", "fast"} and by["reference"]["lr"] == 1e-4 and by["fast"]["lr"] == 0.02
+    cfg = json.loads((tmp_path / "abl" / "runs" / "Rfast" / "train_config.json").read_text())
+    assert (cfg["schedule"], cfg["head_loss_weights"], cfg["lr"]) == ("linear", [0.5], 0.02)
+    report = (tmp_path / "abl" / "report.md").read_text()
+    assert "| fast | " in report and "| reference | " in report and "constant" in report and "linear" in report
+    for bad, why in (({"num_heads": 3}, "not part of a recipe"), ({"lr": "fast"}, "key 'lr' must be")):
+        mine.write_text(json.dumps(bad))
+        with pytest.raises(UserError, match=f"--recipe: .*fast.json.*{why}"):
+            load_recipe(str(mine))
+    with pytest.raises(UserError, match="no recipe named 'nope' \\(known: distill, medusa1, reference"):
+        load_recipe("nope")

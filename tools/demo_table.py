@@ -4,7 +4,9 @@
     python tools/demo_table.py --quick     # seconds: the small demo of tools/quick.py, 2 heads, 1 epoch (CI)
 
 Reuses (or makes) the demo's stories and cache, runs `ablate` (1..5 heads, trees 16/32/64) for the four
-combinations, and prints one markdown table: per-head top-1 and chain/tree acceptance on held-out positions.
+combinations, and prints one markdown table: tokens per decoding step (chain, trees) on the model's own answers to the
+demo's 8 held-out openings (ablate --heldout-prompts: what speculate measures on them), per-position acceptance of
+tree32, and per-head top-1.
 """
 
 from __future__ import annotations
@@ -45,21 +47,24 @@ def main() -> None:
     if not is_store(w / "cache.zarr"):
         run_dump(DumpConfig(model=model, data=[str(w / "stories.jsonl")], out=str(w / "cache.zarr"), dtype="float32",
                             max_length=512))
-    lines = ["| lm_head init | distill | heads | top-1 per head | chain | tree16 | tree32 | tree64 |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| lm_head init | distill | heads | chain tokens/step | tree16 tokens/step | tree32 tokens/step | "
+             "tree64 tokens/step | tree32 per-position acceptance | top-1 per head |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for init in (False, True):
         for distill in (False, True):
             cfg = TrainConfig(cache=str(w / "cache.zarr"), out=str(w / f"table-init{int(init)}-distill{int(distill)}"),
                               epochs=a.epochs, lr=3e-3, batch_tokens=1024, grad_accum=1, val_fraction=0.1,
                               init_from_lm_head=model if init else None, distill=model if distill else None,
                               overwrite=True)
-            res = run_ablate(cfg, AblateConfig(heads=heads, layers=[1], lr=[3e-3], tree_budget=[16, 32, 64]))
+            res = run_ablate(cfg, AblateConfig(heads=heads, layers=[1], lr=[3e-3], tree_budget=[16, 32, 64],
+                                               heldout_prompts=str(DEMO / "heldout_prompts.jsonl"),
+                                               heldout_tokens=128))
             for r in res["results"]:
                 t = r["trees"]
                 lines.append(f"| {'yes' if init else 'no'} | {'yes' if distill else 'no'} | {r['num_heads']} | "
-                             + " ".join(f"{x:.3f}" for x in r["top1"])
-                             + f" | {r['chain_acceptance']:.3f} | {t['16']['acceptance']:.3f} | "
-                             f"{t['32']['acceptance']:.3f} | {t['64']['acceptance']:.3f} |")
+                             f"{r['chain_tokens_per_step']:.3f} | {t['16']['tokens_per_step']:.3f} | "
+                             f"{t['32']['tokens_per_step']:.3f} | {t['64']['tokens_per_step']:.3f} | "
+                             f"{t['32']['acceptance']:.3f} | " + " ".join(f"{x:.3f}" for x in r["top1"]) + " |")
     print("\n".join(lines))
 
 

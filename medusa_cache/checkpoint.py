@@ -59,6 +59,8 @@ def upgrade_settings(stored: dict | None, settings: dict, out: Path) -> tuple[di
         stored = {**stored, "mix": "pieces", "mix_tokens": settings["mix_tokens"]}
     if stored.get("data_fraction") is None:  # before --data-fraction every run trained on all its sequences
         stored = {**stored, "data_fraction": 1.0}
+    if "split" not in stored and "split" in settings:  # before prompt groups every split was by sequence (the
+        stored = {**stored, "split": "sequences"}  # same split wherever no prompt repeats)
     return stored, settings
 
 

@@ -9,8 +9,10 @@ regenerated from the conversation up to it (chat template required) and are writ
 ``messages`` rows; Spec-Bench / MT-Bench question files (``{"question_id", "category", "turns"}``) get every user turn
 answered after the model's own previous answers, written as ``messages`` rows with their id and category. Batched with left padding; greedy at ``--temperature 0``.
 
-Resumable: rows are appended one batch at a time and flushed; a rerun counts the complete lines already
-in ``--out`` (dropping a torn last line) and continues after them, so no row is written twice.
+Resumable: rows are appended one batch at a time and flushed; a rerun keeps the complete batches already in ``--out``
+(dropping a torn or partial last batch) and continues after them, so no row is written twice; sampling draws from
+(seed, batch), so a resumed run writes exactly what an uninterrupted one would. ``--num-answers N`` (sampling) writes
+N adjacent rows per prompt, marked with their ``group``.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Literal
 
+import numpy as np
 import torch
 
 from .backbone import stop_ids
@@ -50,7 +53,11 @@ class GenerateConfig:
     """Most padded prompt tokens per generate() call: rows are grouped by length, and long prompts go in smaller
     batches (a 5,000-token prompt padded into a batch of 32 costs more than all the short ones)."""
     seed: int = 0
-    """Sampling seed (temperature > 0)."""
+    """Sampling seed (temperature > 0): each window of --batch-size rows samples from (seed, window), so a resumed run
+    writes exactly the rows an uninterrupted one would."""
+    num_answers: int = 1
+    """Answers per prompt (sampled: needs --temperature > 0): N adjacent rows per prompt, each marked with its prompt's
+    "group" and "answer" index; train holds all answers to one prompt out together (same prompt, one group)."""
     resume: bool = False
     """Continue an interrupted --out."""
     overwrite: bool = False
@@ -74,18 +81,26 @@ class GenerateConfig:
         check(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
         check(self.batch_tokens >= 1, "batch_tokens", f"must be >= 1, got {self.batch_tokens}")
         check(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
+        check(self.num_answers >= 1, "num_answers", f"must be >= 1, got {self.num_answers}")
+        check(self.num_answers == 1 or self.temperature > 0, "num_answers", "several answers per prompt need "
+              "sampling: give --temperature > 0 (greedy answers would all be the same)")
         check(self.threads is None or self.threads >= 1, "threads", f"must be >= 1, got {self.threads}")
         check(not (self.resume and self.overwrite), "resume", "--resume and --overwrite exclude each other")
 
 
-def _complete_lines(path: Path) -> int:
-    """Count complete JSON lines; truncate a torn last line left by a kill."""
+def _complete_lines(path: Path, window: int) -> int:
+    """The rows a resume keeps: complete lines, back to the last whole window (a kill can tear a line or leave part of
+    a window's rows; the window is rewritten whole, from its own seed); the rest of the file is truncated."""
     data = path.read_bytes()
-    keep = data.rfind(b"\n") + 1
+    lines = data[: data.rfind(b"\n") + 1].count(b"\n")
+    keep_lines = lines - lines % window
+    keep = 0
+    for _ in range(keep_lines):
+        keep = data.index(b"\n", keep) + 1
     if keep != len(data):
         with path.open("r+b") as f:
             f.truncate(keep)
-    return data[:keep].count(b"\n")
+    return keep_lines
 
 
 def generate(cfg: GenerateConfig) -> int:
@@ -126,22 +141,25 @@ def generate(cfg: GenerateConfig) -> int:
         tok.pad_token = tok.eos_token or tok.unk_token
     if any(r.text is None for r in rows) and not getattr(tok, "chat_template", None):
         raise UserError("--prompts: chat rows need a tokenizer with a chat template")
-    done = _complete_lines(out) if (cfg.resume and out.exists()) else 0
+    jobs = [(g, a, r) for g, r in enumerate(rows) for a in range(cfg.num_answers)]  # (prompt, answer, row)
+    window = cfg.batch_size * WINDOW_BATCHES
+    done = _complete_lines(out, window) if (cfg.resume and out.exists()) else 0
     if cfg.overwrite or not out.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text("")
     _marker(out).write_text(json.dumps({"written_by": "medusa-cache generate", "settings": settings}, indent=1))
     model = AutoModelForCausalLM.from_pretrained(cfg.model).to(cfg.device).eval()
-    torch.manual_seed(cfg.seed)
-    todo = rows[done:]
-    window = cfg.batch_size * WINDOW_BATCHES
-    with out.open("a", encoding="utf-8") as f, Progress(len(rows), "generate", "row", initial=done) as bar:
-        for i in range(0, len(todo), window):
-            results = _generate_window(model, tok, todo[i : i + window], cfg, bar)
+    with out.open("a", encoding="utf-8") as f, Progress(len(jobs), "generate", "row", initial=done) as bar:
+        for i in range(done, len(jobs), window):
+            torch.manual_seed(int(np.random.SeedSequence([cfg.seed, i // window]).generate_state(1)[0]))
+            part = jobs[i : i + window]
+            results = _generate_window(model, tok, [r for _, _, r in part], cfg, bar)
+            if cfg.num_answers > 1:
+                results = [{**res, "group": g, "answer": a} for res, (g, a, _) in zip(results, part, strict=True)]
             f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in results))
             f.flush()
             os.fsync(f.fileno())
-    return len(rows)
+    return len(jobs)
 
 
 WINDOW_BATCHES = 1  # rows reach disk after every batch (a Ctrl-C loses at most one batch); within a window rows are
@@ -158,6 +176,7 @@ def _settings(cfg: GenerateConfig) -> dict:
 
     return {"model": model_fingerprint(cfg.model), "prompts": file_hash(Path(cfg.prompts)),
             "max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature, "seed": cfg.seed,
+            "num_answers": cfg.num_answers, "batch_size": cfg.batch_size,
             "pipeline": cfg.pipeline, "system_prompt": cfg.system_prompt}
 
 
@@ -173,8 +192,9 @@ def _check_owner(out: Path, cfg: GenerateConfig, settings: dict) -> None:
         flag = "--overwrite" if cfg.overwrite else "--resume"
         raise UserError(f"{flag}: {out} was not written by medusa-cache generate (no {_marker(out).name} beside it); "
                         "refusing to " + ("replace it" if cfg.overwrite else "append to it") + ": choose another --out")
-    if cfg.resume:
-        diff = [k for k, v in settings.items() if mark.get("settings", {}).get(k) != v]
+    if cfg.resume:  # settings added since: what every earlier run had (one answer; greedy rows fix no batch size)
+        stored = {"num_answers": 1, "batch_size": settings["batch_size"]} | mark.get("settings", {})
+        diff = [k for k, v in settings.items() if stored.get(k) != v]
         if diff:
             raise UserError(f"--resume: {out} was generated with a different {', '.join(diff)}; continuing would mix "
                             "rows of two runs: give the same settings, or --overwrite")

@@ -92,10 +92,10 @@ class Run:
             else None
         self.teacher_w = draft_lm_head(cfg.distill, self.cache, "--distill").to(cfg.device) if cfg.distill else None
         val_fp = self.val_cache.content_fingerprint() if self.val_cache is not None else None
-        self.settings = rundir.resume_settings(cfg, self.cache.content_fingerprint(), val_fp)
+        self.train_seqs, self.val_seqs, rule = split(self.cache, cfg, with_rule=True)
+        self.settings = {**rundir.resume_settings(cfg, self.cache.content_fingerprint(), val_fp), "split": rule}
         dist.on_rank0(lambda: checkpoint.claim_or_resume(cfg, self.settings, self.group, locks, kind), self.rank)
         # the data: sequences, blocks, the epoch's batches (a pure function of seed and epoch)
-        self.train_seqs, self.val_seqs = split(self.cache, cfg)
         if len(self.train_seqs) == 0:
             raise UserError(f"--cache: {cfg.cache} has no finished sequences to train on")
         self.labels = self.cache.array("labels")

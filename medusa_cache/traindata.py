@@ -38,15 +38,48 @@ def open_caches(cfg: TrainConfig) -> tuple[Cache, Cache | None]:
 
 
 
-def split(cache: Cache, cfg: TrainConfig) -> tuple[np.ndarray, np.ndarray]:
+def split(cache: Cache, cfg: TrainConfig, with_rule: bool = False):
     """(training, held-out) sequences: --val-fraction held out by a seeded permutation, then --data-fraction of the
-    rest kept (``subset``)."""
+    rest kept (``subset``). Sequences with the same prompt (several answers to one prompt, ``generate
+    --num-answers``, or a prompt the data repeats) are held out together, never split; without repeated prompts
+    the split is the plain permutation of sequences. ``with_rule``: also the rule used ("sequences" or
+    "prompt-groups"), part of the resume contract."""
     seqs = cache.usable_seqs(cfg.allow_partial)
+    groups = prompt_groups(cache, seqs) if not (cfg.val_cache or cfg.val_fraction == 0 or len(seqs) < 2) else None
+    rule = "sequences" if groups is None else "prompt-groups"
     if cfg.val_cache or cfg.val_fraction == 0 or len(seqs) < 2:
-        return subset(seqs, cfg.data_fraction, cfg.seed), np.array([], dtype=np.int64)
-    n_val = max(1, int(round(cfg.val_fraction * len(seqs))))
-    perm = np.random.default_rng([cfg.seed, 12345]).permutation(seqs)
-    return subset(np.sort(perm[n_val:]), cfg.data_fraction, cfg.seed), np.sort(perm[:n_val])
+        train, val = seqs, np.array([], dtype=np.int64)
+    elif groups is None:
+        n_val = max(1, int(round(cfg.val_fraction * len(seqs))))
+        perm = np.random.default_rng([cfg.seed, 12345]).permutation(seqs)
+        train, val = np.sort(perm[n_val:]), np.sort(perm[:n_val])
+    else:
+        n_val = max(1, int(round(cfg.val_fraction * len(seqs))))
+        order = np.random.default_rng([cfg.seed, 12345]).permutation(int(groups.max()) + 1)
+        sizes = np.bincount(groups)
+        take = order[: int(np.searchsorted(np.cumsum(sizes[order]), n_val)) + 1]
+        held = np.isin(groups, take)
+        if held.all():  # one group holds nearly everything: keep the largest-but-one out
+            held = np.isin(groups, take[:-1]) if len(take) > 1 else np.zeros(len(seqs), bool)
+        train, val = seqs[~held], seqs[held]
+    train = subset(train, cfg.data_fraction, cfg.seed)
+    return (train, val, rule) if with_rule else (train, val)
+
+
+def prompt_groups(cache: Cache, seqs: np.ndarray) -> np.ndarray | None:
+    """A group id per sequence (sequences with the same prompt, the tokens before their first trained token, share
+    one), or None when no prompt repeats."""
+    import hashlib
+
+    ids, mask, off = cache.array("input_ids"), cache.array("loss_mask"), cache.offsets
+    keys: dict[bytes, int] = {}
+    out = np.empty(len(seqs), dtype=np.int64)
+    for i, s in enumerate(seqs):
+        a, b = int(off[s]), int(off[s + 1])
+        m = mask[a:b]
+        first = int(np.argmax(m)) if m.any() else b - a
+        out[i] = keys.setdefault(hashlib.sha1(np.ascontiguousarray(ids[a : a + first]).tobytes()).digest(), len(keys))
+    return None if len(keys) == len(seqs) else out
 
 
 def subset(seqs: np.ndarray, fraction: float, seed: int) -> np.ndarray:

@@ -93,3 +93,35 @@ def test_generate_leaves_no_seam_and_dump_stores_exactly_the_models_ids(tmp_path
     for s, r in enumerate(rows):
         a, b = c.offsets[s], c.offsets[s + 1]
         assert ids[a:b].tolist() == r["input_ids"] and mask[a:b].tolist() == [bool(x) for x in r["trained"]]
+
+
+def test_several_sampled_answers_per_prompt_are_adjacent_marked_and_resume_exactly(tmp_path):
+    """--num-answers 3 --temperature 1: three rows per prompt, next to each other, marked with the prompt's group;
+    a run killed after its first batch and resumed writes exactly the uninterrupted run's rows (each batch samples
+    from (seed, batch)), and the answers to one prompt are held out together by train's split."""
+    from conftest import run_fault
+
+    prompts = _prompts(tmp_path, 4)
+    cfg = dict(model=MODEL, prompts=str(prompts), max_new_tokens=10, batch_size=4, temperature=1.0, num_answers=3,
+               seed=5)
+    assert generate(GenerateConfig(out=str(tmp_path / "ref.jsonl"), **cfg)) == 12
+    ref = [json.loads(x) for x in (tmp_path / "ref.jsonl").read_text().splitlines()]
+    assert [(r["group"], r["answer"]) for r in ref] == [(g, a) for g in range(4) for a in range(3)]
+    assert len({tuple(r["input_ids"]) for r in ref[:3]}) > 1  # sampled: the answers to one prompt differ
+    args = ["generate", "--model", MODEL, "--prompts", str(prompts), "--out", str(tmp_path / "out.jsonl"),
+            "--max-new-tokens", "10", "--batch-size", "4", "--temperature", "1", "--num-answers", "3", "--seed", "5"]
+    p = run_fault("medusa_cache.generate:_generate_window", 2, "SIGKILL", *args)
+    assert p.returncode != 0
+    got = (tmp_path / "out.jsonl").read_text().splitlines()
+    assert len(got) == 4  # the first batch reached disk before the kill
+    generate(GenerateConfig(out=str(tmp_path / "out.jsonl"), resume=True, **cfg))
+    assert [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()] == ref
+    run_dump(DumpConfig(model=MODEL, data=[str(tmp_path / "ref.jsonl")], out=str(tmp_path / "c"), dtype="float32",
+                        max_length=256))
+    from medusa_cache.traindata import split
+
+    train_seqs, val = split(Cache(str(tmp_path / "c")), TrainConfig(cache="x", out="y", val_fraction=0.3))
+    held = {ref[s]["group"] for s in val}
+    assert val.size and all(ref[s]["group"] not in held for s in train_seqs)
+    with pytest.raises(Exception, match="--num-answers: several answers per prompt need sampling"):
+        GenerateConfig(out="x", **{**cfg, "temperature": 0.0})

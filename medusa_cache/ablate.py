@@ -108,22 +108,42 @@ def run_ablate(cfg: TrainConfig, a: AblateConfig) -> dict:
     """
     lr_given = a.lr is not None
     layers, lrs = a.layers or [cfg.num_layers], a.lr or [cfg.lr]
-    heads, topk, budgets = a.heads, a.topk, a.tree_budget
+    heads = a.heads
     a = replace(a, layers=layers, lr=lrs)
     check_request(cfg, a)
     command = ablate_command(cfg, a)
     cfg = replace(cfg, num_heads=max(heads), clip_per_head=True)
-    out = Path(cfg.out)
     runs = plan_runs(cfg, a, lr_given)
+    from . import dist
+    from .store import WriterLock
+
+    rank0 = not dist.active() or torch.distributed.get_rank() == 0
+    # one writer for the whole ablation: training, evaluation, report (rank 0 holds it, as train does)
+    lock = WriterLock(cfg.out, "ablate") if rank0 else None
+    try:
+        summary = _ablate(cfg, a, runs, command, rank0, locked=lock is not None)
+    except BaseException:
+        if lock is not None:
+            lock.release(failed=True)
+        raise
+    if lock is not None:
+        lock.release()
+    return summary
+
+
+def _ablate(cfg: TrainConfig, a: AblateConfig, runs: list[AblationRun], command: str, rank0: bool,
+            locked: bool) -> dict:
+    """Train the runs, evaluate every variant x head count, report (``run_ablate`` holds the lock)."""
+    heads, topk, budgets = a.heads, a.topk, a.tree_budget
+    out = Path(cfg.out)
     separate = len(runs) > 1 or bool(a.draft_vocab or a.data_fraction or a.recipe)
-    if separate:
+    if separate and rank0:
         from .rundir import claim
 
         claim(out, kind="ablate", overwrite=cfg.overwrite, inputs={"--cache": cfg.cache, "--val-cache": cfg.val_cache})
-    results = [train(r.cfg, r.specs, kind="train" if separate else "ablate") for r in runs]
-    from . import dist
-
-    if dist.active() and torch.distributed.get_rank() != 0:
+    results = [train(r.cfg, r.specs, kind="train" if separate else "ablate", locked=locked and not separate)
+               for r in runs]
+    if not rank0:
         return {}  # under torchrun the ranks train together; rank 0 evaluates and reports
     rows = []
     jobs = [(run, spec, res) for run, res in zip(runs, results, strict=True) for spec in run.specs]
@@ -156,7 +176,8 @@ def run_ablate(cfg: TrainConfig, a: AblateConfig) -> dict:
         for k in sorted(set(heads)):
             res = {"variant": name, "run": run.name, "layers": la, "lr": lr, "recipe": run.recipe,
                    "data_fraction": run.cfg.data_fraction, "train_tokens": trained_tokens(train_cache, run.cfg),
-                   "dir": str(d), "draft_vocab_size": mapping.draft_size, "coverage": cover, **evaluate_ranks(r, k, topk, budgets, categories=heldout and heldout.categories,
+                   "dir": str(d), "draft_vocab_size": mapping.draft_size, "coverage": cover,
+                   **evaluate_ranks(r, k, topk, budgets, categories=heldout and heldout.categories,
                                                        fit=fit, questions=heldout and heldout.questions)}
             res["label"] = label(res)
             write_trees(res, out / "trees", f"{name}_heads{k}_tree")

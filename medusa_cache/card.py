@@ -2,7 +2,8 @@
 
 YAML front matter (``base_model``, ``library_name``, ``tags``) so ``huggingface-cli upload`` needs nothing more;
 then what produced the heads (base model, data, draft vocabulary, head count and layers, training settings),
-what they measured (held-out tokens per decoding step with intervals and the fitted tree, when known) and how to load them in
+what they measured (held-out tokens per decoding step with intervals and the fitted tree, when known) and how to
+load them in
 vLLM and in the Medusa reference. Everything comes from the heads' own ``config.json``.
 """
 

@@ -22,12 +22,14 @@ def inputs(cfg: TrainConfig) -> dict:
 
 
 
-def claim_or_resume(cfg: TrainConfig, settings: dict, group: int, lock: list, kind: str = "train") -> dict | None:
-    """Lock and claim --out (rank 0; the lock is appended to ``lock`` and held until the run ends). Fresh: write the
-    resolved config. Resume: check the contract, return the checkpoint."""
+def claim_or_resume(cfg: TrainConfig, settings: dict, group: int, lock: list, kind: str = "train",
+                    locked: bool = False) -> dict | None:
+    """Lock and claim --out (rank 0; the lock is appended to ``lock`` and held until the run ends; ``locked``: the
+    caller holds it already). Fresh: write the resolved config. Resume: check the contract, return the checkpoint."""
     from .store import WriterLock
 
-    lock.append(WriterLock(cfg.out, "train"))
+    if not locked:
+        lock.append(WriterLock(cfg.out, "train"))
     if cfg.resume and not (Path(cfg.out) / CHECKPOINT).exists():
         raise UserError(f"--resume: no checkpoint in {cfg.out}")
     if not cfg.resume:
@@ -49,8 +51,8 @@ def claim_or_resume(cfg: TrainConfig, settings: dict, group: int, lock: list, ki
 
 def upgrade_settings(stored: dict | None, settings: dict, out: Path) -> tuple[dict, dict]:
     """(the checkpoint's resume settings, this run's) as today's contract compares them; older checkpoints' in one
-    place: before ``--mix`` existed batches were pieces; before the contract, the config the run was started with; before
-    ``--data-fraction``, all the sequences."""
+    place: before ``--mix`` existed batches were pieces; before the contract, the config the run was started
+    with; before ``--data-fraction``, all the sequences."""
     if stored is None:
         old = rundir.stored_train_config(out) or {}
         stored = {k: old.get(k) for k in rundir.RESUME_FIXED}

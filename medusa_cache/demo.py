@@ -43,7 +43,8 @@ def reconcile(best: dict, spec: dict) -> str:
     """The demo's numbers in one explanation: tokens per step from the cache against measured decoding on the same
     prompts, and the wall speedup, each from what was measured."""
     return (f"numbers, each measured:\n"
-            f"  {best['tokens_per_step']:.3f} tokens per step from the cache ({best['num_heads']} heads, {best['tree']}):"
+            f"  {best['tokens_per_step']:.3f} tokens per step from the cache ({best['num_heads']} heads, "
+            f"{best['tree']}):"
             " the decoding walk over the heads' ranks on the model's own greedy answers to the held-out openings;\n"
             f"  {spec['tokens_per_step']:.3f} tokens per step measured by decoding the same openings for real "
             f"(speculate);\n"

@@ -426,7 +426,8 @@ def render_table(rows: list[dict], budgets: list[int]) -> str:
     return "\n".join(lines)
 
 
-COLUMNS = ("tokens/step: tokens per decoding step that greedy Medusa decoding realises on this text (the decoding walk: "
+COLUMNS = ("tokens/step: tokens per decoding step that greedy Medusa decoding realises on this text (the decoding "
+           "walk: "
            "each assistant turn prefilled once, then steps of 1 + accepted draft tokens, every base-model forward "
            "counted as `speculate` counts it), 95% interval over sequences. per-position acceptance: 1 + accepted "
            "draft tokens averaged over every assistant position (an upper bound: decoding skips the positions "

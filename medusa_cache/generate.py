@@ -7,7 +7,8 @@ own tokens. ``dump`` reads such rows verbatim (format ``tokens``) and trains onl
 Chat files (any format ``dump`` reads) get every assistant turn
 regenerated from the conversation up to it (chat template required) and are written as OpenAI
 ``messages`` rows; Spec-Bench / MT-Bench question files (``{"question_id", "category", "turns"}``) get every user turn
-answered after the model's own previous answers, written as ``messages`` rows with their id and category. Batched with left padding; greedy at ``--temperature 0``.
+answered after the model's own previous answers, written as ``messages`` rows with their id and category. Batched
+with left padding; greedy at ``--temperature 0``.
 
 Resumable: rows are appended one batch at a time and flushed; a rerun keeps the complete batches already in ``--out``
 (dropping a torn or partial last batch) and continues after them, so no row is written twice; sampling draws from

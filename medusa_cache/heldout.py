@@ -150,7 +150,8 @@ def answer_cache(model_dir: str, prompts: str, out: Path, vocab_source: str | No
                                     "question": t.question, "turn": t.turn, "category": t.category}) + "\n")
         longest = max(len(t.ids) + len(a) for t, a in turns)
         run_dump(DumpConfig(model=model_dir, data=[str(answers)], out=str(cache), format="tokens", dtype=dtype,
-                            vocab_mapping=vocab_source and str(vocab_source), max_length=longest, overwrite=cache.exists(),
+                            vocab_mapping=vocab_source and str(vocab_source), max_length=longest,
+                            overwrite=cache.exists(),
                             device=device))
         marker.write_text(json.dumps({"written_by": "medusa-cache held-out answers", "settings": settings}, indent=1))
     meta = [json.loads(x) for x in answers.read_text().splitlines()]

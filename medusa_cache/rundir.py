@@ -143,7 +143,8 @@ def resume_settings(cfg: Any, cache_fp: str, val_fp: str | None) -> dict[str, An
 def check_resume(stored: dict[str, Any], now: dict[str, Any], out: Path) -> None:
     diff = [k for k in stored if stored[k] != now.get(k)]
     if "split" in diff:  # no flag changes it: the rule that draws the held-out split did
-        raise UserError(f"--resume: {out} was started when the held-out split was drawn by sequence; this cache repeats "
+        raise UserError(f"--resume: {out} was started when the held-out split was drawn by sequence; this cache "
+                        "repeats "
                         "prompts, which are now held out together (no answer to a held-out prompt is trained on), so "
                         "the run cannot continue as it began: start it again with --overwrite")
     if diff:

@@ -304,7 +304,8 @@ def render(res: dict) -> str:
         f"{res['tokens_per_step']:.3f} | {res['step_cost_ratio']} | {res['greedy_s']:.2f} | {res['medusa_s']:.2f} | "
         f"{res['speedup']} | "
         f"{'yes' if res['identical_to_greedy'] else 'no: ' + str(len(res['mismatches'])) + ' prompts'} |",
-    ] + (["", "| category | prompts | turns | tokens | steps | tokens/step | speedup |", "|---|---|---|---|---|---|---|"]
+    ] + (["", "| category | prompts | turns | tokens | steps | tokens/step | speedup |",
+          "|---|---|---|---|---|---|---|"]
          + [f"| {c} | {v['prompts']} | {v['turns']} | {v['tokens']} | {v['steps']} | {v['tokens_per_step']:.3f} | "
             f"{v['speedup']} |" for c, v in cats.items()] if cats else []))
 

@@ -42,7 +42,8 @@ __all__ = ["Run", "TrainConfig", "render_summary", "split", "train"]
 
 
 # --------------------------------------------------------------------------------------------------
-def train(cfg: TrainConfig, variants: list[tuple[str, int, float]] | None = None, kind: str = "train") -> dict:
+def train(cfg: TrainConfig, variants: list[tuple[str, int, float]] | None = None, kind: str = "train",
+          locked: bool = False) -> dict:
     """Train heads on ``cfg.cache`` into ``cfg.out``; returns the final metrics. Three phases: ``Run(...)``
     (everything that can refuse the run, before ``--out`` is touched, then the claim of ``--out`` and the resume),
     ``Run.fit`` (epochs of optimizer steps, each epoch ending with ``Run.validate``), ``Run.finish`` (heads written).
@@ -54,10 +55,12 @@ def train(cfg: TrainConfig, variants: list[tuple[str, int, float]] | None = None
     micro-batches of the epoch's order; rank r takes micro-batches r, r+W, ... of it, and DDP averages the
     gradients. Each micro-batch's loss is scaled by W / (micro-batches in the group), so W processes with
     accumulation A take the same steps as one process with accumulation W x A (tested with gloo).
+
+    ``locked``: the caller holds the lock on ``cfg.out`` (ablate, for its whole run) and keeps it after training.
     """
     locks: list = []  # rank 0's lock on --out, held from before the claim until the heads are written
     try:
-        run = Run(cfg, variants, locks, kind)
+        run = Run(cfg, variants, locks, kind, locked)
         try:
             run.fit()
         finally:
@@ -76,7 +79,7 @@ class Run:
     """The state of one training run and its phases (litgpt's setup / fit / validate, as methods)."""
 
     def __init__(self, cfg: TrainConfig, variants: list[tuple[str, int, float]] | None, locks: list,
-                 kind: str = "train"):
+                 kind: str = "train", locked: bool = False):
         from . import dist
 
         self.cfg, self.out, self.device = cfg, Path(cfg.out), cfg.device
@@ -94,7 +97,8 @@ class Run:
         val_fp = self.val_cache.content_fingerprint() if self.val_cache is not None else None
         self.train_seqs, self.val_seqs, rule = split(self.cache, cfg, with_rule=True)
         self.settings = {**rundir.resume_settings(cfg, self.cache.content_fingerprint(), val_fp), "split": rule}
-        dist.on_rank0(lambda: checkpoint.claim_or_resume(cfg, self.settings, self.group, locks, kind), self.rank)
+        dist.on_rank0(lambda: checkpoint.claim_or_resume(cfg, self.settings, self.group, locks, kind, locked),
+                      self.rank)
         # the data: sequences, blocks, the epoch's batches (a pure function of seed and epoch)
         if len(self.train_seqs) == 0:
             raise UserError(f"--cache: {cfg.cache} has no finished sequences to train on")

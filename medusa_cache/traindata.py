@@ -67,18 +67,19 @@ def split(cache: Cache, cfg: TrainConfig, with_rule: bool = False):
 
 
 def prompt_groups(cache: Cache, seqs: np.ndarray) -> np.ndarray | None:
-    """A group id per sequence (sequences with the same prompt, the tokens before their first trained token, share
-    one), or None when no prompt repeats."""
+    """A group id per sequence (sequences with the same non-empty prompt, the tokens before their first trained
+    token, share one), or None when no prompt repeats."""
     import hashlib
 
     ids, mask, off = cache.array("input_ids"), cache.array("loss_mask"), cache.offsets
-    keys: dict[bytes, int] = {}
+    keys: dict[bytes | int, int] = {}
     out = np.empty(len(seqs), dtype=np.int64)
     for i, s in enumerate(seqs):
         a, b = int(off[s]), int(off[s + 1])
         m = mask[a:b]
         first = int(np.argmax(m)) if m.any() else b - a
-        out[i] = keys.setdefault(hashlib.sha1(np.ascontiguousarray(ids[a : a + first]).tobytes()).digest(), len(keys))
+        key = hashlib.sha1(np.ascontiguousarray(ids[a : a + first]).tobytes()).digest() if first else int(s)
+        out[i] = keys.setdefault(key, len(keys))  # no prompt (everything trained): a group of its own
     return None if len(keys) == len(seqs) else out
 
 

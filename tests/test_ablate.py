@@ -180,9 +180,8 @@ def test_ablate_chooses_by_the_tokens_per_step_decoding_measures_on_held_out_pro
     from medusa_cache.ablate import run_ablate
     from medusa_cache.demo import DEMO
     from medusa_cache.dump import DumpConfig, run_dump
-    from medusa_cache.train import TrainConfig
-
     from medusa_cache.generate import GenerateConfig, generate
+    from medusa_cache.train import TrainConfig
 
     rows = [json.loads(x) for x in (DEMO / "prompts.jsonl").read_text().splitlines()[:30]]
     generate(GenerateConfig(model=str(STORIES), prompts=str(write_jsonl(tmp_path / "o.jsonl", rows)),

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 from conftest import sharegpt_slice, write_jsonl
@@ -88,3 +89,34 @@ def test_a_crashed_writer_leaves_no_stale_lock(tmp_path):
     code = f"from medusa_cache.store import WriterLock; import os; WriterLock({str(out)!r}, 'train'); os._exit(9)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 9
     WriterLock(out, "train").release()  # the kernel dropped the dead process's lock
+
+
+@pytest.mark.parametrize("phase", ["train", "evaluate"])
+@pytest.mark.parametrize("sweep", [False, True])
+def test_a_second_ablate_is_refused_while_the_first_trains_or_evaluates(tmp_path, monkeypatch, phase, sweep):
+    """ablate holds its lock for its whole run, the draft-vocabulary sweep included and after training (its evaluate
+    phase): a second `ablate --overwrite` into the same --out is refused, and the first finishes whole."""
+    from test_train import learnable_cache
+
+    import medusa_cache.ablate as ab
+
+    learnable_cache(tmp_path / "c")
+    cfg = TrainConfig(cache=str(tmp_path / "c"), out=str(tmp_path / "abl"), epochs=1, lr=1e-2, batch_tokens=256,
+                      grad_accum=1, val_fraction=0.2)
+    a = ab.AblateConfig(heads=[1, 2], tree_budget=[4], verify_cost=0.01, draft_vocab=[20, 30] if sweep else None)
+    target = "train" if phase == "train" else "head_ranks"
+    real, seen = getattr(ab, target), []
+
+    def inside(*args, **kw):
+        if not seen:
+            seen.append(1)
+            with pytest.raises(UserError, match="another medusa-cache command is writing"):
+                ab.run_ablate(replace(cfg, overwrite=True),
+                              ab.AblateConfig(heads=[1], tree_budget=[4], verify_cost=0.01,
+                                              draft_vocab=[10] if sweep else None))
+        return real(*args, **kw)
+
+    monkeypatch.setattr(ab, target, inside)
+    res = ab.run_ablate(cfg, a)
+    assert seen and len(res["results"]) == (4 if sweep else 2)
+    assert json.loads((tmp_path / "abl" / "results.json").read_text())["best"] == res["best"]

@@ -4,6 +4,7 @@ its checks naming the flag."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import ClassVar, Literal
 
 from .config import check
@@ -91,6 +92,12 @@ class DumpConfig:
         check(1 <= self.max_heads <= 32, "max_heads", f"must be in 1..32, got {self.max_heads}")
         check(not (self.resume and self.overwrite), "resume", "--resume and --overwrite exclude each other")
         check(self.format in FORMATS, "format", f"must be one of {FORMATS}")
+        seen: dict[str, str] = {}
+        for f in self.data:  # a file given twice would be dumped twice, every row a duplicate
+            key = str(Path(f).resolve()) if "://" not in str(f) else str(f)
+            check(key not in seen, "data", f"{f} is given twice (as {seen.get(key)} and {f}); every row would be "
+                  "dumped twice: give each file once")
+            seen[key] = f
         for name in ("chunk_tokens", "shard_tokens"):
             v = getattr(self, name)
             check(v is None or v >= 1, name, f"must be >= 1, got {v}")

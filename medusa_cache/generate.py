@@ -104,10 +104,37 @@ def _complete_lines(path: Path, window: int) -> int:
     return keep_lines
 
 
-def generate(cfg: GenerateConfig) -> int:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+class FileLock:
+    """One writer per output file, as ``store.WriterLock`` is per directory: an exclusive ``flock`` on the file (created
+    empty if missing, and removed again if the command then refuses), held for the whole run."""
 
-    from .dist import check_device, set_threads
+    def __init__(self, path: Path):
+        import fcntl
+
+        self.path, self.created = path, not path.exists()
+        try:
+            self.fd: int | None = os.open(path, os.O_RDONLY | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise UserError(f"--out: cannot create {path}: {e.strerror}") from None
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self.fd)
+            self.fd = None
+            raise UserError(f"--out: another medusa-cache command is writing {path} right now; wait for it to finish "
+                            "(or stop it), then use --resume, or use another --out") from None
+
+    def release(self, failed: bool = False) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+        if failed and self.created and self.path.exists() and self.path.stat().st_size == 0:
+            self.path.unlink()
+
+
+def generate(cfg: GenerateConfig) -> int:
+    """Write the model's answers to ``cfg.prompts`` into ``cfg.out`` holding its lock; returns the rows."""
+    from .dist import check_device
     from .rundir import check_apart
 
     check_device(cfg.device)
@@ -117,8 +144,29 @@ def generate(cfg: GenerateConfig) -> int:
         raise UserError(f"--out: {out} exists and is not a file (generate writes one JSONL file)")
     if out.exists() and not (cfg.resume or cfg.overwrite):
         raise UserError(f"--out: {out} already exists; pass --resume to continue it or --overwrite to replace it")
+    existed = out.exists()
+    if not out.parent.is_dir():
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"--out: cannot create {out.parent}: {e.strerror}") from None
+    lock = FileLock(out)
+    try:
+        n = _generate(cfg, out, existed)
+    except BaseException:
+        lock.release(failed=True)
+        raise
+    lock.release()
+    return n
+
+
+def _generate(cfg: GenerateConfig, out: Path, existed: bool) -> int:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .dist import set_threads
+
     settings = _settings(cfg)
-    _check_owner(out, cfg, settings)
+    _check_owner(out, cfg, settings, existed)
     rows = [r for r in read_rows(Path(cfg.prompts), 0, pipeline=cfg.pipeline, flag="--prompts")]
     bad = [r for r in rows if isinstance(r, RowError)]
     if bad:
@@ -144,10 +192,9 @@ def generate(cfg: GenerateConfig) -> int:
         raise UserError("--prompts: chat rows need a tokenizer with a chat template")
     jobs = [(g, a, r) for g, r in enumerate(rows) for a in range(cfg.num_answers)]  # (prompt, answer, row)
     window = cfg.batch_size * WINDOW_BATCHES
-    done = _complete_lines(out, window) if (cfg.resume and out.exists()) else 0
-    if cfg.overwrite or not out.exists():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text("")
+    done = _complete_lines(out, window) if (cfg.resume and existed) else 0
+    if cfg.overwrite or not existed:
+        out.write_text("")  # the same file (truncated in place): the lock held on it stays valid
     _marker(out).write_text(json.dumps({"written_by": "medusa-cache generate", "settings": settings}, indent=1))
     model = AutoModelForCausalLM.from_pretrained(cfg.model).to(cfg.device).eval()
     with out.open("a", encoding="utf-8") as f, Progress(len(jobs), "generate", "row", initial=done) as bar:
@@ -181,9 +228,9 @@ def _settings(cfg: GenerateConfig) -> dict:
             "pipeline": cfg.pipeline, "system_prompt": cfg.system_prompt}
 
 
-def _check_owner(out: Path, cfg: GenerateConfig, settings: dict) -> None:
+def _check_owner(out: Path, cfg: GenerateConfig, settings: dict, existed: bool) -> None:
     """--overwrite replaces only a file generate wrote; --resume continues only the same run."""
-    if not out.exists() or not (cfg.resume or cfg.overwrite) or (cfg.overwrite and out.stat().st_size == 0):
+    if not existed or not (cfg.resume or cfg.overwrite) or (cfg.overwrite and out.stat().st_size == 0):
         return
     try:
         mark = json.loads(_marker(out).read_text())

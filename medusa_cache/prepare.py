@@ -22,6 +22,7 @@ def prepare(cfg: DumpConfig, fingerprints: dict[str, str], template: str | None,
             hidden_size: int, tokenizer, max_positions: int | None = None) -> store.CacheWriter:
     """Stage 1: tokenise everything, build the vocabulary, and create the store (all but the hidden states)."""
     examples, tally, bad = tokenise(cfg, template, tokenizer, vocab_size)
+    warn_repeats(examples, cfg)
     longest = max(examples, key=lambda e: len(e.input_ids))
     if max_positions and len(longest.input_ids) > max_positions:
         f, r = cfg.data[longest.file_index], longest.row_index + 1
@@ -51,6 +52,29 @@ def prepare(cfg: DumpConfig, fingerprints: dict[str, str], template: str | None,
                "fingerprints": {**fingerprints, "vocab": mapping.fingerprint()}, "dump_args": to_dict(cfg),
                "counts": counts_attr, "bad_row_examples": bad[:20]},
     )
+
+
+def warn_repeats(examples: list, cfg: DumpConfig) -> None:
+    """One warning line when rows repeat earlier rows exactly (same ids and mask): each copy is trained again and a
+    held-out copy is not held out."""
+    import hashlib
+    import sys
+
+    first: dict[bytes, object] = {}
+    repeats, example = 0, None
+    for e in examples:
+        key = hashlib.sha1(e.input_ids.tobytes() + np.packbits(e.loss_mask).tobytes()).digest()
+        if key in first:
+            repeats += 1
+            example = example or (first[key], e)
+        else:
+            first[key] = e
+    if repeats:
+        (a, b) = example
+        print(f"warning: {repeats} of {len(examples)} rows repeat an earlier row exactly (e.g. "
+              f"{cfg.data[b.file_index]} row {b.row_index + 1} = {cfg.data[a.file_index]} row {a.row_index + 1}); "
+              "each copy is trained again",
+              file=sys.stderr)
 
 
 def tokenise(cfg: DumpConfig, template: str | None, tokenizer, vocab_size: int) -> tuple[list, dict, list[str]]:

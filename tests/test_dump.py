@@ -255,3 +255,15 @@ def test_repeated_data_flags_are_all_used_and_an_oversized_draft_vocab_is_report
     filled = c.attrs["counts"]["draft_vocab_unseen_filled"]
     assert filled == 100000 - int((c.array("token_counts") > 0).sum()) > 0
     assert f"{filled} never-seen ids" in cap.err and f'"draft_vocab_unseen_filled": {filled}' in cap.out
+
+
+def test_a_data_file_given_twice_is_refused_and_repeated_rows_are_named(tmp_path, tiny_llama, capfd):
+    from medusa_cache.errors import UserError
+
+    data = write_jsonl(tmp_path / "chat.jsonl", sharegpt_slice(3))
+    with pytest.raises(UserError, match=r"--data: .*chat.jsonl is given twice"):
+        DumpConfig(model=str(tiny_llama), data=[str(data), str(tmp_path / "." / "chat.jsonl")], out=str(tmp_path / "c"))
+    other = write_jsonl(tmp_path / "other.jsonl", sharegpt_slice(1))  # the first row of chat.jsonl again
+    run_dump(DumpConfig(model=str(tiny_llama), data=[str(data), str(other)], out=str(tmp_path / "c"), max_length=128))
+    err = capfd.readouterr().err
+    assert "warning: 1 of 4 rows repeat an earlier row exactly (e.g. " in err and "other.jsonl row 1 = " in err

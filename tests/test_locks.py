@@ -120,3 +120,29 @@ def test_a_second_ablate_is_refused_while_the_first_trains_or_evaluates(tmp_path
     res = ab.run_ablate(cfg, a)
     assert seen and len(res["results"]) == (4 if sweep else 2)
     assert json.loads((tmp_path / "abl" / "results.json").read_text())["best"] == res["best"]
+
+
+@pytest.mark.parametrize("second", [dict(resume=True), dict(overwrite=True)])
+def test_a_second_generate_into_the_same_file_is_refused_while_the_first_runs(tmp_path, monkeypatch, second):
+    """generate holds a lock on its output file: a second --resume or --overwrite started from inside the first's
+    first batch is refused, and the first writes every row once."""
+    import medusa_cache.generate as gen
+    from medusa_cache.demo import DEMO
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("\n".join((DEMO / "prompts.jsonl").read_text().splitlines()[:4]) + "\n")
+    cfg = gen.GenerateConfig(model=str(DEMO / "stories260K"), prompts=str(prompts), out=str(tmp_path / "g.jsonl"),
+                             max_new_tokens=6, batch_size=2)
+    real, seen = gen._generate_window, []
+
+    def inside(*a, **k):
+        if not seen:
+            seen.append(1)
+            with pytest.raises(UserError, match="another medusa-cache command is writing"):
+                gen.generate(replace(cfg, **second))
+        return real(*a, **k)
+
+    monkeypatch.setattr(gen, "_generate_window", inside)
+    assert gen.generate(cfg) == 4
+    rows = (tmp_path / "g.jsonl").read_text().splitlines()
+    assert seen and len(rows) == 4 and len(set(rows)) == 4

@@ -454,3 +454,18 @@ def test_vectorised_targets_equal_the_per_piece_definition(tmp_path):
     want = np.concatenate([targets_for(labels, offsets, (s, int(offsets[s]), int(offsets[s + 1])), 4)
                            for s in range(30)])
     assert np.array_equal(all_targets(labels, offsets, 4), want)
+
+
+def test_validation_counts_targets_outside_a_small_draft_vocabulary_as_misses(tmp_path):
+    """--draft-vocab-size 2 keeps 2 of 40 tokens: validation top-1 can be no higher than their share of the targets
+    (as eval counts it), however well the heads predict the 2 tokens."""
+    from medusa_cache.store import Cache
+
+    learnable_cache(tmp_path / "c")
+    res = train(TrainConfig(cache=str(tmp_path / "c"), out=str(tmp_path / "h"), num_heads=2, lr=3e-2, epochs=3,
+                            batch_tokens=256, grad_accum=1, val_fraction=0.2, draft_vocab_size=2))
+    c = Cache(str(tmp_path / "c"))
+    ids, mask = c.array("input_ids"), c.array("loss_mask").astype(bool)
+    kept = np.argsort(-c.array("token_counts"), kind="stable")[:2]
+    share = np.isin(ids[mask], kept).mean()
+    assert share < 0.1 and 0 < res["val_top1"][0] <= share + 0.02, (res["val_top1"], share)

@@ -190,6 +190,11 @@ def _generate(cfg: GenerateConfig, out: Path, existed: bool) -> int:
         tok.pad_token = tok.eos_token or tok.unk_token
     if any(r.text is None for r in rows) and not getattr(tok, "chat_template", None):
         raise UserError("--prompts: chat rows need a tokenizer with a chat template")
+    from transformers import AutoConfig
+
+    limit = getattr(AutoConfig.from_pretrained(cfg.model), "max_position_embeddings", None)
+    for r in rows:  # every first prompt checked before any generation (later turns: when they are built)
+        check_positions(_first_prompt_length(r, tok, cfg), limit, cfg, r.where)
     jobs = [(g, a, r) for g, r in enumerate(rows) for a in range(cfg.num_answers)]  # (prompt, answer, row)
     window = cfg.batch_size * WINDOW_BATCHES
     done = _complete_lines(out, window) if (cfg.resume and existed) else 0
@@ -339,11 +344,31 @@ def _conversation(row, tok, cfg: GenerateConfig) -> list[dict]:
     return messages
 
 
+def _first_prompt_length(row, tok, cfg: GenerateConfig) -> int:
+    """Tokens of the row's first prompt: its text, or the conversation up to its first assistant turn."""
+    if row.text is not None:
+        return len(tok(row.text)["input_ids"])
+    conv = _conversation(row, tok, cfg)
+    k = next((i for i, m in enumerate(conv) if m["role"] == "assistant"), len(conv))
+    return len(tok(tok.apply_chat_template(conv[:k], tokenize=False, add_generation_prompt=True),
+                   add_special_tokens=False)["input_ids"])
+
+
+def check_positions(prompt: int, limit: int | None, cfg: GenerateConfig, where: str) -> None:
+    """A prompt and its answer must fit the model's positions (beyond them the model writes garbage, silently)."""
+    if limit and prompt + cfg.max_new_tokens > limit:
+        raise UserError(f"--prompts: {where}: the prompt has {prompt} tokens; with --max-new-tokens "
+                        f"{cfg.max_new_tokens} the answer would run past the model's {limit} positions "
+                        f"(max_position_embeddings): shorten the prompt, lower --max-new-tokens to at most "
+                        f"{max(0, limit - prompt)}, or leave the row out")
+
+
 def _regenerate_chats(model, tok, rows: list, cfg: GenerateConfig) -> list[list[dict]]:
     """Every assistant turn of every row regenerated from the conversation up to it: round k answers the k-th
     assistant turn of all rows that have one, in batches of ``--batch-size`` grouped by prompt length (left
     padding), so a batch of chats costs as many ``generate()`` calls as a batch of text rows per turn."""
     convs = [_conversation(r, tok, cfg) for r in rows]
+    positions = getattr(model.config, "max_position_embeddings", None)
     done: list[list[dict]] = [[] for _ in rows]  # the regenerated conversation so far
     pos = [0] * len(rows)  # next message of each conversation
     while True:
@@ -357,6 +382,8 @@ def _regenerate_chats(model, tok, rows: list, cfg: GenerateConfig) -> list[list[
         if not jobs:
             return done
         lengths = {i: len(tok(p, add_special_tokens=False)["input_ids"]) for i, p in jobs}
+        for i, _ in jobs:
+            check_positions(lengths[i], positions, cfg, rows[i].where)
         jobs.sort(key=lambda j: lengths[j[0]])
         prompt = dict(jobs)
         for idx in _batches([i for i, _ in jobs], lengths, cfg):

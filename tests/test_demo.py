@@ -125,3 +125,13 @@ def test_several_sampled_answers_per_prompt_are_adjacent_marked_and_resume_exact
     assert val.size and all(ref[s]["group"] not in held for s in train_seqs)
     with pytest.raises(Exception, match="--num-answers: several answers per prompt need sampling"):
         GenerateConfig(out="x", **{**cfg, "temperature": 0.0})
+
+
+def test_a_prompt_that_would_run_past_the_models_positions_is_refused_by_line(tmp_path):
+    """stories260K has 512 positions: a 600-token prompt is refused naming its line, before anything is written."""
+    p = tmp_path / "p.jsonl"
+    p.write_text(json.dumps({"text": "Once upon a time"}) + "\n" + json.dumps({"text": "the dog ran " * 200}) + "\n")
+    with pytest.raises(Exception, match=r"--prompts: .*p.jsonl:2: the prompt has \d+ tokens; with --max-new-tokens "
+                                        r"8 the answer would run past the model's 512 positions"):
+        generate(GenerateConfig(model=MODEL, prompts=str(p), out=str(tmp_path / "g.jsonl"), max_new_tokens=8))
+    assert not (tmp_path / "g.jsonl").exists()

@@ -26,14 +26,14 @@ def open_caches(cfg: TrainConfig) -> tuple[Cache, Cache | None]:
     val.require_complete(cfg.allow_partial)
     val.require_compatible(cache.meta.fingerprints.get("model"), cache.hidden_size, cfg.num_heads,
                            f"--cache {cfg.cache}", "--val-cache")
+    if val.data_fingerprint() == cache.data_fingerprint():  # before any re-mapping: the content, not the vocabulary
+        raise UserError(f"--val-cache: {cfg.val_cache} holds the same data as --cache {cfg.cache}; validating "
+                        "on training data measures nothing: dump a held-out file, or drop --val-cache to hold "
+                        "out --val-fraction of the sequences")
     if cache.mapping().fingerprint() != val.mapping().fingerprint() and cfg.draft_vocab_size is not None:
         val.remap(cache.mapping())  # the training cache's re-mapped vocabulary, never one of its own
     if val.mapping().fingerprint() != cache.mapping().fingerprint():
         raise UserError(f"--val-cache: {cfg.val_cache} uses a different draft vocabulary than {cfg.cache}")
-    if val.content_fingerprint() == cache.content_fingerprint():
-        raise UserError(f"--val-cache: {cfg.val_cache} holds the same data as --cache {cfg.cache}; validating "
-                        "on training data measures nothing: dump a held-out file, or drop --val-cache to hold "
-                        "out --val-fraction of the sequences")
     return cache, val
 
 

@@ -219,9 +219,19 @@ def test_resume_refuses_a_changed_cache_and_a_val_cache(tmp_path, dumped):
     train(TrainConfig(**{**base, "cache": str(other), "max_steps": 3, "resume": True}))
 
 
-def test_val_cache_equal_to_cache_is_refused(tmp_path, dumped):
+def test_val_cache_equal_to_cache_is_refused(tmp_path, dumped, tiny_llama):
     with pytest.raises(UserError, match="--val-cache: .* holds the same data as --cache"):
         train(TrainConfig(cache=str(dumped), val_cache=str(dumped), out=str(tmp_path / "h")))
+    assert not (tmp_path / "h").exists()
+    # the same rows dumped at another draft vocabulary size are the same data, with or without re-mapping
+    from medusa_cache.dump import DumpConfig, run_dump
+
+    run_dump(DumpConfig(model=str(tiny_llama), data=[str(dumped.parent / "chat.jsonl")], out=str(tmp_path / "v"),
+                        draft_vocab_size=200, dtype="float32", max_length=256))
+    for n in (None, 300, 100):
+        with pytest.raises(UserError, match="--val-cache: .* holds the same data as --cache"):
+            train(TrainConfig(cache=str(dumped), val_cache=str(tmp_path / "v"), out=str(tmp_path / "h"),
+                              draft_vocab_size=n))
     assert not (tmp_path / "h").exists()
 
 

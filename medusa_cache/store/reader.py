@@ -78,6 +78,14 @@ class Cache:
              "hidden_dtype": self.hidden_dtype, "hidden_size": self.hidden_size}
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
+    def data_fingerprint(self) -> str:
+        """The data the store holds, whatever its draft vocabulary and storage: two dumps of the same rows at two
+        vocabulary sizes (or one re-mapped), dtypes or layouts are the same data."""
+        how = ("vocab", "vocab_mapping", "dtype", "hidden_codec", "keep_rows", "hidden_compression")  # not what
+        fps = {k: v for k, v in self.attrs.get("fingerprints", {}).items() if k not in how}
+        d = {"fingerprints": fps, "n_tokens": self.n_tokens, "n_seqs": self.n_seqs}
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
     def mapping(self) -> VocabMapping:
         if self._remapped is not None:
             return self._remapped[0]

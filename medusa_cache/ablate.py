@@ -140,8 +140,13 @@ def _ablate(cfg: TrainConfig, a: AblateConfig, runs: list[AblationRun], command:
     if separate and rank0:
         from .rundir import claim
 
-        claim(out, kind="ablate", overwrite=cfg.overwrite, inputs={"--cache": cfg.cache, "--val-cache": cfg.val_cache})
-    results = [train(r.cfg, r.specs, kind="train" if separate else "ablate", locked=locked and not separate)
+        claim(out, kind="ablate", overwrite=cfg.overwrite, resume=cfg.resume,
+              inputs={"--cache": cfg.cache, "--val-cache": cfg.val_cache})
+    from .checkpoint import CHECKPOINT
+
+    # --resume: each run continues from its checkpoint; a run that had not started yet starts now
+    results = [train(replace(r.cfg, resume=r.cfg.resume and (Path(r.cfg.out) / CHECKPOINT).exists()), r.specs,
+                     kind="train" if separate else "ablate", locked=locked and not separate, command="ablate")
                for r in runs]
     if not rank0:
         return {}  # under torchrun the ranks train together; rank 0 evaluates and reports

@@ -23,7 +23,7 @@ def inputs(cfg: TrainConfig) -> dict:
 
 
 def claim_or_resume(cfg: TrainConfig, settings: dict, group: int, lock: list, kind: str = "train",
-                    locked: bool = False) -> dict | None:
+                    locked: bool = False, command: str = "train") -> dict | None:
     """Lock and claim --out (rank 0; the lock is appended to ``lock`` and held until the run ends; ``locked``: the
     caller holds it already). Fresh: write the resolved config. Resume: check the contract, return the checkpoint."""
     from .store import WriterLock
@@ -31,7 +31,9 @@ def claim_or_resume(cfg: TrainConfig, settings: dict, group: int, lock: list, ki
     if not locked:
         lock.append(WriterLock(cfg.out, "train"))
     if cfg.resume and not (Path(cfg.out) / CHECKPOINT).exists():
-        raise UserError(f"--resume: no checkpoint in {cfg.out}")
+        raise UserError(f"--resume: no checkpoint in {cfg.out}" + (
+            "; without --resume the run starts afresh (add --overwrite if the directory holds files)"
+            if command == "train" else ""))
     if not cfg.resume:
         out = rundir.claim(cfg.out, kind=kind, overwrite=cfg.overwrite, inputs=inputs(cfg))
         (out / "train_config.json").write_text(json.dumps(to_dict(cfg), indent=2))
@@ -42,7 +44,7 @@ def claim_or_resume(cfg: TrainConfig, settings: dict, group: int, lock: list, ki
         raise UserError(f"--resume: {out} was trained with {ck['group']} micro-batches per step "
                         f"(processes x --grad-accum), this run has {group}; keep the product the same")
     stored, settings = upgrade_settings(ck.get("settings"), settings, out)
-    rundir.check_resume(stored, settings, out)
+    rundir.check_resume(stored, settings, out, command)
     rundir.claim(out, kind=kind, resume=True, inputs=inputs(cfg))
     rundir.trim_metrics(out / "metrics.jsonl", ck["step"], ck["epoch"])
     return ck

@@ -140,7 +140,18 @@ def resume_settings(cfg: Any, cache_fp: str, val_fp: str | None) -> dict[str, An
     return s
 
 
-def check_resume(stored: dict[str, Any], now: dict[str, Any], out: Path) -> None:
+def rerun_hint(command: str) -> str:
+    """How to continue an interrupted run, as the user types it: train reads its stored settings back; ablate is
+    rerun as it was (its --cache and head counts are not stored in one place), plus --resume."""
+    if command == "train":
+        return "rerun with --resume"
+    return f"rerun the same `medusa-cache {command}` command with --resume"
+
+
+ABLATE_FLAGS = {"num_heads": "--heads", "num_layers": "--layers", "lr": "--lr"}  # ablate's names for train's settings
+
+
+def check_resume(stored: dict[str, Any], now: dict[str, Any], out: Path, command: str = "train") -> None:
     diff = [k for k in stored if stored[k] != now.get(k)]
     if "split" in diff:  # no flag changes it: the rule that draws the held-out split did
         raise UserError(f"--resume: {out} was started when the held-out split was drawn by sequence; this cache "
@@ -148,10 +159,13 @@ def check_resume(stored: dict[str, Any], now: dict[str, Any], out: Path) -> None
                         "prompts, which are now held out together (no answer to a held-out prompt is trained on), so "
                         "the run cannot continue as it began: start it again with --overwrite")
     if diff:
-        parts = [f"{flag(k.split(' ')[0])}{' ' + k.split(' ', 1)[1] if ' ' in k else ''}: checkpoint "
+        names = ABLATE_FLAGS if command == "ablate" else {}
+        parts = [f"{names.get(k) or flag(k.split(' ')[0])}{' ' + k.split(' ', 1)[1] if ' ' in k else ''}: checkpoint "
                  f"{stored[k]!r}, now {now.get(k)!r}" for k in diff]
+        how = "Give the stored values, or just --resume" if command == "train" else \
+            f"Give the stored values: rerun the `medusa-cache {command}` command as it was, with --resume"
         raise UserError(f"--resume: {out} cannot continue with changed settings (the run would differ from an "
-                        f"uninterrupted one): {'; '.join(parts)}. Give the stored values, or just --resume")
+                        f"uninterrupted one): {'; '.join(parts)}. {how}")
 
 
 def trim_metrics(path: Path, step: int, epoch: int) -> None:

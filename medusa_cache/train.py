@@ -43,7 +43,7 @@ __all__ = ["Run", "TrainConfig", "render_summary", "split", "train"]
 
 # --------------------------------------------------------------------------------------------------
 def train(cfg: TrainConfig, variants: list[tuple[str, int, float]] | None = None, kind: str = "train",
-          locked: bool = False) -> dict:
+          locked: bool = False, command: str = "train") -> dict:
     """Train heads on ``cfg.cache`` into ``cfg.out``; returns the final metrics. Three phases: ``Run(...)``
     (everything that can refuse the run, before ``--out`` is touched, then the claim of ``--out`` and the resume),
     ``Run.fit`` (epochs of optimizer steps, each epoch ending with ``Run.validate``), ``Run.finish`` (heads written).
@@ -57,10 +57,11 @@ def train(cfg: TrainConfig, variants: list[tuple[str, int, float]] | None = None
     accumulation A take the same steps as one process with accumulation W x A (tested with gloo).
 
     ``locked``: the caller holds the lock on ``cfg.out`` (ablate, for its whole run) and keeps it after training.
+    ``command``: the command the user runs (its resume hints name that command's way to continue).
     """
     locks: list = []  # rank 0's lock on --out, held from before the claim until the heads are written
     try:
-        run = Run(cfg, variants, locks, kind, locked)
+        run = Run(cfg, variants, locks, kind, locked, command)
         try:
             run.fit()
         finally:
@@ -79,7 +80,8 @@ class Run:
     """The state of one training run and its phases (litgpt's setup / fit / validate, as methods)."""
 
     def __init__(self, cfg: TrainConfig, variants: list[tuple[str, int, float]] | None, locks: list,
-                 kind: str = "train", locked: bool = False):
+                 kind: str = "train", locked: bool = False, command: str = "train"):
+        self.command = command
         from . import dist
 
         self.cfg, self.out, self.device = cfg, Path(cfg.out), cfg.device
@@ -97,7 +99,8 @@ class Run:
         val_fp = self.val_cache.content_fingerprint() if self.val_cache is not None else None
         self.train_seqs, self.val_seqs, rule = split(self.cache, cfg, with_rule=True)
         self.settings = {**rundir.resume_settings(cfg, self.cache.content_fingerprint(), val_fp), "split": rule}
-        dist.on_rank0(lambda: checkpoint.claim_or_resume(cfg, self.settings, self.group, locks, kind, locked),
+        dist.on_rank0(lambda: checkpoint.claim_or_resume(cfg, self.settings, self.group, locks, kind, locked,
+                                                                 command),
                       self.rank)
         # the data: sequences, blocks, the epoch's batches (a pure function of seed and epoch)
         if len(self.train_seqs) == 0:
@@ -180,7 +183,8 @@ class Run:
                 if self.stop.agreed():  # SIGINT/SIGTERM: this step is finished; keep it and leave
                     self.save(self.epoch, g + 1)
                     raise Interrupted(f"interrupted at step {self.step}; checkpoint written to "
-                                      f"{self.out / checkpoint.CHECKPOINT}; rerun with --resume", self.stop.signum)
+                                      f"{self.out / checkpoint.CHECKPOINT}; {rundir.rerun_hint(self.command)}",
+                                      self.stop.signum)
                 if self.step % cfg.checkpoint_every == 0 or (
                         cfg.checkpoint_minutes and time.monotonic() - self.last_save >= 60 * cfg.checkpoint_minutes):
                     self.save(self.epoch, g + 1)

@@ -146,3 +146,28 @@ def test_a_second_generate_into_the_same_file_is_refused_while_the_first_runs(tm
     assert gen.generate(cfg) == 4
     rows = (tmp_path / "g.jsonl").read_text().splitlines()
     assert seen and len(rows) == 4 and len(set(rows)) == 4
+
+
+def test_an_interrupted_draft_vocabulary_sweep_resumes_as_its_hint_says(tmp_path):
+    """Ctrl-C in the second run of `ablate --draft-vocab`: the hint says to rerun the same command with --resume,
+    which continues (the finished run kept, the interrupted one from its checkpoint) and ends with the report; a
+    changed setting is named by ablate's own flag."""
+    from conftest import run_cli, run_fault
+    from test_train import learnable_cache
+
+    learnable_cache(tmp_path / "c")
+    args = ["ablate", "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "abl"), "--heads", "1,2", "--epochs",
+            "2", "--lr", "1e-2", "--batch-tokens", "256", "--grad-accum", "1", "--val-fraction", "0.2",
+            "--tree-budget", "4", "--verify-cost", "0.01", "--draft-vocab", "20,30", "--checkpoint-every", "1"]
+    p = run_fault("medusa_cache.train:Run.optimizer_step", 30, "SIGINT", *args)
+    assert p.returncode == 130, p.stderr
+    assert "rerun the same `medusa-cache ablate` command with --resume" in p.stderr
+    assert (tmp_path / "abl" / "runs" / "V20" / "medusa_lm_head.safetensors").exists() or \
+        (tmp_path / "abl" / "runs" / "V20" / "variants").exists()
+    bad = run_cli(*[a if a != "1,2" else "1,3" for a in args], "--resume", check=False)
+    assert bad.returncode == 2 and "--heads: checkpoint 2, now 3" in bad.stderr, bad.stderr
+    done = run_cli(*args, "--resume")
+    assert "best:" in done.stdout
+    res = json.loads((tmp_path / "abl" / "results.json").read_text())
+    assert sorted((r["draft_vocab_size"], r["num_heads"]) for r in res["results"]) == [(20, 1), (20, 2), (30, 1),
+                                                                                      (30, 2)]

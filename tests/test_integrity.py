@@ -72,3 +72,18 @@ def test_the_plain_verify_reads_every_small_array(tmp_path, stores):
     res = verify(str(store))
     assert not res["healthy"] and any("labels" in p and "checksum" in p.lower() for p in res["problems"]), \
         res["problems"]
+
+
+def test_a_run_refused_on_a_damaged_chunk_leaves_nothing_that_blocks_the_rerun(tmp_path, stores, capsys):
+    """train finds the flipped hidden chunk while reading, after claiming --out: it leaves no files behind, so the
+    same command run again gives the same one-line error (not "already exists" or "no checkpoint")."""
+    store = tmp_path / "c"
+    shutil.copytree(stores / "plain", store)
+    _flip(_chunk_file(store, "hidden"))
+    args = ["train", "--cache", str(store), "--out", str(tmp_path / "h"), "--num-heads", "2", "--epochs", "1",
+            "--batch-tokens", "512"]
+    for _ in range(2):
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert "hidden" in err and "re-dump" in err and "already exists" not in err, err
+        assert not (tmp_path / "h").exists() or not any((tmp_path / "h").iterdir())

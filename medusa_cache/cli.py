@@ -46,8 +46,8 @@ def _verify(cfg) -> None:
     if cfg.json:
         print(json.dumps(res, indent=2))
     else:
-        print(f"{res['store']}: {'healthy' if res['healthy'] else 'PROBLEMS'} ({res['units_done']} units"
-              f"{', deep' if res['deep'] else ''})")
+        print(f"{res['store']}: {'healthy' if res['healthy'] else 'PROBLEMS'} ({res['units_done']} units; "
+              f"checked: {res['checked']})")
         for p in res["problems"]:
             print(f"  - {p}")
     if not res["healthy"]:

@@ -76,6 +76,23 @@ def check_checksums(cache: Cache) -> None:
             r.shard_file(int(k))
 
 
+def chunk_checksums(cache: Cache) -> tuple[list[str], bool]:
+    """(problems, whether the hidden shards' bytes were read): every chunk of every done shard of ``hidden`` (and
+    ``hidden_scale``) checked against its CRC32C from the bytes alone, nothing decoded (plain ``verify``). Stores on
+    object storage are not read here (False): ``verify --deep`` decodes them through zarr."""
+    problems, read = [], True
+    for name in ("hidden", "hidden_scale"):
+        if name not in cache.group:
+            continue
+        r = cache.reads.reader(name)
+        if r is None:
+            read = False
+            continue
+        for k in np.flatnonzero(cache.done_units()):
+            problems += r.check_shard(int(k))
+    return problems, read
+
+
 def structure(cache: Cache) -> list[str]:
     """Offsets, every present array's shape (``spec.ARRAYS``), and ``row_kept`` against the loss mask."""
     problems = []

@@ -86,6 +86,26 @@ class ShardReader:
             self.index[k] = (mm, idx)
         return self.index[k]
 
+    def check_shard(self, k: int) -> list[str]:
+        """Problems of shard k found from its bytes alone, nothing decoded: a truncated file or index, and every chunk
+        whose CRC32C (format 5) disagrees with its bytes."""
+        import google_crc32c
+
+        try:
+            mm, idx = self.shard_file(k)
+        except ChunkError as e:
+            return [str(e)]
+        if idx is None or not self.checksummed:
+            return []
+        bad = []
+        for j, (off, nb) in enumerate(idx.tolist()):
+            if off == self.EMPTY:
+                continue
+            raw = mm[off : off + nb]
+            if len(raw) < 4 or google_crc32c.value(bytes(raw[:-4])) != int(np.frombuffer(raw[-4:], "<u4")[0]):
+                bad.append(str(self._bad(k, "fails its checksum", k * self.per_shard + j)))
+        return bad
+
     def read(self, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
         """Rows [start, stop) (into ``out`` when given, which may be a strided view); compressed chunks are decoded on
         up to ``READ_THREADS`` threads (Blosc releases the GIL), each into its own rows of the output."""

@@ -36,10 +36,15 @@ def inspect_store(path: str, coverage: list[int] | None = None) -> dict[str, Any
     done = c.done_units()
     disk = c.disk_bytes()
     assistant = counts.get("assistant_tokens", 0)
+    from .store.spec import ARRAYS
+
+    missing = [a.name for a in ARRAYS if a.present(c.meta) and a.name not in c.group]
     return {
         "store": c.path,
         "format_version": c.meta.medusa_cache,
-        "complete": c.complete,
+        # the flag the dump set, unless an array is gone since: then the store is not whole, whatever the flag says
+        "complete": c.complete if not missing else
+        f"False: array {', '.join(missing)} missing (the dump finished, the store was damaged since): re-dump it",
         "units_done": f"{int(done.sum())}/{c.n_units}",
         "sequences": c.n_seqs,
         "tokens": c.n_tokens,

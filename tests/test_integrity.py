@@ -110,3 +110,24 @@ def test_the_plain_verify_checks_every_hidden_chunk_by_its_checksum(tmp_path, st
     shutil.rmtree(store)
     shutil.copytree(stores / "plain", store)
     assert main(["verify", str(store)]) == 0 and "healthy" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", ["hidden", "seq_offsets", "labels", "input_ids"])
+def test_a_missing_array_is_named_once_by_every_command(tmp_path, stores, name, capsys):
+    """An array's zarr.json deleted: verify names it once (exit 1), inspect does not call the store complete, and
+    train, eval and inspect give one line naming it, never a traceback."""
+    store = tmp_path / "c"
+    shutil.copytree(stores / "plain", store)
+    (store / name / "zarr.json").unlink()
+    with pytest.raises(SystemExit):
+        main(["verify", str(store)])
+    out = capsys.readouterr().out
+    assert out.count(f"array {name} is missing") == 1 and "Traceback" not in out, out
+    for args in (["train", "--cache", str(store), "--out", str(tmp_path / "h"), "--num-heads", "2"],
+                 ["eval", "--heads", str(stores / "heads"), "--cache", str(store)]):
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"{name}" in err and "missing" in err, err
+    code = main(["inspect", str(store)])
+    out, err = capsys.readouterr()
+    assert (code == 2 and f"array {name} is missing" in err) or f"complete: False: array {name} missing" in out

@@ -43,6 +43,10 @@ class Cache:
                             f"({FORMAT_VERSION}); upgrade medusa-cache")
         self.meta = StoreMeta.from_attrs(self.attrs, self.path)
         audit.check_metadata(self)
+        for name in ("hidden", "seq_offsets"):  # what every reader needs at open: a missing one named, as the others
+            if name not in self.group:
+                raise ChunkError(f"{self.path}: array {name} is missing (no {name}/zarr.json): the store is damaged: "
+                                 "re-dump it (or restore the file)")
         self.hidden = self.group["hidden"]
         self.hidden_dtype: str = self.meta.hidden_dtype
         self.codec: str = self.meta.hidden_codec
@@ -99,6 +103,9 @@ class Cache:
 
     def stored(self, name: str) -> np.ndarray:
         """A whole array as stored, every chunk checksum-checked (format 5) and any failure named."""
+        if name not in self.group:
+            raise ChunkError(f"{self.path}: array {name} is missing (no {name}/zarr.json): the store is damaged: "
+                             "re-dump it (or restore the file)")
         try:
             return self.group[name][:]
         except Exception as e:  # noqa: BLE001 - a chunk that fails its checksum or cannot be decoded

@@ -260,6 +260,9 @@ def _run(args: argparse.Namespace) -> None:
     c.run(build_config(_class(c.config), args, getattr(args, "config", None) if c.config_file else None, base=base))
 
 
+FSSPEC_PACKAGES = ("s3fs", "gcsfs", "adlfs")  # what fsspec needs for s3://, gs://, az:// store URLs
+
+
 def library_failure(e: BaseException) -> str | None:
     """One line for a failure of a library on bad input (a path, a template, a store, a credential), naming the
     thing and what to do; None for anything else (a bug: its traceback is kept)."""
@@ -268,8 +271,11 @@ def library_failure(e: BaseException) -> str | None:
         where = f" (line {e.lineno})" if getattr(e, "lineno", None) else ""
         return (f"the chat template does not render: {name}: {e}{where}; fix --chat-template or the tokenizer's "
                 "chat_template")
-    if isinstance(e, ModuleNotFoundError) and e.name in ("s3fs", "gcsfs", "adlfs"):
-        return f"this store URL needs the {e.name} package: pip install 'medusa-cache[s3]' (or {e.name})"
+    if isinstance(e, ImportError):  # ModuleNotFoundError, or fsspec's plain ImportError("Install s3fs to access S3")
+        pkg = e.name if getattr(e, "name", None) in FSSPEC_PACKAGES else next(
+            (p for p in FSSPEC_PACKAGES if p in str(e)), None)
+        if pkg:
+            return f"this store URL needs the {pkg} package: pip install 'medusa-cache[s3]' (or {pkg})"
     if module.startswith(("botocore", "aiobotocore")):
         hint = "set AWS credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or a profile)" if "Credentials" in name \
             else "check the bucket name, the endpoint (AWS_ENDPOINT_URL) and your permissions"

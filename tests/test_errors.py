@@ -356,3 +356,18 @@ def test_docs_errors_md_lists_every_case():
         assert row is not None, name
         assert f"`{command}`" in row and expected in row and f"| {code} |" in row
     assert re.search("nothing", doc)
+
+
+def test_a_store_url_without_its_fsspec_package_is_one_line(monkeypatch, capsys):
+    """fsspec raises a plain ImportError("Install s3fs to access S3") when s3fs is missing: one line naming the
+    package to install, never a traceback."""
+    import medusa_cache.info as info
+    from medusa_cache.cli import main
+
+    def missing(*a, **k):
+        raise ImportError("Install s3fs to access S3")
+
+    monkeypatch.setattr(info, "inspect_store", missing)
+    assert main(["inspect", "s3://bucket/cache.zarr"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "needs the s3fs package: pip install 'medusa-cache[s3]'" in err, err

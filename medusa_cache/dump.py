@@ -81,8 +81,12 @@ def _check_inputs(cfg: DumpConfig) -> None:
 
     check_apart(out, {"--model": cfg.model, "--data": cfg.data, "--tokenizer": cfg.tokenizer,
                       "--chat-template": cfg.chat_template, "--vocab-mapping": cfg.vocab_mapping})
+    if not store.is_url(out) and Path(out).exists() and not Path(out).is_dir():
+        raise UserError(f"--out: {out} is a file, not a store (a store is a directory): choose another --out")
     if not store.is_empty(out) and not cfg.resume and not cfg.overwrite:
-        raise UserError(f"--out: {out} already exists; pass --resume to continue it or --overwrite to replace it")
+        hint = "pass --resume to continue it or --overwrite to replace it" if store.is_store(out, partial=True) else \
+            "it is not a medusa-cache store, so --overwrite would refuse to delete it: choose another --out"
+        raise UserError(f"--out: {out} already exists; {hint}")
     if store.is_url(out):
         return
     out = Path(out)

@@ -100,6 +100,25 @@ def dumped_rows(c: Cache, ids: np.ndarray, mp, s: int, forward_tokens: int):
     return out
 
 
+def damaged_chunks(c: Cache, name: str) -> list[str]:
+    """Which chunks of a small array cannot be read (checksum or decoding), each with its rows and the shard (unit)
+    of the hidden states it belongs to."""
+    arr = c.group[name]
+    step = int(arr.chunks[0])
+    out = []
+    for i in range(-(-int(arr.shape[0]) // step)):
+        a, b = i * step, min((i + 1) * step, int(arr.shape[0]))
+        try:
+            arr[a:b]
+        except Exception as e:  # noqa: BLE001 - zarr raises the codec's own error
+            why = "fails its checksum" if "checksum" in str(e).lower() or "crc" in str(e).lower() else \
+                f"cannot be decoded ({type(e).__name__})"
+            where = f", unit {a // c.shard_tokens}" if name in ("input_ids", "loss_mask", "labels") else ""
+            out.append(f"array {name}: chunk {i} (rows {a}:{b}{where}) {why}: the file changed after the dump wrote "
+                       "it; re-dump the store (or restore the file)")
+    return out or [f"array {name} cannot be read: re-dump the store (or restore the file)"]
+
+
 def verify(path: str, deep: bool = False, model: str | None = None, samples: int = 4,
            allow_partial: bool = False) -> dict[str, Any]:
     problems: list[str] = []
@@ -121,14 +140,14 @@ def verify(path: str, deep: bool = False, model: str | None = None, samples: int
         if name in c.group:
             try:
                 c.stored(name)
-            except ChunkError as e:
-                problems.append(str(e))
-    if any(isinstance(p, str) and "cannot be read" in p for p in problems):
+            except ChunkError:
+                problems += damaged_chunks(c, name)
+    if any(p.startswith("array ") and " chunk " in p or "cannot be read" in p for p in problems):
         return {"store": c.path, "healthy": False, "problems": problems, "complete": c.complete,
                 "units_done": "?", "deep": deep, "nonfinite_rows": 0,
                 "checked": "the listing and small arrays; stopped at the unreadable one"}
     problems += audit.structure(c)
-    if not any(p.startswith("array ") and p.endswith(" is missing") for p in problems):  # else named once above
+    if not any(p.startswith("array ") for p in problems):  # a missing or damaged array is named once, above
         problems += audit.consistency(c)
     more, bytes_read = audit.chunk_checksums(c)  # every hidden chunk's bytes against its CRC32C, nothing decoded
     problems += more

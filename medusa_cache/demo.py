@@ -80,7 +80,7 @@ def run_demo(out: str = "medusa-cache-demo", epochs: int = 4, max_new_tokens: in
     stories = o / "stories.jsonl"
     print(f"[1/4] generate: stories260K continues {DEMO / 'prompts.jsonl'} -> {stories}")
     generate(GenerateConfig(model=model, prompts=str(DEMO / "prompts.jsonl"), out=str(stories),
-                            max_new_tokens=max_new_tokens, batch_size=40, resume=stories.exists()))
+                            max_new_tokens=max_new_tokens, batch_size=40, resume=stories.exists()), within=o)
     cache = o / "cache.zarr"
     print(f"[2/4] dump: hidden states after the final norm -> {cache}")
     run_dump(DumpConfig(model=model, data=[str(stories)], out=str(cache), dtype="float32", max_length=512,

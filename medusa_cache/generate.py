@@ -132,8 +132,9 @@ class FileLock:
             self.path.unlink()
 
 
-def generate(cfg: GenerateConfig) -> int:
-    """Write the model's answers to ``cfg.prompts`` into ``cfg.out`` holding its lock; returns the rows."""
+def generate(cfg: GenerateConfig, within: Path | None = None) -> int:
+    """Write the model's answers to ``cfg.prompts`` into ``cfg.out`` holding its lock; returns the rows. ``within``: the
+    output directory of the command calling it (the demo's), where the file belongs."""
     from .dist import check_device
     from .rundir import check_apart
 
@@ -142,6 +143,12 @@ def generate(cfg: GenerateConfig) -> int:
     check_apart(out, {"--prompts": cfg.prompts, "--model": cfg.model})
     if out.exists() and not out.is_file():
         raise UserError(f"--out: {out} exists and is not a file (generate writes one JSONL file)")
+    from .rundir import inside_output
+
+    inside = inside_output(out)
+    if inside and (within is None or inside[0] != Path(within).resolve()):
+        raise UserError(f"--out: {out} lies inside {inside[0]}, {inside[1]}; its --overwrite would delete this file: "
+                        "write it outside")
     if out.exists() and not (cfg.resume or cfg.overwrite):
         raise UserError(f"--out: {out} already exists; pass --resume to continue it or --overwrite to replace it")
     existed = out.exists()

@@ -55,6 +55,18 @@ def check_apart(out: str | Path, inputs: dict[str, str | Path | None] | None, ou
                                 "choose an output apart from the inputs")
 
 
+def inside_output(path: Path) -> tuple[Path, str] | None:
+    """(the directory, what wrote it) when ``path`` lies inside another command's output (a cache store or a marked
+    directory), whose ``--overwrite`` would delete it; else None."""
+    for parent in Path(path).resolve().parents:
+        if store.is_store(parent, partial=True):
+            return parent, "a cache store"
+        by = written_by(parent)
+        if by:
+            return parent, f"the output of `medusa-cache {by}`"
+    return None
+
+
 def own_dir(out: str | Path, kind: str, inputs: dict[str, str | Path | None] | None = None,
             out_flag: str = "--out") -> Path:
     """An output directory of a command without --overwrite (speculate --out, eval --trees-out, demo --out): created

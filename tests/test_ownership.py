@@ -112,3 +112,23 @@ def test_generate_resume_continues_only_the_same_run(tmp_path, outputs, capsys):
     assert main(args + ["--max-new-tokens", "2", "--resume"]) == 2
     assert "different prompts" in capsys.readouterr().err
     assert json.loads(out.read_text().splitlines()[0])["text"].startswith("Once upon a time")
+
+
+def test_generate_refuses_an_output_file_inside_a_store_or_another_commands_output(tmp_path, dumped):
+    """A rows file inside a cache (or an ablate's best/) would be deleted by that output's --overwrite: refused."""
+    import shutil
+
+    from medusa_cache.demo import DEMO
+    from medusa_cache.errors import UserError
+    from medusa_cache.generate import GenerateConfig, generate
+    from medusa_cache.rundir import claim
+
+    shutil.copytree(dumped, tmp_path / "c")
+    claim(tmp_path / "abl", kind="ablate")
+    (tmp_path / "abl" / "best").mkdir()
+    for out, what in ((tmp_path / "c" / "rows.jsonl", "a cache store"),
+                      (tmp_path / "abl" / "best" / "rows.jsonl", "the output of `medusa-cache ablate`")):
+        with pytest.raises(UserError, match=f"--out: .* lies inside .*, {what}; its --overwrite would delete"):
+            generate(GenerateConfig(model=str(DEMO / "stories260K"), prompts=str(DEMO / "heldout_prompts.jsonl"),
+                                    out=str(out)))
+        assert not out.exists()

@@ -21,6 +21,7 @@ no logits are computed (with a 152K vocabulary they would cost ~12x the forward 
 from __future__ import annotations
 
 import json
+import shlex
 import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -280,5 +281,6 @@ def print_summary(s: dict) -> None:
           "re-run at unit edges make it < 1); skipped_input_rows = data rows skipped by --skip-bad-rows; "
           "nonfinite_rows = hidden rows with NaN/Inf (kept, flagged in bad_rows, excluded from training)")
     state = "complete" if s.get("complete") else "INCOMPLETE (rerun with --resume)"
-    print(f"cache {state}: {s['store']}\nnext: medusa-cache verify {s['store']} --deep && "
-          f"medusa-cache train --cache {s['store']} --out heads")
+    q = shlex.quote(str(s["store"]))  # the next commands as they can be pasted into a shell
+    print(f"cache {state}: {s['store']}\nnext: medusa-cache verify {q} --deep && "
+          f"medusa-cache train --cache {q} --out heads")

@@ -7,6 +7,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from shlex import quote as q
 
 from tqdm.auto import tqdm
 
@@ -135,6 +136,6 @@ def render_summary(res: dict) -> str:
         lines.append("no validation (--val-fraction 0 and no --val-cache)")
     lines += [f"heads: {out}/medusa_lm_head.safetensors (+ config.json, vocab_mapping.safetensors); "
               f"checkpoint: {out}/checkpoint.pt; metrics: {out}/metrics.jsonl",
-              f"next: medusa-cache eval --heads {out} --cache HELDOUT.zarr --tree-budget 16,32,64 --trees-out trees",
-              f"      medusa-cache export {out} --format vllm --out {out}-vllm"]
+              f"next: medusa-cache eval --heads {q(out)} --cache HELDOUT.zarr --tree-budget 16,32,64 --trees-out trees",
+              f"      medusa-cache export {q(out)} --format vllm --out {q(f'{out}-vllm')}"]
     return "\n".join(lines)

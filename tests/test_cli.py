@@ -44,3 +44,18 @@ def test_version(capsys):
     with pytest.raises(SystemExit) as e:
         main(["--version"])
     assert e.value.code == 0 and re.fullmatch(r"medusa-cache \d+\.\d+\.\d+\S*\n", capsys.readouterr().out)
+
+
+def test_the_next_commands_train_prints_run_as_printed_with_a_space_in_the_path(tmp_path, dumped):
+    """The `next:` lines are shell-quoted: the export line, split as a shell splits it, runs."""
+    import shlex
+
+    from conftest import run_cli
+
+    out = tmp_path / "my heads"
+    p = run_cli("train", "--cache", str(dumped), "--out", str(out), "--num-heads", "2", "--epochs", "1",
+                "--batch-tokens", "512")
+    export = next(x for x in p.stdout.splitlines() if "medusa-cache export" in x).strip()
+    assert shlex.quote(str(out)) in export
+    run_cli(*shlex.split(export)[1:])
+    assert (tmp_path / "my heads-vllm" / "config.json").exists()

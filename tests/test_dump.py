@@ -267,3 +267,30 @@ def test_a_data_file_given_twice_is_refused_and_repeated_rows_are_named(tmp_path
     run_dump(DumpConfig(model=str(tiny_llama), data=[str(data), str(other)], out=str(tmp_path / "c"), max_length=128))
     err = capfd.readouterr().err
     assert "warning: 1 of 4 rows repeat an earlier row exactly (e.g. " in err and "other.jsonl row 1 = " in err
+
+
+@pytest.mark.parametrize("model_name", ["tiny_llama", "tiny_qwen", "stories"])
+def test_the_cached_states_are_what_lm_head_reads(tmp_path, model_name, request):
+    """Every claim about the cache rests on this: lm_head(cached hidden) equals the logits of a plain
+    ``model(ids)``, with no knowledge of how the backbone is called (a model whose base_model output is not the
+    lm_head input, or a future transformers, fails here)."""
+    from transformers import AutoModelForCausalLM
+
+    from conftest import STORIES
+    from medusa_cache.store import Cache
+
+    model_dir = STORIES if model_name == "stories" else request.getfixturevalue(model_name)
+    rows = [{"text": "Once upon a time there was a little dog who liked to run."},
+            {"text": "The sun was warm and the children played in the park all day long."}]
+    data = write_jsonl(tmp_path / "t.jsonl", rows)
+    run_dump(DumpConfig(model=str(model_dir), data=[str(data)], out=str(tmp_path / "c"), dtype="float32",
+                        max_length=64))
+    c = Cache(str(tmp_path / "c"))
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    ids = c.array("input_ids")
+    for s in range(c.n_seqs):
+        a, b = int(c.offsets[s]), int(c.offsets[s + 1])
+        with torch.no_grad():
+            want = model(torch.from_numpy(ids[a:b].astype("int64"))[None]).logits[0]
+            got = model.get_output_embeddings()(c.reads.rows(a, b).float())
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

@@ -1,4 +1,8 @@
-"""The core claim: taking the backbone out of the training loop changes nothing (float32 cache = online)."""
+"""The core claim: taking the backbone out of the training loop changes nothing (float32 cache = online).
+
+The online reference here runs the backbone through ``ModelPass`` inside the loop, the same pass the dump uses; that
+this pass yields what the model's lm_head reads (so the heads are trained on the right states) is checked against a
+plain ``model(ids).logits`` in tests/test_dump.py (``test_the_cached_states_are_what_lm_head_reads``)."""
 
 from __future__ import annotations
 

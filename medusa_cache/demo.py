@@ -60,7 +60,7 @@ def _plot_measured(ablate_dir: Path, best: dict, spec: dict) -> None:
     """Redraw ablate's acceptance.png with the measured tokens per step of the decoded heads as a star."""
     import json
 
-    from .ablate import plot
+    from .ablate_plots import plot
 
     res = json.loads((ablate_dir / "results.json").read_text())
     rows = res["results"]

@@ -104,34 +104,6 @@ def _complete_lines(path: Path, window: int) -> int:
     return keep_lines
 
 
-class FileLock:
-    """One writer per output file, as ``store.WriterLock`` is per directory: an exclusive ``flock`` on the file (created
-    empty if missing, and removed again if the command then refuses), held for the whole run."""
-
-    def __init__(self, path: Path):
-        import fcntl
-
-        self.path, self.created = path, not path.exists()
-        try:
-            self.fd: int | None = os.open(path, os.O_RDONLY | os.O_CREAT, 0o644)
-        except OSError as e:
-            raise UserError(f"--out: cannot create {path}: {e.strerror}") from None
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self.fd)
-            self.fd = None
-            raise UserError(f"--out: another medusa-cache command is writing {path} right now; wait for it to finish "
-                            "(or stop it), then use --resume, or use another --out") from None
-
-    def release(self, failed: bool = False) -> None:
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
-        if failed and self.created and self.path.exists() and self.path.stat().st_size == 0:
-            self.path.unlink()
-
-
 def generate(cfg: GenerateConfig, within: Path | None = None) -> int:
     """Write the model's answers to ``cfg.prompts`` into ``cfg.out`` holding its lock; returns the rows. ``within``: the
     output directory of the command calling it (the demo's), where the file belongs."""
@@ -157,6 +129,8 @@ def generate(cfg: GenerateConfig, within: Path | None = None) -> int:
             out.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise UserError(f"--out: cannot create {out.parent}: {e.strerror}") from None
+    from .rundir import FileLock
+
     lock = FileLock(out)
     try:
         n = _generate(cfg, out, existed)

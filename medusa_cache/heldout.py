@@ -114,8 +114,7 @@ class HeldOut:
 
 
 def answer_cache(model_dir: str, prompts: str, out: Path, vocab_source: str | None, max_new: int = 256,
-                 dtype: str = "float32", device: str = "cpu", limit: int | None = None,
-                 flag: str = "--heldout-prompts") -> HeldOut:
+                 dtype: str = "float32", device: str = "cpu", limit: int | None = None) -> HeldOut:
     """``out/answers.jsonl`` (every turn's prompt + the model's greedy answer, token rows) and ``out/cache.zarr`` (their
     dump with ``vocab_source``'s draft vocabulary, a store or heads directory; None: the full vocabulary, in ``dtype``);
     reused when ``out/heldout.json`` records the same
@@ -126,6 +125,7 @@ def answer_cache(model_dir: str, prompts: str, out: Path, vocab_source: str | No
     from .fingerprint import file_hash, model_fingerprint
     from .store import Cache, is_store
 
+    flag = "--heldout-prompts"
     rows = read_prompts(prompts, limit, flag)
     settings = {"model": model_fingerprint(model_dir), "prompts": file_hash(Path(prompts)), "max_new_tokens": max_new,
                 "dtype": dtype, "limit": limit, "vocab": str(vocab_source)}

@@ -209,3 +209,31 @@ def stored_train_config(out: str | Path) -> dict[str, Any] | None:
         return json.loads(p.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise UserError(f"--resume: cannot read {p}: {e}") from None
+
+
+class FileLock:
+    """One writer per output file, as ``store.WriterLock`` is per directory: an exclusive ``flock`` on the file (created
+    empty if missing, and removed again if the command then refuses), held for the whole run."""
+
+    def __init__(self, path: Path):
+        import fcntl
+
+        self.path, self.created = path, not path.exists()
+        try:
+            self.fd: int | None = os.open(path, os.O_RDONLY | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise UserError(f"--out: cannot create {path}: {e.strerror}") from None
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self.fd)
+            self.fd = None
+            raise UserError(f"--out: another medusa-cache command is writing {path} right now; wait for it to finish "
+                            "(or stop it), then use --resume, or use another --out") from None
+
+    def release(self, failed: bool = False) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+        if failed and self.created and self.path.exists() and self.path.stat().st_size == 0:
+            self.path.unlink()

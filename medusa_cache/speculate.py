@@ -226,8 +226,8 @@ def check_request(cfg: SpeculateConfig):
     tree paths)."""
     from transformers import AutoConfig, AutoTokenizer
 
+    from .acceptance import load_tree
     from .dist import check_device
-    from .evaluate import load_tree
     from .fingerprint import model_fingerprint
     from .headsdir import load_heads
 

@@ -98,10 +98,9 @@ class Run:
 
     def __init__(self, cfg: TrainConfig, variants: list[tuple[str, int, float]] | None, locks: list,
                  kind: str = "train", locked: bool = False, command: str = "train"):
-        self.command = command
         from . import dist
 
-        self.cfg, self.out, self.device = cfg, Path(cfg.out), cfg.device
+        self.cfg, self.out, self.device, self.cfg_command = cfg, Path(cfg.out), cfg.device, command
         self.rank = torch.distributed.get_rank() if dist.active() else 0
         self.world = torch.distributed.get_world_size() if dist.active() else 1
         self.group = self.world * cfg.grad_accum  # micro-batches per optimizer step, all ranks together
@@ -116,9 +115,8 @@ class Run:
         val_fp = self.val_cache.content_fingerprint() if self.val_cache is not None else None
         self.train_seqs, self.val_seqs, rule = split(self.cache, cfg, with_rule=True)
         self.settings = {**rundir.resume_settings(cfg, self.cache.content_fingerprint(), val_fp), "split": rule}
-        dist.on_rank0(lambda: checkpoint.claim_or_resume(cfg, self.settings, self.group, locks, kind, locked,
-                                                                 command),
-                      self.rank)
+        claim = (cfg, self.settings, self.group, locks, kind, locked, command)
+        dist.on_rank0(lambda: checkpoint.claim_or_resume(*claim), self.rank)
         # the data: sequences, blocks, the epoch's batches (a pure function of seed and epoch)
         if len(self.train_seqs) == 0:
             raise UserError(f"--cache: {cfg.cache} has no finished sequences to train on")
@@ -200,7 +198,7 @@ class Run:
                 if self.stop.agreed():  # SIGINT/SIGTERM: this step is finished; keep it and leave
                     self.save(self.epoch, g + 1)
                     raise Interrupted(f"interrupted at step {self.step}; checkpoint written to "
-                                      f"{self.out / checkpoint.CHECKPOINT}; {rundir.rerun_hint(self.command)}",
+                                      f"{self.out / checkpoint.CHECKPOINT}; {rundir.rerun_hint(self.cfg_command)}",
                                       self.stop.signum)
                 if self.step % cfg.checkpoint_every == 0 or (
                         cfg.checkpoint_minutes and time.monotonic() - self.last_save >= 60 * cfg.checkpoint_minutes):

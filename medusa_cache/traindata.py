@@ -8,7 +8,7 @@ import numpy as np
 from .config import flag
 from .errors import UserError
 from .loader import epoch_order, make_batches, make_position_plan
-from .store import Cache
+from .store import Cache, require_complete
 from .trainconfig import TrainConfig
 from .vocab import coverage, top_mapping
 
@@ -16,14 +16,14 @@ from .vocab import coverage, top_mapping
 def open_caches(cfg: TrainConfig) -> tuple[Cache, Cache | None]:
     """The training cache and the optional validation cache, checked against the config and each other."""
     cache = Cache(cfg.cache)
-    cache.require_complete(cfg.allow_partial)
+    require_complete(cache, cfg.allow_partial)
     check_cache_against(cache, cfg)
     if cfg.draft_vocab_size is not None and cfg.draft_vocab_size != cache.meta.draft_vocab_size:
         cache.remap(top_mapping(cache.stored("token_counts"), cfg.draft_vocab_size))
     if not cfg.val_cache:
         return cache, None
     val = Cache(cfg.val_cache)
-    val.require_complete(cfg.allow_partial)
+    require_complete(val, cfg.allow_partial)
     val.require_compatible(cache.meta.fingerprints.get("model"), cache.hidden_size, cfg.num_heads,
                            f"--cache {cfg.cache}", "--val-cache")
     if val.data_fingerprint() == cache.data_fingerprint():  # before any re-mapping: the content, not the vocabulary

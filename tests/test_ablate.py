@@ -13,16 +13,9 @@ from test_train import learnable_cache
 
 from medusa_cache import store
 from medusa_cache.ablate import AblateConfig, run_ablate
+from medusa_cache.acceptance import chain_acceptance, fit_tree, tree_acceptance, validate_tree
 from medusa_cache.errors import UserError
-from medusa_cache.evaluate import (
-    chain_acceptance,
-    evaluate_ranks,
-    fit_tree,
-    head_ranks,
-    topk_accuracy,
-    tree_acceptance,
-    validate_tree,
-)
+from medusa_cache.evaluate import evaluate_ranks, head_ranks, topk_accuracy
 from medusa_cache.heads import MedusaHeads
 from medusa_cache.train import TrainConfig, train
 from medusa_cache.vocab import IGNORE, VocabMapping
@@ -169,7 +162,7 @@ def test_ablate_takes_lr_and_layers_from_its_config_file(tmp_path, monkeypatch):
 
 
 def test_bootstrap_resamples_sequences_not_positions():
-    from medusa_cache.evaluate import bootstrap_ci
+    from medusa_cache.acceptance import bootstrap_ci
 
     # 40 sequences of 50 positions; each sequence is all 1s or all 3s: positions are perfectly correlated
     seq = np.repeat(np.arange(40), 50)
@@ -245,7 +238,7 @@ def _option(name: str, tps: float, ci: list[float], speedup: float) -> dict:
 
 
 def test_a_held_out_set_of_a_few_sequences_or_overlapping_intervals_is_called_out():
-    from medusa_cache.ablate import separation_warning
+    from medusa_cache.ablate_report import separation_warning
 
     opt, other = _option("chain", 3.0, [2.9, 3.1], 2.9), _option("tree16", 2.0, [1.9, 2.1], 1.9)
     row = {"variant": "L1_lr0.003", "label": "1 layer, lr 3e-3", "num_heads": 5, "sequences": 2, "positions": 400,

@@ -274,9 +274,9 @@ def test_the_cached_states_are_what_lm_head_reads(tmp_path, model_name, request)
     """Every claim about the cache rests on this: lm_head(cached hidden) equals the logits of a plain
     ``model(ids)``, with no knowledge of how the backbone is called (a model whose base_model output is not the
     lm_head input, or a future transformers, fails here)."""
+    from conftest import STORIES
     from transformers import AutoModelForCausalLM
 
-    from conftest import STORIES
     from medusa_cache.store import Cache
 
     model_dir = STORIES if model_name == "stories" else request.getfixturevalue(model_name)

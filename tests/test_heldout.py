@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 from conftest import write_jsonl
 
+from medusa_cache.acceptance import walks
 from medusa_cache.data import read_rows
 from medusa_cache.errors import UserError
-from medusa_cache.evaluate import evaluate_ranks, walks
+from medusa_cache.evaluate import evaluate_ranks
 
 # Spec-Bench's / MT-Bench's question format (question_id, category, turns); the questions are this file's own
 QUESTIONS = [

@@ -10,7 +10,7 @@ import torch
 from conftest import STORIES, write_jsonl
 from safetensors.torch import save_file
 
-from medusa_cache.evaluate import decoding_walk
+from medusa_cache.acceptance import decoding_walk
 from medusa_cache.heads import MedusaHeads
 from medusa_cache.speculate import MedusaDecoder, SpeculateConfig, Tree, _keep_rows, _mask, run_speculate
 

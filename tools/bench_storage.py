@@ -83,7 +83,8 @@ def int8_error(x: torch.Tensor, group: int) -> tuple[float, float]:
 
 
 def heads_comparison(demo: Path, work: Path, epochs: int = 4) -> list[str]:
-    from medusa_cache.evaluate import chain_acceptance, head_ranks, topk_accuracy
+    from medusa_cache.acceptance import chain_acceptance
+    from medusa_cache.evaluate import head_ranks, topk_accuracy
     from medusa_cache.headsdir import load_heads
     from medusa_cache.train import TrainConfig, split, train
 

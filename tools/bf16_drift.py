@@ -18,9 +18,10 @@ from pathlib import Path
 
 os.environ.setdefault("TQDM_DISABLE", "1")
 
+from medusa_cache.acceptance import chain_acceptance  # noqa: E402
 from medusa_cache.demo import DEMO  # noqa: E402
 from medusa_cache.dump import DumpConfig, run_dump  # noqa: E402
-from medusa_cache.evaluate import chain_acceptance, head_ranks, topk_accuracy  # noqa: E402
+from medusa_cache.evaluate import head_ranks, topk_accuracy  # noqa: E402
 from medusa_cache.headsdir import load_heads  # noqa: E402
 from medusa_cache.store import Cache  # noqa: E402
 from medusa_cache.train import TrainConfig, split, train  # noqa: E402

@@ -30,15 +30,14 @@ def module_name(path: Path) -> str:
 
 
 def imports(tree: ast.Module, name: str, is_package: bool) -> set[str]:
-    """Modules of the package this module imports, anywhere in it (functions too; not ``TYPE_CHECKING`` blocks)."""
+    """Modules of the package this module imports, anywhere in it: functions and ``TYPE_CHECKING`` blocks too (a
+    module that needs another's names to be read depends on it, at run time or not), ``from`` and plain ``import``."""
     pkg = name if is_package else name.rsplit(".", 1)[0]
-    typing_only = {id(n) for block in ast.walk(tree) if isinstance(block, ast.If) and
-                   getattr(block.test, "id", None) == "TYPE_CHECKING" for n in ast.walk(block)}
     out = set()
     for node in ast.walk(tree):
-        if id(node) in typing_only:  # annotations only: not imported when the program runs
-            continue
-        if isinstance(node, ast.ImportFrom) and node.level:
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names if a.name.startswith("medusa_cache")}
+        elif isinstance(node, ast.ImportFrom) and node.level:
             base = pkg.split(".")[: len(pkg.split(".")) - (node.level - 1)]
             target = ".".join(base + ([node.module] if node.module else []))
             out |= {target} if node.module else {f"{target}.{a.name}" for a in node.names}

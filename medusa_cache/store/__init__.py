@@ -14,6 +14,7 @@ arrays share one shard size, ``shard_tokens``; the hidden states are written one
 """
 
 from . import audit
+from .audit import require_complete
 from .codec import from_stored, int8_decode, int8_encode, int8_pack, int8_unpack, to_stored
 from .paths import empty_dir, exists, is_empty, is_store, is_url, remove_store
 from .reader import Cache
@@ -38,5 +39,6 @@ __all__ = ["ARRAYS", "FORMAT_VERSION", "SMALL_ARRAYS", "SPECS", "TORCH_DTYPES", 
            "Contents", "HiddenFormat", "Layout", "ShardReader", "StoreMeta", "WriterLock", "any_in_window", "audit",
            "chunk_key",
            "create", "empty_dir", "exists", "from_arrays", "from_stored", "int8_decode", "int8_encode", "int8_pack",
-           "int8_unpack", "is_empty", "is_store", "is_url", "needed_rows", "remove_store", "seq_of", "shard_key",
+           "int8_unpack", "is_empty", "is_store", "is_url", "needed_rows", "remove_store", "require_complete", "seq_of",
+           "shard_key",
            "to_stored", "upgrade"]

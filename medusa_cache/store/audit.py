@@ -171,14 +171,16 @@ def decode_units(cache: Cache) -> tuple[list[str], int]:
     return problems, nonfinite
 
 
-def check_metadata(cache: Cache) -> None:
-    """Every array's zarr.json parses, or the damaged one is named (a missing array is named by verify)."""
-    for name in ("hidden", *SMALL_ARRAYS, "hidden_scale"):  # every array's metadata parses, or it is named
-        try:
-            cache.group[name]
-        except KeyError:
-            pass  # a missing array: `verify` names it, readers fail on it by name
-        except Exception as e:  # noqa: BLE001 - a zarr.json cut short or edited
-            raise UserError(f"{cache.path}/{name}/zarr.json: the array's metadata cannot be read "
-                            f"({type(e).__name__}: {e}); the store is damaged: re-dump it (or restore the file)"
-                            ) from None
+def require_complete(cache: Cache, allow_partial: bool = False, partial_flag: str | None = "--allow-partial") -> None:
+    """Refuse an incomplete store (unless ``allow_partial``) and any store with a chunk missing or damaged."""
+    if not cache.complete and not allow_partial:
+        done = int(cache.done_units().sum())
+        hint = f", or pass {partial_flag}" if partial_flag else ""
+        raise UserError(f"{cache.path}: cache is incomplete ({done}/{cache.n_units} units dumped); finish it with "
+                        f"`medusa-cache dump ... --resume`{hint}")
+    missing = missing_chunks(cache)
+    if missing:
+        more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
+        raise UserError(f"{cache.path}: {'; '.join(missing[:3])}{more}; the store is damaged: "
+                        "run `medusa-cache verify` and re-dump the named units")
+    check_checksums(cache)

@@ -15,11 +15,10 @@ import zarr
 
 from ..errors import UserError
 from ..vocab import VocabMapping
-from . import audit
 from .paths import exists, fs_of, is_url
 from .reads import HiddenReads
 from .rows import seq_of
-from .spec import FORMAT_VERSION, ChunkError, StoreMeta
+from .spec import FORMAT_VERSION, SMALL_ARRAYS, ChunkError, StoreMeta
 
 
 class Cache:
@@ -42,7 +41,7 @@ class Cache:
             raise UserError(f"{self.path}: cache format version {version} is newer than this medusa-cache reads "
                             f"({FORMAT_VERSION}); upgrade medusa-cache")
         self.meta = StoreMeta.from_attrs(self.attrs, self.path)
-        audit.check_metadata(self)
+        check_metadata(self)
         for name in ("hidden", "seq_offsets"):  # what every reader needs at open: a missing one named, as the others
             if name not in self.group:
                 raise ChunkError(f"{self.path}: array {name} is missing (no {name}/zarr.json): the store is damaged: "
@@ -196,20 +195,6 @@ class Cache:
             raise UserError(f"{flag}: {self.path} has hidden size {self.hidden_size}, {whose} {hidden_size}")
         self.require_reach(num_heads, heads_flag)
 
-    def require_complete(self, allow_partial: bool = False, partial_flag: str | None = "--allow-partial") -> None:
-        """Refuse an incomplete store (unless ``allow_partial``) and any store with a chunk missing or damaged."""
-        if not self.complete and not allow_partial:
-            done = int(self.done_units().sum())
-            hint = f", or pass {partial_flag}" if partial_flag else ""
-            raise UserError(f"{self.path}: cache is incomplete ({done}/{self.n_units} units dumped); finish it with "
-                            f"`medusa-cache dump ... --resume`{hint}")
-        missing = audit.missing_chunks(self)
-        if missing:
-            more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
-            raise UserError(f"{self.path}: {'; '.join(missing[:3])}{more}; the store is damaged: "
-                            "run `medusa-cache verify` and re-dump the named units")
-        audit.check_checksums(self)
-
     # ---- hidden states -----------------------------------------------------------------------------
     def read_hidden(self, start: int, stop: int, packed: bool = False) -> torch.Tensor:
         """Token rows [start, stop) of the hidden states: the stored dtype, float32 for int8 (``packed``: int8 rows
@@ -233,3 +218,16 @@ class Cache:
             fs, p = fs_of(self.path)
             return int(fs.du(p))
         return sum(f.stat().st_size for f in Path(self.path).rglob("*") if f.is_file())
+
+
+def check_metadata(cache: Cache) -> None:
+    """Every array's zarr.json parses, or the damaged one is named (a missing array is named by verify)."""
+    for name in ("hidden", *SMALL_ARRAYS, "hidden_scale"):  # every array's metadata parses, or it is named
+        try:
+            cache.group[name]
+        except KeyError:
+            pass  # a missing array: `verify` names it, readers fail on it by name
+        except Exception as e:  # noqa: BLE001 - a zarr.json cut short or edited
+            raise UserError(f"{cache.path}/{name}/zarr.json: the array's metadata cannot be read "
+                            f"({type(e).__name__}: {e}); the store is damaged: re-dump it (or restore the file)"
+                            ) from None

@@ -29,13 +29,18 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--mean-length", type=float, default=700)
-    ap.add_argument("--compression", type=float, default=1.07, help="measured lossless ratio of bf16 states")
+    ap.add_argument("--compression", type=float, default=1.07, help="lossless ratio of bf16 states (default: "
+                    "measured by tools/bench_storage.py part 1 on stories260K)")
     ap.add_argument("--int8", type=float, default=2.05, help="measured raw bf16 bytes / int8 store bytes")
     ap.add_argument("--needed", type=float, default=0.49, help="measured rows stored / tokens, --keep-rows needed")
     ap.add_argument("--read-tokens-per-s", type=float, default=208e3, help="measured streaming loader rate")
     ap.add_argument("--quick", action="store_true", help="accepted for CI's tool run; the table is arithmetic and "
                     "takes no time either way")
     a = ap.parse_args()
+    print(f"Arithmetic, nothing measured by this script: FLOPs from the model shapes; the ratios are inputs (defaults "
+          f"measured earlier by tools/bench_storage.py and bench_train.py on this project's machine, override them): "
+          f"compression {a.compression}, int8 {a.int8}, needed rows {a.needed}, loader {a.read_tokens_per_s:.0f} "
+          "tokens/s.\n")
     print("| model | backbone fwd GFLOP/tok | heads train GFLOP/tok | dump PFLOP | cache size GB | "
           f"online {a.epochs} epochs PFLOP | cached {a.epochs} epochs PFLOP (incl. dump) | each further run: "
           "online / cached PFLOP |")

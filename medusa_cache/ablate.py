@@ -4,12 +4,13 @@ Head counts cost one run. In Medusa-1 the heads share nothing but the global gra
 mode clips each head by its own norm (``clip_per_head``) and initialises head i from (seed, i) alone, so
 head i's trajectory does not depend on how many heads train beside it: the K-head model is exactly the
 first K heads of the largest run (a test checks it bit for bit; with ``--mix positions`` the batches are the same
-for every head count up to 8, ``train.mix_reach``). Note the per-head clip differs from the
+for every head count up to 8, ``traindata.mix_reach``). Note the per-head clip differs from the
 reference's global clip; with max_grad_norm 0.5 both rarely bind after warmup.
 
 Other axes (layers, lr) are variants trained side by side on the same batches, so each batch is read
-from the store once. Every variant x head count is then evaluated on the held-out split (chain and
-fitted-tree acceptance, see ``evaluate``), and the best variant's heads are written out.
+from the store once; draft vocabularies, data fractions and recipes are separate runs (``plan_runs``). Every variant x
+head count is then scored by the tokens per step decoding realises (``acceptance``) on the held-out split or on the
+model's own answers to ``--heldout-prompts``, and the best is chosen and reported (``ablate_report``).
 """
 
 from __future__ import annotations

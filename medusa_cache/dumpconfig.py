@@ -105,4 +105,3 @@ class DumpConfig:
             check(self.shard_tokens % self.chunk_tokens == 0, "shard_tokens", "must be a multiple of --chunk-tokens")
 
 
-# --------------------------------------------------------------------------------------------------

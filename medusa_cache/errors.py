@@ -1,4 +1,5 @@
-"""The one exception type that reaches users: a one-line message and a non-zero exit, never a traceback."""
+"""The two exceptions that reach users as one line and a non-zero exit, never a traceback: ``UserError`` (bad input,
+exit 2) and ``Interrupted`` (a stop signal after the last step was saved, exit 128 + signal)."""
 
 
 class UserError(Exception):

@@ -170,4 +170,3 @@ def layout_for(cfg: DumpConfig, hidden_size: int) -> store.Layout:
     return layout
 
 
-# --------------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Output directories: the one policy that decides when ``--out`` may be created, continued or replaced.
+"""Output directories and files: when ``--out`` may be created, continued or replaced, and who holds it.
 
 Every directory medusa-cache writes (a heads directory from ``train``/``ablate``, an ``export``) holds a
 marker file, ``.medusa-cache``, naming the command; a cache store is recognised by its own format attribute.

@@ -41,7 +41,6 @@ from .vocab import IGNORE
 __all__ = ["Run", "TrainConfig", "render_summary", "split", "train"]
 
 
-# --------------------------------------------------------------------------------------------------
 def train(cfg: TrainConfig, variants: list[tuple[str, int, float]] | None = None, kind: str = "train",
           locked: bool = False, command: str = "train") -> dict:
     """Train heads on ``cfg.cache`` into ``cfg.out``; returns the final metrics. Three phases: ``Run(...)``

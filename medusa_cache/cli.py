@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -87,6 +88,15 @@ def _train(cfg) -> None:
     res = train(cfg)
     if rank == 0:
         print(render_summary(res))
+
+
+def _import(cfg) -> None:
+    from .importer import run_import
+
+    s = run_import(cfg)
+    print(f"imported {s['sequences']} sequences, {s['tokens']:,} tokens ({s['skipped']} samples skipped) into "
+          f"{s['store']}\nnext: medusa-cache verify {shlex.quote(s['store'])} && medusa-cache train --cache "
+          f"{shlex.quote(s['store'])} --out heads")
 
 
 def _export(cfg) -> None:
@@ -211,6 +221,9 @@ COMMANDS = (
             "generate:GenerateConfig", _generate),
     Command("demo", "generate -> dump -> ablate -> speculate on the bundled stories260K, offline, CPU",
             "medusa-cache demo --out /tmp/demo --epochs 4", "demo:DemoConfig", _demo),
+    Command("import", "a cache from SpecForge's offline Eagle3 features (one capture for Medusa and Eagle3)",
+            "medusa-cache import features/ --format specforge --model PATH/TO/MODEL --out cache.zarr",
+            "importer:ImportConfig", _import),
     Command("export", "write trained heads in a serving layout (vLLM or Medusa reference)",
             "medusa-cache export heads --format vllm --out heads-vllm --base-model meta-llama/Llama-3.1-8B-Instruct",
             "export:ExportConfig", _export),

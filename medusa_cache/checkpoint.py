@@ -22,6 +22,21 @@ def inputs(cfg: TrainConfig) -> dict:
 
 
 
+class FreshClaim:
+    """What a fresh run claimed: if it fails before its first checkpoint (a damaged chunk, a missing extra), what it
+    wrote is removed, so the same command can simply be run again (neither "already exists" nor "no checkpoint to
+    resume"). Released like a lock; only this run's claim is ever emptied."""
+
+    def __init__(self, out: Path):
+        self.out = out
+
+    def release(self, failed: bool = False) -> None:
+        if failed and self.out.is_dir() and not (self.out / CHECKPOINT).exists():
+            from .store import empty_dir
+
+            empty_dir(self.out)
+
+
 def claim_or_resume(cfg: TrainConfig, settings: dict, group: int, lock: list, kind: str = "train",
                     locked: bool = False, command: str = "train") -> dict | None:
     """Lock and claim --out (rank 0; the lock is appended to ``lock`` and held until the run ends; ``locked``: the
@@ -36,6 +51,7 @@ def claim_or_resume(cfg: TrainConfig, settings: dict, group: int, lock: list, ki
             if command == "train" else ""))
     if not cfg.resume:
         out = rundir.claim(cfg.out, kind=kind, overwrite=cfg.overwrite, inputs=inputs(cfg))
+        lock.append(FreshClaim(out))
         (out / "train_config.json").write_text(json.dumps(to_dict(cfg), indent=2))
         return None
     out = Path(cfg.out)

@@ -58,11 +58,7 @@ def train(cfg: TrainConfig, variants: list[tuple[str, int, float]] | None = None
     ``locked``: the caller holds the lock on ``cfg.out`` (ablate, for its whole run) and keeps it after training.
     ``command``: the command the user runs (its resume hints name that command's way to continue).
     """
-    from . import dist
-
-    locks: list = []  # rank 0's lock on --out, held from before the claim until the heads are written
-    out = Path(cfg.out)
-    fresh = not cfg.resume and not (out / checkpoint.CHECKPOINT).exists()
+    locks: list = []  # rank 0's lock on --out (and its fresh claim), held until the heads are written
     try:
         run = Run(cfg, variants, locks, kind, locked, command)
         try:
@@ -70,26 +66,13 @@ def train(cfg: TrainConfig, variants: list[tuple[str, int, float]] | None = None
         finally:
             run.close()
         return run.finish()
-    except BaseException as e:
-        if fresh and not isinstance(e, Interrupted) and dist.rank() == 0:
-            forget_fresh_run(out, kind)
-        for lk in locks:
+    except BaseException:
+        for lk in reversed(locks):
             lk.release(failed=True)
         raise
     finally:
-        for lk in locks:
+        for lk in reversed(locks):
             lk.release()
-
-
-def forget_fresh_run(out: Path, kind: str) -> None:
-    """A fresh run that failed before its first checkpoint (a damaged chunk, a missing extra) leaves nothing behind:
-    what it wrote is removed, so the same command can simply be run again (neither "already exists" nor "no
-    checkpoint to resume")."""
-    from .rundir import written_by
-    from .store import empty_dir
-
-    if out.is_dir() and written_by(out) == kind and not (out / checkpoint.CHECKPOINT).exists():
-        empty_dir(out)
 
 
 class Run:

@@ -63,6 +63,8 @@ class AblateConfig:
         check(self.draft_vocab is None or (bool(self.draft_vocab) and len(set(self.draft_vocab)) == len(
             self.draft_vocab) and min(self.draft_vocab) >= 1), "draft_vocab", f"give distinct sizes >= 1, got "
               f"{self.draft_vocab}")
+        if self.recipe is not None:  # `--recipe a,b` as well as `--recipe a b`
+            self.recipe = [x.strip() for r in self.recipe for x in r.split(",") if x.strip()]
         f = self.data_fraction
         check(f is None or (bool(f) and len(set(f)) == len(f) and all(0 < x <= 1 for x in f)), "data_fraction",
               f"give distinct fractions in (0, 1], got {f}")

@@ -8,7 +8,8 @@ import pytest
 
 from medusa_cache.cli import build_parser, main
 
-COMMANDS = ["dump", "inspect", "verify", "train", "eval", "ablate", "generate", "speculate", "demo", "export"]
+COMMANDS = ["dump", "inspect", "verify", "train", "eval", "ablate", "generate", "speculate", "demo", "export",
+            "import"]
 
 
 def test_every_subcommand_is_covered():

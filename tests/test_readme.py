@@ -34,10 +34,14 @@ def test_readme_sequence_runs_as_written(tmp_path, tiny_llama, monkeypatch, caps
     (tmp_path / "train.json").write_text(json.dumps({"num_heads": 3, "epochs": 2, "lr": 1e-3, "grad_accum": 2,
                                                      "hidden_size": 32, "data_pipeline": "specforge"}))
     swap = {"PATH/TO/MODEL": str(tiny_llama), "configs/llama3-8B-dump.json": "dump.json",
-            "configs/llama3-8B-medusa.json": "train.json", "--max-new-tokens 256": "--max-new-tokens 12"}
+            "configs/llama3-8B-medusa.json": "train.json", "--max-new-tokens 256": "--max-new-tokens 12",
+            "--heldout-prompts prompts.jsonl": "--heldout-prompts prompts.jsonl --heldout-tokens 12",
+            "--heldout-prompts question.jsonl": "--heldout-prompts question.jsonl --max-new-tokens 12"}
     commands = readme_commands()
-    assert [c.split()[1] for c in commands] == ["dump", "dump", "inspect", "verify", "train", "eval", "ablate",
-                                                "export", "speculate"]
+    write_jsonl(tmp_path / "question.jsonl", [{"question_id": 1, "category": "writing", "turns": ["Hi.", "Again."]},
+                                              {"question_id": 2, "category": "math", "turns": ["One plus one?"]}])
+    assert [c.split()[1] for c in commands] == ["dump", "dump", "inspect", "verify", "train", "eval", "eval", "ablate",
+                                                "ablate", "export", "speculate"]
     env = {**os.environ}
     for c in commands:
         for a, b in swap.items():

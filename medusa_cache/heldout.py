@@ -117,8 +117,8 @@ def answer_cache(model_dir: str, prompts: str, out: Path, vocab_source: str | No
                  dtype: str = "float32", device: str = "cpu", limit: int | None = None) -> HeldOut:
     """``out/answers.jsonl`` (every turn's prompt + the model's greedy answer, token rows) and ``out/cache.zarr`` (their
     dump with ``vocab_source``'s draft vocabulary, a store or heads directory; None: the full vocabulary, in ``dtype``);
-    reused when ``out/heldout.json`` records the same
-    model, prompts, settings and vocabulary and the cache is complete."""
+    reused when ``out/heldout.json`` records the same model, prompts and settings and the cache is complete (a copy of
+    another command's ``heldout/`` directory is reused too)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .dump import DumpConfig, run_dump
@@ -127,8 +127,9 @@ def answer_cache(model_dir: str, prompts: str, out: Path, vocab_source: str | No
 
     flag = "--heldout-prompts"
     rows = read_prompts(prompts, limit, flag)
+    # what fixes the answers (the vocabulary does not: eval and ablate re-map the cache to the heads' own)
     settings = {"model": model_fingerprint(model_dir), "prompts": file_hash(Path(prompts)), "max_new_tokens": max_new,
-                "dtype": dtype, "limit": limit, "vocab": str(vocab_source)}
+                "dtype": dtype, "limit": limit}
     out.mkdir(parents=True, exist_ok=True)
     marker, answers, cache = out / "heldout.json", out / "answers.jsonl", out / "cache.zarr"
     reuse = marker.exists() and json.loads(marker.read_text()).get("settings") == settings and is_store(cache)

@@ -20,6 +20,7 @@ import shlex
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .ablate_plots import label
@@ -115,9 +116,10 @@ def _ablate(cfg: TrainConfig, a: AblateConfig, runs: list[AblationRun], command:
         n = mapping.draft_size
         cover = {"cache": round(coverage(counts, [n])[n], 4),
                  "heldout": round(heldout_coverage(cache, mapping, val), 4)}
+        tokens = trained_tokens(train_cache, run.cfg)  # once per variant, not per head count
         for k in sorted(set(heads)):
             res = {"variant": name, "run": run.name, "layers": la, "lr": lr, "recipe": run.recipe,
-                   "data_fraction": run.cfg.data_fraction, "train_tokens": trained_tokens(train_cache, run.cfg),
+                   "data_fraction": run.cfg.data_fraction, "train_tokens": tokens,
                    "dir": str(d), "draft_vocab_size": mapping.draft_size, "coverage": cover,
                    **evaluate_ranks(r, k, topk, budgets, categories=heldout and heldout.categories,
                                                        fit=fit, questions=heldout and heldout.questions)}
@@ -164,8 +166,8 @@ def trained_tokens(cache: Cache, cfg: TrainConfig) -> int:
     from .traindata import split
 
     seqs, _ = split(cache, cfg)
-    mask, off = cache.array("loss_mask"), cache.offsets
-    return int(sum(int(mask[off[s]:off[s + 1]].sum()) for s in seqs))
+    c = np.concatenate([[0], np.cumsum(cache.array("loss_mask"), dtype=np.int64)])
+    return int((c[cache.offsets[seqs + 1]] - c[cache.offsets[seqs]]).sum())
 
 
 def _mapped(path: str, mapping) -> Cache:

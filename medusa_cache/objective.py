@@ -93,10 +93,7 @@ def validate(heads: MedusaHeads, cache: Cache, seqs: np.ndarray, device: str, bl
 def assistant_targets(cache: Cache, seqs: np.ndarray, num_heads: int) -> np.ndarray:
     """[num_heads]: positions t of ``seqs`` whose token t+2+i is an assistant token, in or out of the draft
     vocabulary (the denominator of top-k accuracy)."""
-    mask, off = cache.array("loss_mask").astype(np.int64), cache.offsets
-    out = np.zeros(num_heads, dtype=np.int64)
-    for s in seqs:
-        m = mask[int(off[s]):int(off[s + 1])]
-        for i in range(num_heads):
-            out[i] += int(m[2 + i:].sum())
-    return out
+    c = np.concatenate([[0], np.cumsum(cache.array("loss_mask"), dtype=np.int64)])  # assistant tokens before row
+    seqs = np.asarray(seqs, dtype=np.int64)
+    a, b = cache.offsets[seqs], cache.offsets[seqs + 1]
+    return np.array([int((c[b] - c[np.minimum(a + 2 + i, b)]).sum()) for i in range(num_heads)], dtype=np.int64)

@@ -2,7 +2,8 @@
 
 - ``load_tokenizer``: the tokenizer, with our own truncation (``--max-length``).
 - ``plan_batches`` / ``ModelPass``: length-bucketed padded batches through the decoder alone
-  (``model.base_model``: its ``last_hidden_state`` is after the final norm; no logits are computed).
+  (``model.base_model``: its ``last_hidden_state`` is after the final norm; no logits are computed), and the
+  outputs of Eagle3's auxiliary layers when asked (``aux_layers``, ``resolve_aux_layers``).
 - ``read_lm_head``: the base model's lm_head rows, lazily, without loading the model: only one tensor is opened
   (``lm_head.weight``, or ``model.embed_tokens.weight`` when embeddings are tied), through
   ``model.safetensors.index.json`` for sharded checkpoints; the model must be the one the cache was dumped with.
@@ -66,9 +67,11 @@ def plan_batches(offsets: np.ndarray, a: int, b: int, batch_tokens: int) -> list
 
 
 class ModelPass:
-    """The decoder of a causal LM, returning post-final-norm hidden states for packed pieces."""
+    """The decoder of a causal LM, returning post-final-norm hidden states for packed pieces; with ``aux_layers``,
+    each piece's rows are followed (along the columns) by the outputs of those decoder layers, before any norm: what
+    Eagle3 captures (SpecForge's layer ids, 0-based; each read by a forward hook on ``layers[l]``)."""
 
-    def __init__(self, model_dir: str, dtype: str, device: str):
+    def __init__(self, model_dir: str, dtype: str, device: str, aux_layers: tuple[int, ...] = ()):
         from transformers import AutoModelForCausalLM
 
         try:
@@ -78,6 +81,14 @@ class ModelPass:
         self.decoder = model.base_model.to(device).eval()
         self.device = device
         self.computed_tokens = 0
+        self.aux_layers, self._seen = tuple(aux_layers), {}
+        for layer in sorted(set(self.aux_layers)):
+            self.decoder.layers[layer].register_forward_hook(self._capture(layer))
+
+    def _capture(self, layer: int):
+        def hook(_module, _args, out):
+            self._seen[layer] = out[0] if isinstance(out, tuple) else out
+        return hook
 
     @torch.inference_mode()
     def run(self, ids: np.ndarray, batch: list[tuple[int, int, int]]) -> list[torch.Tensor]:
@@ -91,7 +102,60 @@ class ModelPass:
         out = self.decoder(
             input_ids=torch.from_numpy(x).to(self.device), attention_mask=torch.from_numpy(att).to(self.device)
         ).last_hidden_state
+        if self.aux_layers:
+            out = torch.cat([out, *(self._seen[layer] for layer in self.aux_layers)], dim=-1)
+            self._seen.clear()
         return [out[i, keep - s0 : e - s0].cpu() for i, (s0, e, keep) in enumerate(batch)]
+
+
+AUX_PRESETS = ("eagle3", "speculators")
+
+
+def resolve_aux_layers(spec: str | None, num_layers: int) -> tuple[int, ...]:
+    """``--aux-layers``: eagle3 = SpecForge's default capture (decoder layers 1, N/2-1, N-4, 0-based, as its
+    ``resolve_eagle_capture_layers``); speculators = those and the last layer N-1 (whose output, before the final
+    norm, is speculators' fourth slot); or a comma-separated list of layer ids. None: no auxiliary layers."""
+    if not spec:
+        return ()
+    n = num_layers
+    if spec in AUX_PRESETS:
+        layers = [1, n // 2 - 1, n - 4] + ([n - 1] if spec == "speculators" else [])
+    else:
+        try:
+            layers = [int(x) for x in spec.split(",")]
+        except ValueError:
+            raise UserError(f"--aux-layers: {spec!r} is not eagle3, speculators or a comma-separated list of layer "
+                            "ids (e.g. 1,15,28)") from None
+    if any(not 0 <= x < n for x in layers):  # repeats are allowed, as in SpecForge (eagle3 on 5 layers: 1, 1, 1)
+        raise UserError(f"--aux-layers {spec}: layers {layers} must be decoder layers 0..{n - 1} of this {n}-layer "
+                        "model" + (" (the presets need at least 4 layers; give ids)" if spec in AUX_PRESETS else ""))
+    return tuple(layers)
+
+
+def final_norm(model_dir: str) -> torch.nn.Module:
+    """The model's own final norm module (its class from the model's code, built on the meta device from the config,
+    so nothing else of the model is allocated), with its weights read from the checkpoint alone."""
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.from_pretrained(model_dir)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg)
+    norm = getattr(model.base_model, "norm", None)
+    if norm is None:
+        raise UserError(f"--model: {model_dir}: its decoder has no final `norm` module ({type(model).__name__})")
+    prefix = next(n for n, m in model.named_modules() if m is norm)
+    files = _weight_files(Path(model_dir))
+    state = {}
+    for name, _ in norm.named_parameters():
+        key = f"{prefix}.{name}"
+        if key not in files:
+            raise UserError(f"--model: {model_dir} has no {key} in its checkpoint")
+        with safe_open(str(files[key]), "pt") as h:
+            state[name] = h.get_tensor(key)
+    norm = norm.to_empty(device="cpu")
+    norm.load_state_dict(state)
+    return norm.eval()
 
 
 LM_KEYS = ("lm_head.weight",)

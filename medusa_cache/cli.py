@@ -99,6 +99,14 @@ def _import(cfg) -> None:
           f"{shlex.quote(s['store'])} --out heads")
 
 
+def _export_features(cfg) -> None:
+    from .export_features import export_features
+
+    s = export_features(cfg)
+    print(f"exported {s['sequences']} sequences, {s['tokens']:,} tokens as {s['format']} features ({s['dtype']}, "
+          f"auxiliary layers {s['aux_layers']}) into {s['out']}")
+
+
 def _export(cfg) -> None:
     from pathlib import Path
 
@@ -221,9 +229,12 @@ COMMANDS = (
             "generate:GenerateConfig", _generate),
     Command("demo", "generate -> dump -> ablate -> speculate on the bundled stories260K, offline, CPU",
             "medusa-cache demo --out /tmp/demo --epochs 4", "demo:DemoConfig", _demo),
-    Command("import", "a cache from SpecForge's offline Eagle3 features (one capture for Medusa and Eagle3)",
+    Command("import", "a cache from SpecForge's or speculators' offline Eagle3 features (one capture for both)",
             "medusa-cache import features/ --format specforge --model PATH/TO/MODEL --out cache.zarr",
             "importer:ImportConfig", _import),
+    Command("export-features", "Eagle3's offline features (SpecForge or speculators) from a cache with --aux-layers",
+            "medusa-cache export-features cache.zarr --format specforge --out features/",
+            "export_features:ExportFeaturesConfig", _export_features),
     Command("export", "write trained heads in a serving layout (vLLM or Medusa reference)",
             "medusa-cache export heads --format vllm --out heads-vllm --base-model meta-llama/Llama-3.1-8B-Instruct",
             "export:ExportConfig", _export),

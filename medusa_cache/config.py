@@ -234,6 +234,14 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
+def require(cfg: Any) -> None:
+    """Every field the config's ``REQUIRED`` names is given (not None, not an empty list): the one check of required
+    options, for the CLI (which also marks them required in --help) and for configs built in code alike."""
+    for name in getattr(cfg, "REQUIRED", ()):
+        value = getattr(cfg, name)
+        check(value is not None and value != [], name, "is required")
+
+
 def check(cond: bool, name: str, message: str) -> None:
     """Validation helper for ``__post_init__``: raise ``UserError`` naming the flag."""
     if not cond:

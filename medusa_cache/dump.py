@@ -37,6 +37,7 @@ from .dumpconfig import DumpConfig
 from .errors import UserError
 from .prepare import prepare
 from .progress import Progress
+from .store.codec import default_int8_group
 
 
 def _fingerprints(cfg: DumpConfig, template: str) -> dict[str, str]:
@@ -52,6 +53,7 @@ def _fingerprints(cfg: DumpConfig, template: str) -> dict[str, str]:
         "hidden_codec": cfg.hidden_codec if cfg.hidden_codec == "lossless" else f"int8:{cfg.int8_group}",
         "keep_rows": cfg.keep_rows if cfg.keep_rows == "all" else f"needed:{cfg.max_heads}",
         "hidden_compression": cfg.hidden_compression,
+        "aux_layers": cfg.aux_layers or "none",
         "format": cfg.format,
         "skip_bad_rows": str(cfg.skip_bad_rows),
         "pipeline": cfg.pipeline if cfg.pipeline == "medusa-cache" else
@@ -105,7 +107,8 @@ def _writable(p: Path) -> bool:
 def compute_unit(cache: store.Cache, ids: np.ndarray, k: int, mp: ModelPass, forward_tokens: int) -> torch.Tensor:
     """Unit k's stored rows: its token range computed (each sequence from its start), then the kept rows."""
     a, b = cache.unit_tokens(k)
-    buf = torch.empty((b - a, cache.hidden_size), dtype=store.TORCH_DTYPES[cache.hidden_dtype])
+    width = cache.hidden_size * (1 + len(cache.meta.aux_layers))  # aux layers: their columns after the hidden state
+    buf = torch.empty((b - a, width), dtype=store.TORCH_DTYPES[cache.hidden_dtype])
     for batch in plan_batches(cache.offsets, a, b, forward_tokens):
         for (_, e, keep), rows in zip(batch, mp.run(ids, batch), strict=True):
             buf[keep - a : e - a] = rows
@@ -119,7 +122,7 @@ def open_or_prepare(cfg: DumpConfig) -> store.CacheWriter:
 
     mcfg = AutoConfig.from_pretrained(cfg.model)
     mcfg = getattr(mcfg, "text_config", None) or mcfg
-    resolve_model_options(cfg, mcfg.hidden_size)
+    resolve_model_options(cfg, mcfg.hidden_size, mcfg.num_hidden_layers)
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.model)
     template = Path(cfg.chat_template).read_text(encoding="utf-8") if cfg.chat_template else None
     fps = _fingerprints(cfg, template or getattr(tokenizer, "chat_template", None) or "")
@@ -136,17 +139,16 @@ def open_or_prepare(cfg: DumpConfig) -> store.CacheWriter:
         return cache
     if cfg.resume and not store.is_empty(out) and not store.is_store(out, partial=True):
         raise UserError(f"--resume: {out} is not a medusa-cache store")
-    return prepare(cfg, fps, template, mcfg.vocab_size, mcfg.hidden_size, tokenizer,
-                   getattr(mcfg, "max_position_embeddings", None))
+    return prepare(cfg, fps, template, tokenizer, mcfg)
 
 
-def default_int8_group(hidden_size: int) -> int:
-    """The largest divisor of the hidden size that is <= 128 (128 for 4096 and 3584, 96 for SmolLM2's 576)."""
-    return max(g for g in range(1, min(128, hidden_size) + 1) if hidden_size % g == 0)
+def resolve_model_options(cfg: DumpConfig, hidden_size: int, num_layers: int) -> None:
+    """Options that depend on the model, checked and filled in before anything is tokenised or created: the int8
+    group, and --aux-layers as the layer ids it names (a preset becomes its ids, so resume compares ids)."""
+    from .backbone import resolve_aux_layers
 
-
-def resolve_model_options(cfg: DumpConfig, hidden_size: int) -> None:
-    """Options that depend on the model, checked and filled in before anything is tokenised or created."""
+    if cfg.aux_layers:
+        cfg.aux_layers = ",".join(map(str, resolve_aux_layers(cfg.aux_layers, num_layers)))
     if cfg.hidden_codec != "int8":
         return
     if cfg.int8_group is None:
@@ -193,15 +195,16 @@ class UnitWriter:
 
     def __call__(self, k: int, h: torch.Tensor) -> None:
         cache = self.cache
-        if self.cfg.strict and not torch.isfinite(h).all():
+        if self.cfg.strict and not torch.isfinite(h[:, : cache.hidden_size]).all():
             a, _ = cache.unit_range(k)
             row = cache.token_of_row(a + int(np.flatnonzero(~torch.isfinite(h).all(dim=1).numpy())[0]))
             s = int(store.seq_of(cache.offsets, row))
             f, r = self.sources[s]
             raise UserError(f"--strict: NaN/Inf hidden state at token {row} (sequence {s}, {self.cfg.data[f]} row "
                             f"{r + 1}); unit {k} not written")
+        hs = cache.hidden_size
         try:
-            self.nonfinite += cache.write_unit(k, h)
+            self.nonfinite += cache.write_unit(k, h[:, :hs], h[:, hs:] if cache.meta.aux_layers else None)
             cache.mark_done(k)
         except OSError as e:
             raise UserError(f"--out: writing unit {k} to {cache.path} failed: {e.strerror or e}; finished units "
@@ -221,7 +224,7 @@ def _run_units(cfg: DumpConfig, cache: store.Cache | None, rank: int, world_size
     todo = [k for k in range(cache.n_units) if k % world_size == rank and not done[k]]
     ids = cache.array("input_ids")
     t_prepared = time.perf_counter()
-    mp = ModelPass(cfg.model, cfg.dtype, cfg.device)
+    mp = ModelPass(cfg.model, cfg.dtype, cfg.device, tuple(cache.meta.aux_layers))
     t_loaded = time.perf_counter()
     tokens_todo = sum(cache.unit_tokens(k)[1] - cache.unit_tokens(k)[0] for k in todo)
     bar = Progress(tokens_todo, "dump", "token", enabled=rank == 0)

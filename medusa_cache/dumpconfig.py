@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Literal
 
-from .config import check
+from .config import check, require
 from .data import FORMATS
 
 
@@ -62,6 +62,11 @@ class DumpConfig:
     labels stay complete."""
     max_heads: int = 5
     """--keep-rows needed: the most heads the cache will serve; train/eval/ablate refuse more."""
+    aux_layers: str | None = None
+    """Also store Eagle3's auxiliary states, so one capture serves Medusa and Eagle3 (`export-features`): eagle3
+    (SpecForge's default layers 1, N/2-1, N-4), speculators (those and N-1, the last layer before the final norm) or
+    ids like 1,15,28 (0-based decoder layers; their outputs before any norm), in --hidden-codec's codec. Medusa
+    training does not read them."""
     device: str = "cpu"
     """Device for the model pass: cpu, cuda, cuda:N."""
     threads: int | None = None
@@ -81,9 +86,7 @@ class DumpConfig:
 
     def __post_init__(self) -> None:
         check(self.threads is None or self.threads >= 1, "threads", f"must be >= 1, got {self.threads}")
-        check(self.model is not None, "model", "is required")
-        check(bool(self.data), "data", "at least one data file is required")
-        check(self.out is not None, "out", "is required")
+        require(self)
         check(1 <= self.max_length <= 1 << 20, "max_length", f"must be in 1..{1 << 20}, got {self.max_length}")
         check(self.draft_vocab_size is None or self.draft_vocab_size >= 1, "draft_vocab_size",
               f"must be >= 1, got {self.draft_vocab_size}")
@@ -91,6 +94,8 @@ class DumpConfig:
         check(self.int8_group is None or self.int8_group >= 1, "int8_group", f"must be >= 1, got {self.int8_group}")
         check(1 <= self.max_heads <= 32, "max_heads", f"must be in 1..32, got {self.max_heads}")
         check(not (self.resume and self.overwrite), "resume", "--resume and --overwrite exclude each other")
+        check(not (self.aux_layers and self.keep_rows == "needed"), "aux_layers",
+              "Eagle3's features need every row: it cannot be combined with --keep-rows needed")
         check(self.format in FORMATS, "format", f"must be one of {FORMATS}")
         seen: dict[str, str] = {}
         for f in self.data:  # a file given twice would be dumped twice, every row a duplicate

@@ -22,7 +22,7 @@ from typing import ClassVar, Literal
 import torch
 from safetensors.torch import save_file
 
-from .config import check
+from .config import require
 from .errors import UserError
 from .heads import MedusaHeads
 from .headsdir import load_heads
@@ -50,8 +50,7 @@ class ExportConfig:
     file holds full-vocabulary rows)"""
 
     def __post_init__(self) -> None:
-        check(self.format is not None, "format", "is required (vllm or medusa)")
-        check(self.out is not None, "out", "is required")
+        require(self)
 
 
 def export(src: str | Path, fmt: str, out: str | Path, overwrite: bool = False,

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from .backbone import stop_ids
-from .config import check
+from .config import check, require
 from .data import RowError, read_rows
 from .errors import UserError
 from .progress import Progress
@@ -74,9 +74,7 @@ class GenerateConfig:
     """--pipeline specforge: replace the template's default system prompt ('none': no prompt)."""
 
     def __post_init__(self) -> None:
-        check(self.model is not None, "model", "is required")
-        check(self.prompts is not None, "prompts", "is required")
-        check(self.out is not None, "out", "is required")
+        require(self)
         check(self.max_new_tokens >= 1, "max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
         check(self.temperature >= 0, "temperature", f"must be >= 0, got {self.temperature}")
         check(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")

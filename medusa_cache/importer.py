@@ -1,23 +1,24 @@
-"""``medusa-cache import``: a cache from SpecForge's offline Eagle3 features, so one capture serves Medusa and Eagle3.
+"""``medusa-cache import``: a cache from SpecForge's or speculators' offline Eagle3 features, so one capture serves
+Medusa and Eagle3 (the peers' file layouts: ``peers.py``).
 
-SpecForge's ``scripts/prepare_hidden_states.py`` writes one ``torch.save`` dict per sample, ``rows_{g}-{g+N}/
-data_{i}.ckpt`` (``.ckpt.gz`` with ``--compress``): ``input_ids`` [T], ``loss_mask`` [T], ``hidden_state`` [1, T, H]
-(the last layer after the final norm: what ``dump`` stores) and ``aux_hidden_state`` [1, T, 3H] (Eagle3's auxiliary
-layers; Medusa does not read them, so they are checked for shape and left out). ``vocab_mapping.pt`` beside them
-(``d2t``, ``t2d``) is the draft vocabulary unless ``--vocab-mapping`` or ``--draft-vocab-size`` says otherwise (then
-built from the imported assistant tokens exactly as ``dump`` builds it).
+- SpecForge: ``hidden_state`` is the last layer after the final norm, what ``dump`` stores, taken as it is.
+- speculators: the last slot of ``hidden_states`` is the last layer **before** the final norm: it goes through the
+  model's own final norm module (built from ``--model``'s config, its weight read from the checkpoint: the model is
+  never loaded whole), so the cache holds what ``dump`` would.
 
-Files are read in sample order (``data_{i}``), twice and one at a time (ids and masks first, then the states unit by
-unit), never the whole corpus in memory; loaded with ``torch.load(weights_only=True)``: tensors only, since these
-are files medusa-cache did not write. The result is an ordinary store (every command reads it), written under the same
-lock as ``dump`` and resumable with ``--resume``.
+With ``--keep-aux`` the auxiliary layers are stored too (``aux_hidden``, format 6: SpecForge's three as
+``--aux-layers`` names them, default Eagle3's 1, N/2-1, N-4; speculators' slots with N-1 last), so the imported cache
+can be exported again. ``vocab_mapping.pt`` beside SpecForge's files is the draft vocabulary unless
+``--vocab-mapping`` or ``--draft-vocab-size`` says otherwise (then built from the imported assistant tokens exactly as
+``dump`` builds it).
+
+Samples are read in sample order, twice and one at a time (ids and masks first, then the states unit by unit), never
+the whole corpus in memory. The result is an ordinary store (every command reads it), written under the same lock as
+``dump`` and resumable with ``--resume``.
 """
 
 from __future__ import annotations
 
-import gzip
-import io
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Literal
@@ -25,8 +26,8 @@ from typing import ClassVar, Literal
 import numpy as np
 import torch
 
-from . import store
-from .config import check
+from . import peers, store
+from .config import check, require
 from .errors import UserError
 from .progress import progress
 
@@ -41,8 +42,9 @@ class ImportConfig:
     REQUIRED: ClassVar[tuple[str, ...]] = ("model", "out")
     src: str
     """directory of the peer's offline features (SpecForge: rows_*/data_*.ckpt[.gz])"""
-    format: Literal["specforge"] = "specforge"
-    """whose features: specforge (speculators' are not read yet)"""
+    format: Literal["specforge", "speculators"] = "specforge"
+    """whose features: specforge (rows_*/data_*.ckpt[.gz]) or speculators (SRC: prepare_data.py's dataset
+    directory, its states in SRC/hidden_states/hs_*.safetensors; needs `datasets`)"""
     model: str | None = None
     """the model the features were captured with (its fingerprint, vocabulary and hidden size are checked and
     recorded, so eval and speculate know the heads' model)"""
@@ -53,54 +55,42 @@ class ImportConfig:
     SRC/vocab_mapping.pt when present"""
     draft_vocab_size: int | None = None
     """build the draft vocabulary from the imported assistant tokens (Eagle3's top-N, as dump does) instead"""
+    keep_aux: bool = False
+    """also store the auxiliary layers (aux_hidden), so the cache can be exported again with export-features"""
+    aux_layers: str | None = None
+    """--keep-aux: which decoder layers the features' auxiliary states are (specforge default: eagle3, SpecForge's
+    1, N/2-1, N-4; speculators default: speculators, those and N-1; or ids like 1,15,28)"""
     skip_bad_rows: bool = False
     """leave out samples that cannot be used (missing key, shape, NaN/Inf, unreadable) and count them, instead of
     refusing"""
+    chunk_tokens: int | None = None
+    """tokens per Zarr chunk (default: ~1 MiB of hidden states, as dump)"""
+    shard_tokens: int | None = None
+    """tokens per shard = per write unit (default: >= 16 x the longest sample, as dump); a multiple of
+    --chunk-tokens"""
     resume: bool = False
     """continue an interrupted import into --out"""
     overwrite: bool = False
     """replace an existing --out store"""
 
     def __post_init__(self) -> None:
-        check(self.model is not None, "model", "is required")
-        check(self.out is not None, "out", "is required")
+        require(self)
         check(self.draft_vocab_size is None or self.draft_vocab_size >= 1, "draft_vocab_size",
               f"must be >= 1, got {self.draft_vocab_size}")
         check(not (self.vocab_mapping and self.draft_vocab_size), "vocab_mapping",
               "give --vocab-mapping or --draft-vocab-size, not both")
         check(not (self.resume and self.overwrite), "resume", "--resume and --overwrite exclude each other")
-
-
-def feature_files(src: Path) -> list[Path]:
-    """SpecForge's sample files in sample order (the number in ``data_{i}``), refused by name when there are none."""
-    if not src.is_dir():
-        raise UserError(f"SRC: {src} is not a directory of SpecForge features")
-    files = [p for p in src.rglob("data_*.ckpt*") if re.fullmatch(r"data_\d+\.ckpt(\.gz)?", p.name)]
-    if not files:
-        raise UserError(f"SRC: {src} holds no SpecForge feature files (rows_*/data_*.ckpt or .ckpt.gz)")
-    return sorted(files, key=lambda p: int(re.search(r"\d+", p.name)[0]))
-
-
-def load_sample(path: Path) -> dict:
-    """One sample, tensors only; any file that cannot be read so is refused by name."""
-    try:
-        raw = path.read_bytes()
-        if path.suffix == ".gz":
-            raw = gzip.decompress(raw)
-        d = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
-    except (EOFError, OSError, gzip.BadGzipFile, RuntimeError) as e:
-        raise UserError(f"{path}: cannot be read ({type(e).__name__}: {e}); truncated or not a torch.save file"
-                        ) from None
-    except Exception as e:  # noqa: BLE001 - weights_only refuses pickled objects that are not tensors
-        raise UserError(f"{path}: holds more than tensors ({type(e).__name__}: {str(e).splitlines()[0]}); "
-                        "medusa-cache loads only tensors from files it did not write") from None
-    if not isinstance(d, dict):
-        raise UserError(f"{path}: expected a dict of tensors, got {type(d).__name__}")
-    return d
+        for name in ("chunk_tokens", "shard_tokens"):
+            check(getattr(self, name) is None or getattr(self, name) >= 1, name, f"must be >= 1, got "
+                  f"{getattr(self, name)}")
+        check(not (self.chunk_tokens and self.shard_tokens and self.shard_tokens % self.chunk_tokens), "shard_tokens",
+              "must be a multiple of --chunk-tokens")
+        check(not self.aux_layers or self.keep_aux, "aux_layers", "names the stored auxiliary layers: give --keep-aux")
 
 
 def check_sample(d: dict, path: Path, hidden: int) -> tuple[np.ndarray, np.ndarray]:
-    """(input_ids int32 [T], loss_mask bool [T]) of a sample whose keys, shapes, dtypes and values are usable."""
+    """(input_ids int32 [T], loss_mask bool [T]) of a SpecForge sample whose keys, shapes, dtypes and values are
+    usable."""
     missing = [k for k in KEYS if k not in d]
     if missing:
         raise UserError(f"{path}: missing key(s) {', '.join(missing)} (has {', '.join(sorted(d))})")
@@ -116,10 +106,82 @@ def check_sample(d: dict, path: Path, hidden: int) -> tuple[np.ndarray, np.ndarr
         raise UserError(f"{path}: aux_hidden_state has shape {tuple(aux.shape)}, not (1, {len(ids)}, k x {hidden})")
     if not torch.isfinite(h).all():
         raise UserError(f"{path}: hidden_state holds NaN/Inf (SpecForge skips such samples; pass --skip-bad-rows)")
-    m = mask.numpy().astype(np.int64)
+    return ids.numpy().astype(np.int32), _mask(mask, path)
+
+
+def _mask(mask, path: Path) -> np.ndarray:
+    m = np.asarray(mask).astype(np.int64)
     if ((m != 0) & (m != 1)).any():
         raise UserError(f"{path}: loss_mask holds values other than 0 and 1")
-    return ids.numpy().astype(np.int32), m.astype(bool)
+    return m.astype(bool)
+
+
+@dataclass
+class Sample:
+    ids: np.ndarray
+    """int32 [T]"""
+    mask: np.ndarray
+    """bool [T]"""
+    hidden: torch.Tensor
+    """[T, H]: the last layer after the final norm"""
+    aux: torch.Tensor | None
+    """[T, A*H]: the auxiliary layers as the peer stored them, or None"""
+
+
+class SpecForgeSource:
+    """SpecForge's samples, ``data_{i}.ckpt[.gz]`` in sample order."""
+
+    def __init__(self, src: Path, hidden: int, model: str):
+        self.files, self.hidden = peers.specforge_files(src), hidden
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def name(self, i: int) -> Path:
+        return self.files[i]
+
+    def read(self, i: int) -> Sample:
+        f = self.files[i]
+        d = peers.load_specforge(f)
+        ids, mask = check_sample(d, f, self.hidden)
+        aux = d.get("aux_hidden_state")
+        return Sample(ids, mask, d["hidden_state"][0], None if aux is None else aux[0])
+
+
+class SpeculatorsSource:
+    """speculators' dataset rows and their ``hidden_states/hs_{i}.safetensors``; the last slot through the model's
+    final norm."""
+
+    def __init__(self, src: Path, hidden: int, model: str):
+        from .backbone import final_norm
+
+        self.src, self.hidden = src, hidden
+        self.rows = peers.speculators_dataset(src)
+        self.norm = final_norm(model)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def name(self, i: int) -> Path:
+        return peers.speculators_states(self.src, i)
+
+    def read(self, i: int) -> Sample:
+        f, row = self.name(i), self.rows[i]
+        d = peers.load_speculators(f)
+        ids, hs = np.asarray(row["input_ids"]), d["hidden_states"]
+        if not np.array_equal(d["token_ids"].numpy(), ids):
+            raise UserError(f"{f}: token_ids differ from dataset row {i}'s input_ids (speculators skips such samples)")
+        if hs.ndim != 3 or hs.shape[0] != len(ids) or hs.shape[2] != self.hidden or not hs.is_floating_point():
+            raise UserError(f"{f}: hidden_states has shape {tuple(hs.shape)} {hs.dtype}, expected ({len(ids)}, k+1, "
+                            f"{self.hidden}) floating point (the model's hidden size is {self.hidden})")
+        if not torch.isfinite(hs).all():
+            raise UserError(f"{f}: hidden_states holds NaN/Inf (pass --skip-bad-rows)")
+        with torch.inference_mode():
+            h = self.norm.to(hs.dtype)(hs[:, -1])
+        return Sample(ids.astype(np.int32), _mask(row["loss_mask"], f), h, hs.reshape(len(ids), -1))
+
+
+SOURCES = {"specforge": SpecForgeSource, "speculators": SpeculatorsSource}
 
 
 def run_import(cfg: ImportConfig) -> dict:
@@ -129,7 +191,8 @@ def run_import(cfg: ImportConfig) -> dict:
     from .rundir import check_apart
 
     src, out = Path(cfg.src), Path(cfg.out)
-    files = feature_files(src)
+    if not src.is_dir():
+        raise UserError(f"SRC: {src} is not a directory of {cfg.format} features")
     check_apart(out, {"SRC": src, "--model": cfg.model, "--vocab-mapping": cfg.vocab_mapping})
     if not store.is_empty(out) and not (cfg.resume or cfg.overwrite):
         raise UserError(f"--out: {out} already exists; pass --resume to continue it or --overwrite to replace it")
@@ -137,9 +200,11 @@ def run_import(cfg: ImportConfig) -> dict:
         mc = AutoConfig.from_pretrained(cfg.model)
     except Exception as e:  # noqa: BLE001
         raise UserError(f"--model: cannot load {cfg.model}: {e}") from None
+    mc = getattr(mc, "text_config", None) or mc
+    source = SOURCES[cfg.format](src, int(mc.hidden_size), cfg.model)
     lock = store.WriterLock(out, "import")
     try:
-        res = _import(cfg, files, out, int(mc.hidden_size), int(mc.vocab_size))
+        res = _import(cfg, source, out, mc)
     except BaseException:
         lock.release(failed=True)
         raise
@@ -147,53 +212,76 @@ def run_import(cfg: ImportConfig) -> dict:
     return res
 
 
-def _import(cfg: ImportConfig, files: list[Path], out: Path, hidden: int, vocab: int) -> dict:
+def _aux_layers(cfg: ImportConfig, sample: Sample, name: Path, mc) -> tuple[int, ...]:
+    """--keep-aux: the layer ids of the features' auxiliary states, checked against their width."""
+    from .backbone import resolve_aux_layers
+
+    if not cfg.keep_aux:
+        return ()
+    layers = resolve_aux_layers(cfg.aux_layers or ("eagle3" if cfg.format == "specforge" else "speculators"),
+                                int(mc.num_hidden_layers))
+    width = 0 if sample.aux is None else sample.aux.shape[1]
+    if width != len(layers) * sample.hidden.shape[1]:
+        raise UserError(f"--keep-aux: {name} holds {width // sample.hidden.shape[1]} auxiliary layers, not the "
+                        f"{len(layers)} of {list(layers)} (give them with --aux-layers)")
+    return layers
+
+
+def _import(cfg: ImportConfig, source, out: Path, mc) -> dict:
     kept, ids, masks, bad = [], [], [], []
-    dtype = None
-    for f in progress(files, "import: read ids", "file"):
+    first = None
+    for i in progress(range(len(source)), "import: read ids", "sample"):
         try:
-            d = load_sample(f)
-            i, m = check_sample(d, f, hidden)
-            if i.max(initial=0) >= vocab:
-                raise UserError(f"{f}: input_ids reach {int(i.max())}, beyond the model's vocabulary ({vocab})")
+            smp = source.read(i)
+            if smp.ids.max(initial=0) >= mc.vocab_size:
+                raise UserError(f"{source.name(i)}: input_ids reach {int(smp.ids.max())}, beyond the model's "
+                                f"vocabulary ({mc.vocab_size})")
+            first = first or (smp, _aux_layers(cfg, smp, source.name(i), mc))
+            if first[1] and smp.aux.shape[1] != first[0].aux.shape[1]:
+                raise UserError(f"{source.name(i)}: {smp.aux.shape[1]} auxiliary columns, the first sample has "
+                                f"{first[0].aux.shape[1]}")
         except UserError as e:
             if not cfg.skip_bad_rows:
                 raise
             bad.append(str(e))
             continue
-        dtype = dtype or ("bfloat16" if d["hidden_state"].dtype == torch.bfloat16 else "float32")
-        kept.append(f)
-        ids.append(i)
-        masks.append(m)
+        kept.append(i)
+        ids.append(smp.ids)
+        masks.append(smp.mask)
     if not kept:
         raise UserError(f"SRC: {cfg.src}: no usable samples ({len(bad)} bad; the first: {bad[0] if bad else '-'})")
-    writer = _open_store(cfg, out, kept, ids, masks, (hidden, vocab, dtype), bad)
+    dtype = "bfloat16" if first[0].hidden.dtype == torch.bfloat16 else "float32"
+    hidden_format = store.HiddenFormat(int(mc.hidden_size), dtype, aux_layers=first[1])
+    writer = _open_store(cfg, out, [source.name(i) for i in kept], (ids, masks), (hidden_format, mc), bad)
     done = writer.done_units()
-    stream = _rows(kept)
+    stream = _rows(source, kept, bool(first[1]))
     for k in progress(range(writer.n_units), "import: write states", "unit"):
         a, b = writer.unit_range(k)
-        h = stream.take(a, b)
+        h, aux = stream.take(a, b)
         if not done[k]:
-            writer.write_unit(k, h)
+            writer.write_unit(k, h, aux)
             writer.mark_done(k)
     writer.set_attrs(complete=True)
     return {"store": str(out), "sequences": len(kept), "tokens": int(writer.n_tokens), "skipped": len(bad),
-            "units": writer.n_units}
+            "units": writer.n_units, "aux_layers": list(first[1])}
 
 
-def _open_store(cfg: ImportConfig, out: Path, files: list[Path], ids: list, masks: list, shape: tuple,
+def _open_store(cfg: ImportConfig, out: Path, files: list[Path], rows: tuple[list, list], shape: tuple,
                 bad: list[str]) -> store.CacheWriter:
     """The store to write into: created (ids, masks, labels, vocabulary, attributes), or the one being resumed."""
     from . import fingerprint as fp
     from .vocab import build_mapping, load_mapping
 
-    hidden, vocab, dtype = shape
-    source = fp.sha("\n".join(f"{p.relative_to(cfg.src)}:{p.stat().st_size}" for p in files))
+    ids, masks = rows
+    hidden, mc = shape
+    vocab = int(mc.vocab_size)
+    source = fp.sha("\n".join(f"{p.relative_to(cfg.src)}:{p.stat().st_size}" for p in files) +
+                    f"|{cfg.format}|aux:{list(hidden.aux_layers)}")
     if cfg.resume and store.is_store(out, partial=True):
         w = store.CacheWriter(out)
         if w.meta.fingerprints.get("data") != source:
-            raise UserError(f"--resume: {out} was imported from other files than {cfg.src}: give the same SRC, or "
-                            "--overwrite")
+            raise UserError(f"--resume: {out} was imported from other files (or other --keep-aux) than {cfg.src}: "
+                            "give the same SRC and flags, or --overwrite")
         return w
     offsets = np.concatenate([[0], np.cumsum([len(i) for i in ids])]).astype(np.int64)
     all_ids, all_mask = np.concatenate(ids), np.concatenate(masks)
@@ -207,14 +295,16 @@ def _open_store(cfg: ImportConfig, out: Path, files: list[Path], ids: list, mask
             mapping = store.Cache(path).mapping()
         else:
             mapping = load_mapping(path, vocab) if path else build_mapping(counts, vocab)
-    layout = store.Layout.default(hidden, 2 if dtype == "bfloat16" else 4, int(np.diff(offsets).max()))
-    sources = np.array([[0, int(re.search(r"\d+", p.name)[0])] for p in files], dtype=np.int64)
+    layout = store.Layout.choose(hidden.size, 2 if hidden.dtype == "bfloat16" else 4, int(np.diff(offsets).max()),
+                                 cfg.chunk_tokens, cfg.shard_tokens)
+    sources = np.array([[0, peers.sample_index(p)] for p in files], dtype=np.int64)
     contents = store.Contents(all_ids, all_mask, mapping.labels(all_ids, all_mask), offsets, sources, mapping, counts)
     fps = {"model": fp.model_fingerprint(cfg.model), "tokenizer": fp.tokenizer_fingerprint(cfg.model),
-           "chat_template": "specforge-import", "data": source, "vocab": mapping.fingerprint(), "dtype": dtype}
-    return store.create(out, store.HiddenFormat(hidden, dtype), layout, contents, {
+           "chat_template": f"{cfg.format}-import", "data": source, "vocab": mapping.fingerprint(),
+           "dtype": hidden.dtype}
+    return store.create(out, hidden, layout, contents, {
         "vocab_size": vocab, "draft_vocab_size": mapping.draft_size, "data_files": [str(cfg.src)],
-        "pipeline": "specforge", "fingerprints": fps,
+        "pipeline": "specforge", "fingerprints": fps, "model_layers": int(mc.num_hidden_layers),
         "dump_args": {"model": cfg.model, "import": str(cfg.src), "format": cfg.format},
         "counts": {"sequences": len(files), "tokens": int(offsets[-1]), "assistant_tokens": int(all_mask.sum()),
                    "assistant_tokens_in_draft_vocab": int((contents.labels != -100).sum()),
@@ -223,16 +313,21 @@ def _open_store(cfg: ImportConfig, out: Path, files: list[Path], ids: list, mask
 
 
 class _rows:
-    """The samples' hidden states as one token axis, read file by file as units ask for them."""
+    """The samples' states as one token axis (hidden, and aux when kept), read sample by sample as units ask."""
 
-    def __init__(self, files: list[Path]):
-        self.files, self.next, self.start, self.buf = list(files), 0, 0, torch.zeros(0)
+    def __init__(self, source, kept: list[int], aux: bool):
+        self.source, self.kept, self.aux = source, list(kept), aux
+        self.next, self.start, self.buf = 0, 0, None
 
-    def take(self, a: int, b: int) -> torch.Tensor:
-        while self.start + len(self.buf) < b:
-            h = load_sample(self.files[self.next])["hidden_state"][0]
+    def take(self, a: int, b: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        parts = [] if self.buf is None else [self.buf]
+        have = self.start + (0 if self.buf is None else len(self.buf[0]))
+        while have < b:
+            smp = self.source.read(self.kept[self.next])
             self.next += 1
-            self.buf = h if not len(self.buf) else torch.cat([self.buf, h])
-        out = self.buf[a - self.start : b - self.start]
-        self.buf, self.start = self.buf[b - self.start :], b
-        return out
+            parts.append((smp.hidden, smp.aux if self.aux else smp.hidden[:, :0]))
+            have += len(smp.hidden)
+        buf = parts[0] if len(parts) == 1 else tuple(torch.cat(x) for x in zip(*parts, strict=True))
+        h, aux = (x[a - self.start : b - self.start] for x in buf)
+        self.buf, self.start = tuple(x[b - self.start :] for x in buf), b
+        return h, aux if self.aux else None

@@ -57,6 +57,8 @@ def inspect_store(path: str, coverage: list[int] | None = None) -> dict[str, Any
                                          if c.meta.keep_rows == "needed" else ""),
         "vocab_size": c.meta.vocab_size,
         "draft_vocab_size": c.meta.draft_vocab_size,
+        "aux_layers": (f"{c.meta.aux_layers} (aux_hidden: {_bytes(c, 'aux_hidden') / max(1, c.n_tokens):.1f} bytes "
+                       "per token)") if c.meta.aux_layers else "none",
         "bytes_on_disk": disk,
         "bytes_per_token": round(disk / max(1, c.n_tokens), 1),
         "chunk_tokens": c.meta.chunk_tokens,
@@ -66,6 +68,18 @@ def inspect_store(path: str, coverage: list[int] | None = None) -> dict[str, Any
         "counts": counts,
         "fingerprints": c.meta.fingerprints,
     }
+
+
+def _bytes(c: Cache, *names: str) -> int:
+    """Bytes on disk of some arrays of a local store (their scales included for int8)."""
+    from pathlib import Path
+
+    from .store import is_url
+
+    if is_url(c.path):
+        return 0
+    names = (*names, *(n.replace("hidden", "scale") for n in names if n.startswith("aux")))
+    return sum(f.stat().st_size for n in names for f in (Path(c.path) / n).rglob("*") if f.is_file())
 
 
 def render(info: dict[str, Any]) -> str:

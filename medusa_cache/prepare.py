@@ -18,9 +18,12 @@ from .templater import Templater
 from .vocab import build_mapping, count_tokens, load_mapping
 
 
-def prepare(cfg: DumpConfig, fingerprints: dict[str, str], template: str | None, vocab_size: int,
-            hidden_size: int, tokenizer, max_positions: int | None = None) -> store.CacheWriter:
-    """Stage 1: tokenise everything, build the vocabulary, and create the store (all but the hidden states)."""
+def prepare(cfg: DumpConfig, fingerprints: dict[str, str], template: str | None, tokenizer, model_config
+            ) -> store.CacheWriter:
+    """Stage 1: tokenise everything, build the vocabulary, and create the store (all but the hidden states).
+    ``model_config``: the model's (text) config: vocabulary, hidden size, positions, layers."""
+    vocab_size, hidden_size = model_config.vocab_size, model_config.hidden_size
+    max_positions = getattr(model_config, "max_position_embeddings", None)
     examples, tally, bad = tokenise(cfg, template, tokenizer, vocab_size)
     warn_repeats(examples, cfg)
     longest = max(examples, key=lambda e: len(e.input_ids))
@@ -45,13 +48,19 @@ def prepare(cfg: DumpConfig, fingerprints: dict[str, str], template: str | None,
     sources = np.array([[e.file_index, e.row_index] for e in examples], dtype=np.int64)
     return store.create(
         cfg.out, store.HiddenFormat(hidden_size, cfg.dtype, cfg.hidden_codec, cfg.int8_group, cfg.hidden_compression,
-                                    cfg.max_heads),
+                                    cfg.max_heads, aux_layers(cfg)),
         layout_for(cfg, hidden_size), store.Contents(ids, mask, labels, offsets, sources, mapping, counts, row_kept),
         {"vocab_size": vocab_size, "draft_vocab_size": mapping.draft_size,
+               "model_layers": int(model_config.num_hidden_layers),
                "data_files": [str(Path(f).name) for f in cfg.data], "pipeline": cfg.pipeline,
                "fingerprints": {**fingerprints, "vocab": mapping.fingerprint()}, "dump_args": to_dict(cfg),
                "counts": counts_attr, "bad_row_examples": bad[:20]},
     )
+
+
+def aux_layers(cfg: DumpConfig) -> tuple[int, ...]:
+    """--aux-layers as ``dump.resolve_model_options`` resolved it (ids, comma-separated)."""
+    return tuple(int(x) for x in cfg.aux_layers.split(",")) if cfg.aux_layers else ()
 
 
 def warn_repeats(examples: list, cfg: DumpConfig) -> None:
@@ -158,15 +167,7 @@ def draft_vocabulary(cfg: DumpConfig, counts: np.ndarray, vocab_size: int):
 
 
 def layout_for(cfg: DumpConfig, hidden_size: int) -> store.Layout:
-    layout = store.Layout.default(hidden_size, 2 if cfg.dtype == "bfloat16" else 4, cfg.max_length)
-    if cfg.chunk_tokens:
-        layout.chunk_tokens = cfg.chunk_tokens
-        if not cfg.shard_tokens:
-            layout.shard_tokens = max(layout.shard_tokens // cfg.chunk_tokens, 1) * cfg.chunk_tokens
-    if cfg.shard_tokens:
-        layout.shard_tokens = cfg.shard_tokens
-        if not cfg.chunk_tokens and layout.shard_tokens % layout.chunk_tokens:
-            layout.chunk_tokens = layout.shard_tokens
-    return layout
+    return store.Layout.choose(hidden_size, 2 if cfg.dtype == "bfloat16" else 4, cfg.max_length, cfg.chunk_tokens,
+                               cfg.shard_tokens)
 
 

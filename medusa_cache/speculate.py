@@ -27,7 +27,7 @@ from typing import ClassVar, Literal
 import torch
 
 from .backbone import stop_ids
-from .config import check
+from .config import check, require
 from .errors import UserError
 from .heldout import greedy, read_prompts, walk_turns
 from .progress import Progress
@@ -69,9 +69,7 @@ class SpeculateConfig:
 
     def __post_init__(self) -> None:
         check(self.threads is None or self.threads >= 1, "threads", f"must be >= 1, got {self.threads}")
-        check(self.model is not None, "model", "is required")
-        check(self.heads is not None, "heads", "is required")
-        check(self.prompts is not None, "prompts", "is required")
+        require(self)
         check(bool(self.tree) != self.chain, "tree", "give exactly one of --tree FILE or --chain")
         check(self.max_new_tokens >= 1, "max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
         check(self.max_prompts is None or self.max_prompts >= 1, "max_prompts", "must be >= 1")

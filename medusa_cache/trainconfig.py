@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
-from .config import check
+from .config import check, require
 
 
 @dataclass
@@ -112,8 +112,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check(self.threads is None or self.threads >= 1, "threads", f"must be >= 1, got {self.threads}")
-        check(self.cache is not None, "cache", "is required")
-        check(self.out is not None, "out", "is required")
+        check(self.cache is not None, "cache", "is required")  # not in REQUIRED: `train --resume` reads it from the run
+        require(self)
         check(1 <= self.num_heads <= 32, "num_heads", f"must be in 1..32, got {self.num_heads}")
         check(1 <= self.num_layers <= 16, "num_layers", f"must be in 1..16, got {self.num_layers}")
         check(self.draft_transformer_layers == 0, "draft_transformer_layers", "Medusa heads use none; must be 0")

@@ -58,9 +58,13 @@ def spot_check(c: Cache, model: str, n: int = 4, seed: int = 0, device: str = "c
 
     from .backbone import ModelPass
 
-    mp = ModelPass(model, c.hidden_dtype, device)
+    aux = tuple(c.meta.aux_layers)
+    mp = ModelPass(model, c.hidden_dtype, device, aux)
     ids = c.array("input_ids")
-    forward_tokens = int((c.meta.dump_args or {}).get("forward_tokens") or 16384)
+    from .dumpconfig import DumpConfig
+
+    # the dump's batches, or dump's default for a store that did not record them (the class attribute is the default)
+    forward_tokens = int((c.meta.dump_args or {}).get("forward_tokens") or DumpConfig.forward_tokens)
     problems = []
     rng = np.random.default_rng(seed)
     tol = 1e-4 if c.hidden_dtype == "float32" and c.codec == "lossless" else 2 ** -6
@@ -68,13 +72,18 @@ def spot_check(c: Cache, model: str, n: int = 4, seed: int = 0, device: str = "c
         a, b = int(c.offsets[s]), int(c.offsets[s + 1])
         ref = dumped_rows(c, ids, mp, s, forward_tokens).float()
         got = c.read_hidden(a, b).float()
+        if aux:
+            got = torch.cat([got, c.read_aux(a, b).float()], dim=1)
         if c.row_kept is not None:  # rows not stored read as 0: compare the stored ones
             keep = torch.from_numpy(c.row_kept[a:b])
             ref, got = ref[keep], got[keep]
-        err = ((got - ref).abs().amax(dim=1) / ref.abs().amax(dim=1).clamp_min(1e-6)).max().item()
-        if not err <= tol:
-            problems.append(f"sequence {s}: stored hidden states differ from a fresh model run (max relative "
-                            f"error {err:.3g} > {tol:g})")
+        h = c.hidden_size
+        for j, what in enumerate(["hidden states", *(f"auxiliary layer {x} (aux_hidden)" for x in aux)]):
+            r, g = ref[:, j * h : (j + 1) * h], got[:, j * h : (j + 1) * h]
+            err = ((g - r).abs().amax(dim=1) / r.abs().amax(dim=1).clamp_min(1e-6)).max().item()
+            if not err <= tol:
+                problems.append(f"sequence {s}: stored {what} differ from a fresh model run (max relative "
+                                f"error {err:.3g} > {tol:g})")
     return problems
 
 
@@ -86,7 +95,7 @@ def dumped_rows(c: Cache, ids: np.ndarray, mp, s: int, forward_tokens: int):
     from .backbone import plan_batches
 
     a, b = int(c.offsets[s]), int(c.offsets[s + 1])
-    out = torch.empty((b - a, c.hidden_size))
+    out = torch.empty((b - a, c.hidden_size * (1 + len(c.meta.aux_layers))))
     for k in range(c.n_units):
         ua, ub = c.unit_tokens(k)
         if ub <= a or ua >= b:

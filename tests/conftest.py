@@ -60,11 +60,11 @@ LLAMA3_TOK = _tokenizer_dir("llama3")
 QWEN2_TOK = _tokenizer_dir("qwen2")
 
 
-def _tiny(path: Path, kind: str) -> Path:
+def _tiny(path: Path, kind: str, layers: int = 2) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(0)
-    common = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+    common = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=False)
     if kind == "llama":
         model = LlamaForCausalLM(LlamaConfig(vocab_size=128256, **common))
@@ -82,6 +82,12 @@ def _tiny(path: Path, kind: str) -> Path:
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> Path:
     return _tiny(tmp_path_factory.mktemp("tiny-llama"), "llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama8(tmp_path_factory) -> Path:
+    """The tiny random Llama with 8 decoder layers: Eagle3's default auxiliary layers (1, 3, 4) exist."""
+    return _tiny(tmp_path_factory.mktemp("tiny-llama8"), "llama", layers=8)
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,7 @@ import pytest
 from medusa_cache.cli import build_parser, main
 
 COMMANDS = ["dump", "inspect", "verify", "train", "eval", "ablate", "generate", "speculate", "demo", "export",
-            "import"]
+            "import", "export-features"]
 
 
 def test_every_subcommand_is_covered():

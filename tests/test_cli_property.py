@@ -42,7 +42,7 @@ OPTIONS = _options()
 # options where 0 is a legitimate value with a documented meaning (no clipping, no warmup, greedy, ...): their bad
 # numbers are the negative ones; for every other numeric option 0 is bad too. Nothing drawn here may be accepted.
 ZERO_OK = {"--val-fraction", "--warmup-ratio", "--checkpoint-minutes", "--distill-weight", "--max-grad-norm", "--seed",
-           "--temperature", "--verify-cost", "--weight-decay"}
+           "--temperature", "--verify-cost", "--weight-decay", "--aux-layers"}  # --aux-layers 0: decoder layer 0
 
 
 def _bad_values(act: argparse.Action) -> st.SearchStrategy[str]:

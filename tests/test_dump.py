@@ -82,7 +82,7 @@ def test_packing_offsets_sources_and_labels(dumped, tiny_llama, llama_tok):
     assert np.array_equal(d + m.d2t[d], ids[mask & in_vocab])
     counts = c.array("token_counts")
     assert counts.sum() == mask.sum()
-    assert c.attrs["counts"]["assistant_tokens_in_draft_vocab"] == int((labels != IGNORE).sum())
+    assert c.meta.counts["assistant_tokens_in_draft_vocab"] == int((labels != IGNORE).sum())
 
 
 def test_plan_batches_covers_each_row_once_and_splits_at_unit_edges():
@@ -171,7 +171,7 @@ def test_qwen2_dump_and_spec_forge_mapping(tmp_path, tiny_qwen, small_chat):
     run_dump(DumpConfig(model=str(tiny_qwen), data=[str(small_chat)], out=str(tmp_path / "c"),
                         vocab_mapping=str(tmp_path / "vocab_mapping.pt"), dtype="float32"))
     c = Cache(tmp_path / "c")
-    assert np.array_equal(c.mapping().d2t, m.d2t) and c.attrs["vocab_size"] == 151936
+    assert np.array_equal(c.mapping().d2t, m.d2t) and c.meta.vocab_size == 151936
 
 
 BAD = [
@@ -221,7 +221,7 @@ def test_bad_rows_stop_the_dump_or_are_skipped_and_counted(tmp_path, tiny_llama)
     with pytest.raises(UserError, match=r"d.jsonl:2: malformed JSON line"):
         run_dump(DumpConfig(model=str(tiny_llama), data=[str(data)], out=str(tmp_path / "a")))
     run_dump(DumpConfig(model=str(tiny_llama), data=[str(data)], out=str(tmp_path / "b"), skip_bad_rows=True))
-    counts = Cache(tmp_path / "b").attrs["counts"]
+    counts = Cache(tmp_path / "b").meta.counts
     assert counts["skipped_input_rows"] == 1 and counts["dropped_no_assistant"] == 1 and counts["sequences"] == 1
 
 
@@ -251,8 +251,8 @@ def test_repeated_data_flags_are_all_used_and_an_oversized_draft_vocab_is_report
     from medusa_cache import store
 
     c = store.Cache(tmp_path / "c")
-    assert c.attrs["data_files"] == ["a.jsonl", "b.jsonl"] and set(c.array("seq_source")[:, 0]) == {0, 1}
-    filled = c.attrs["counts"]["draft_vocab_unseen_filled"]
+    assert c.meta.data_files == ["a.jsonl", "b.jsonl"] and set(c.array("seq_source")[:, 0]) == {0, 1}
+    filled = c.meta.counts["draft_vocab_unseen_filled"]
     assert filled == 100000 - int((c.array("token_counts") > 0).sum()) > 0
     assert f"{filled} never-seen ids" in cap.err and f'"draft_vocab_unseen_filled": {filled}' in cap.out
 

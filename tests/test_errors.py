@@ -206,6 +206,15 @@ CASES = [
      "p.jsonl:1: nothing to generate: the conversation has no assistant turn", 2),
     ("inspect-malformed-zarr-json", "inspect", lambda t, e: ["inspect", e.damaged_metadata(t)],
      "labels/zarr.json: the array's metadata cannot be read", 2),
+    ("dump-aux-layers-not-ids", "dump", lambda t, e: e.dump(_jsonl(t / "d.jsonl", GOOD), None, "--aux-layers", "1,x"),
+     "--aux-layers: '1,x' is not eagle3, speculators or a comma-separated list of layer ids", 2),
+    ("export-features-no-aux-layers", "export-features", lambda t, e: ["export-features", e.cache, "--out",
+                                                                       str(t / "f")],
+     "no auxiliary layers stored: Eagle3's features need them; re-dump with", 2),
+    ("import-speculators-not-a-dataset", "import", lambda t, e: ["import", (t / "src").mkdir() or str(t / "src"),
+                                                                 "--format", "speculators",
+                                                                 "--model", str(e.model), "--out", str(t / "c")],
+     "is not a speculators dataset directory", 2),
 ]
 
 

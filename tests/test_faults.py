@@ -71,11 +71,11 @@ def test_full_disk_stops_cleanly_and_resume_completes_bit_identical(tmp_path, ti
     run_dump(_cfg(tiny_llama, data, tmp_path / "ref"))
     real, calls = store.CacheWriter.write_unit, {"n": 0}
 
-    def write_unit(self, k, h):
+    def write_unit(self, k, h, aux=None):
         calls["n"] += 1
         if calls["n"] == 3:
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real(self, k, h)
+        return real(self, k, h, aux)
 
     monkeypatch.setattr(store.CacheWriter, "write_unit", write_unit)
     with pytest.raises(UserError, match="writing unit 2 .* failed: No space left on device; .* --resume"):

@@ -40,7 +40,7 @@ def test_the_docs_fill_values_are_the_declared_ones():
             fills[name] = fill.lower()
     assert set(fills) == set(SPECS)
     for a in ARRAYS:
-        if a.name == "hidden":  # fill depends on the dtype: spec.hidden_layout
+        if a.fill is None:  # hidden and aux_hidden: the fill depends on the dtype (spec.hidden_layout)
             continue
         want = "nan" if isinstance(a.fill, float) and math.isnan(a.fill) else str(a.fill).lower()
         assert fills[a.name] == want, a.name
@@ -50,15 +50,16 @@ def test_a_store_holds_exactly_the_declared_arrays_with_their_shapes_and_fills(t
     n = 300
     labels = np.where(np.arange(n) % 7 < 2, 1, -100)
     kept = needed_rows(labels != -100, np.array([0, 100, n]), 2)
-    for codec in ("lossless", "int8"):
-        c = from_arrays(tmp_path / codec, torch.randn(n, 16), [0, 100, n], labels,
+    for codec, aux in (("lossless", False), ("int8", False), ("lossless", True), ("int8", True)):
+        c = from_arrays(tmp_path / f"{codec}{aux}", torch.randn(n, 16), [0, 100, n], labels,
                         VocabMapping(np.zeros(4, np.int64), np.ones(4, bool)), layout=Layout(64, 128),
-                        hidden_codec=codec, int8_group=4, row_kept=kept if codec == "int8" else None, max_heads=2)
+                        hidden_codec=codec, int8_group=4, row_kept=kept if codec == "int8" and not aux else None,
+                        max_heads=2, aux=torch.randn(n, 32) if aux else None)
         c = Cache(c.path)
         present = {a.name for a in ARRAYS if a.present(c.meta)}
-        assert set(c.group.array_keys()) == present
+        assert set(c.group.array_keys()) == present and ("aux_hidden" in present) == aux
         assert audit.structure(c) == [] and audit.missing_chunks(c) == []
-        for name in present - {"hidden"}:
+        for name in present - {"hidden", "aux_hidden"}:
             fill, want = c.group[name].metadata.fill_value, SPECS[name].fill
             assert (isinstance(want, float) and math.isnan(want) and np.isnan(fill)) or fill == want, name
 
@@ -77,9 +78,10 @@ def test_older_stores_are_upgraded_in_one_place():
     """A store written before a fingerprint existed reads as if dumped with that setting's default."""
     old = {"medusa_cache": 1, "hidden_size": 8, "hidden_dtype": "float32", "chunk_tokens": 64, "shard_tokens": 256,
            "n_units": 1, "fingerprints": {"model": "m"}}
-    meta = StoreMeta.from_attrs(old, "old")
+    meta = StoreMeta.from_dict(old, "old")
     assert meta.fingerprints == {"model": "m", "hidden_codec": "lossless", "keep_rows": "all",
-                                 "hidden_compression": "zstd"}
-    assert (meta.hidden_codec, meta.keep_rows, meta.max_heads, meta.pipeline) == ("lossless", "all", 0, "medusa-cache")
+                                 "hidden_compression": "zstd", "aux_layers": "none"}
+    assert (meta.hidden_codec, meta.keep_rows, meta.max_heads, meta.pipeline, meta.aux_layers) == (
+        "lossless", "all", 0, "medusa-cache", [])
     assert upgrade({"fingerprints": {"keep_rows": "needed"}})["fingerprints"]["keep_rows"] == "needed"
     assert upgrade({"keep_rows": "needed", "max_heads": 3})["keep_rows"] == "needed"  # what a store says wins

@@ -59,7 +59,7 @@ def test_dump_with_the_specforge_pipeline_stores_specforges_tokens(tmp_path, tin
     run_dump(DumpConfig(model=str(tiny_llama), data=[str(data)], out=str(tmp_path / "c"), pipeline="specforge",
                         dtype="float32", draft_vocab_size=500))
     c = Cache(tmp_path / "c")
-    assert c.attrs["pipeline"] == "specforge"
+    assert c.meta.pipeline == "specforge"
     g = np.load(GOLDEN / "llama3.npz")
     ids, mask, src = c.array("input_ids"), c.array("loss_mask").astype(bool), c.array("seq_source")
     for s in range(c.n_seqs):

@@ -10,7 +10,7 @@ import torch
 
 from ..errors import UserError
 from .rows import needed_rows, seq_of
-from .spec import ARRAYS, SMALL_ARRAYS, expected_shape, shard_key
+from .spec import ARRAYS, SMALL_ARRAYS, STATES, expected_shape, shard_key
 
 if TYPE_CHECKING:
     from .reader import Cache
@@ -70,7 +70,7 @@ def check_checksums(cache: Cache) -> None:
     for name in SMALL_ARRAYS:
         if name in cache.group:
             cache.stored(name)
-    for name in ("hidden", "hidden_scale"):
+    for name in STATES:
         r = cache.reads.reader(name) if name in cache.group else None
         for k in (np.flatnonzero(cache.done_units()) if r is not None else []):
             r.shard_file(int(k))
@@ -81,7 +81,7 @@ def chunk_checksums(cache: Cache) -> tuple[list[str], bool]:
     ``hidden_scale``) checked against its CRC32C from the bytes alone, nothing decoded (plain ``verify``). Stores on
     object storage are not read here (False): ``verify --deep`` decodes them through zarr."""
     problems, read = [], True
-    for name in ("hidden", "hidden_scale"):
+    for name in STATES:
         if name not in cache.group:
             continue
         r = cache.reads.reader(name)
@@ -101,7 +101,7 @@ def structure(cache: Cache) -> list[str]:
         problems.append("seq_offsets must start at 0 and strictly increase")
     m = cache.meta
     dims = {"N": cache.n_tokens, "S": cache.n_seqs, "H": m.hidden_size, "V": m.vocab_size, "D": m.draft_vocab_size,
-            "g": max(m.int8_group, 1), "n_units": m.n_units,
+            "g": max(m.int8_group, 1), "n_units": m.n_units, "A": len(m.aux_layers),
             "M": cache.n_tokens if cache.row_kept is None else int(cache.row_kept.sum())}
     for spec in ARRAYS:
         if not spec.present(m):
@@ -153,7 +153,7 @@ def decode_units(cache: Cache) -> tuple[list[str], int]:
     for k in np.flatnonzero(cache.done_units()):
         a, b = cache.unit_range(int(k))
         broken = False
-        for name in ("hidden", "hidden_scale") if cache.codec == "int8" else ("hidden",):
+        for name in (s.name for s in ARRAYS if s.name in STATES and s.present(cache.meta)):
             try:
                 cache.reads.read(name, a, b, direct=False)
             except UserError as e:

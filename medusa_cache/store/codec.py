@@ -7,6 +7,12 @@ import numpy as np
 import torch
 
 
+def default_int8_group(hidden_size: int) -> int:
+    """The int8 codec's default group: the largest divisor of the hidden size that is <= 128 (128 for 4096 and 3584,
+    96 for SmolLM2's 576); ``dump --int8-group`` and every store writer use it."""
+    return max(g for g in range(1, min(128, hidden_size) + 1) if hidden_size % g == 0)
+
+
 def int8_encode(hidden: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric int8 with one scale per ``group`` channels of each row: q = round(x / s), s = absmax / 127.
 

@@ -7,7 +7,6 @@ import hashlib
 import json
 import sys
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -18,7 +17,7 @@ from ..vocab import VocabMapping
 from .paths import exists, fs_of, is_url
 from .reads import HiddenReads
 from .rows import seq_of
-from .spec import FORMAT_VERSION, SMALL_ARRAYS, ChunkError, StoreMeta
+from .spec import FORMAT_VERSION, SMALL_ARRAYS, STATES, ChunkError, StoreMeta
 
 
 class Cache:
@@ -33,26 +32,20 @@ class Cache:
             self.group = zarr.open_group(self.path, mode=mode)
         except Exception as e:  # noqa: BLE001
             raise UserError(f"{self.path}: not a readable Zarr group ({e})") from None
-        self.attrs: dict[str, Any] = dict(self.group.attrs)
-        version = self.attrs.get("medusa_cache")
+        attrs = dict(self.group.attrs)
+        version = attrs.get("medusa_cache")
         if version is None:
             raise UserError(f"{self.path}: not a medusa-cache store (no 'medusa_cache' format attribute)")
         if version > FORMAT_VERSION:
             raise UserError(f"{self.path}: cache format version {version} is newer than this medusa-cache reads "
                             f"({FORMAT_VERSION}); upgrade medusa-cache")
-        self.meta = StoreMeta.from_attrs(self.attrs, self.path)
+        self.meta = StoreMeta.from_dict(attrs, self.path)  # the one copy of the attributes
         check_metadata(self)
         for name in ("hidden", "seq_offsets"):  # what every reader needs at open: a missing one named, as the others
             if name not in self.group:
                 raise ChunkError(f"{self.path}: array {name} is missing (no {name}/zarr.json): the store is damaged: "
                                  "re-dump it (or restore the file)")
         self.hidden = self.group["hidden"]
-        self.hidden_dtype: str = self.meta.hidden_dtype
-        self.codec: str = self.meta.hidden_codec
-        self.int8_group: int = self.meta.int8_group
-        self.hidden_size: int = self.meta.hidden_size
-        self.shard_tokens: int = self.meta.shard_tokens
-        self.n_units: int = self.meta.n_units
         self.offsets: np.ndarray = self.stored("seq_offsets")
         self.n_tokens = int(self.offsets[-1])
         self.n_seqs = len(self.offsets) - 1
@@ -68,16 +61,20 @@ class Cache:
             # a lost chunk reads as 255 and counts as not kept here; require_complete and verify name it
             self.row_kept = self.stored("row_kept") == 1
             self.row_start = np.concatenate([[0], np.cumsum(self.row_kept, dtype=np.int64)])
-        self.reads = HiddenReads(self.path, self.group, self.meta, self.n_rows, direct)
+        self.reads = HiddenReads(self.path, self.group, lambda: self.meta, self.n_rows, direct)
 
-    # ---- metadata and whole arrays ----------------------------------------------------------------
-    @property
-    def complete(self) -> bool:
-        return self.meta.complete
+    # ---- metadata (views of ``meta``) and whole arrays -------------------------------------------
+    complete = property(lambda self: self.meta.complete)
+    hidden_dtype = property(lambda self: self.meta.hidden_dtype)
+    codec = property(lambda self: self.meta.hidden_codec)
+    int8_group = property(lambda self: self.meta.int8_group)
+    hidden_size = property(lambda self: self.meta.hidden_size)
+    shard_tokens = property(lambda self: self.meta.shard_tokens)
+    n_units = property(lambda self: self.meta.n_units)
 
     def content_fingerprint(self) -> str:
         """What the store holds: its inputs' fingerprints and its shape (a re-dump of other data differs)."""
-        d = {"fingerprints": self.attrs.get("fingerprints", {}), "n_tokens": self.n_tokens, "n_seqs": self.n_seqs,
+        d = {"fingerprints": self.group.attrs.get("fingerprints", {}), "n_tokens": self.n_tokens, "n_seqs": self.n_seqs,
              "hidden_dtype": self.hidden_dtype, "hidden_size": self.hidden_size}
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -85,7 +82,7 @@ class Cache:
         """The data the store holds, whatever its draft vocabulary and storage: two dumps of the same rows at two
         vocabulary sizes (or one re-mapped), dtypes or layouts are the same data."""
         how = ("vocab", "vocab_mapping", "dtype", "hidden_codec", "keep_rows", "hidden_compression")  # not what
-        fps = {k: v for k, v in self.attrs.get("fingerprints", {}).items() if k not in how}
+        fps = {k: v for k, v in self.group.attrs.get("fingerprints", {}).items() if k not in how}
         d = {"fingerprints": fps, "n_tokens": self.n_tokens, "n_seqs": self.n_seqs}
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -209,6 +206,11 @@ class Cache:
         out[torch.from_numpy(self.row_kept[start:stop])] = rows
         return out
 
+    def read_aux(self, start: int, stop: int) -> torch.Tensor:
+        """Token rows [start, stop) of the auxiliary layers (format 6, all rows stored): [rows, A*H], layer j in
+        columns [j*H, (j+1)*H); the stored dtype, float32 for int8 (callers check ``meta.aux_layers`` first)."""
+        return self.reads.aux(start, stop)
+
     def reads_into(self) -> bool:
         """Whether ``reads.into`` can fill a caller's buffer with token rows directly (local, all rows stored)."""
         return self.row_start is None and self.reads.fills_buffers()
@@ -222,7 +224,7 @@ class Cache:
 
 def check_metadata(cache: Cache) -> None:
     """Every array's zarr.json parses, or the damaged one is named (a missing array is named by verify)."""
-    for name in ("hidden", *SMALL_ARRAYS, "hidden_scale"):  # every array's metadata parses, or it is named
+    for name in (*STATES, *SMALL_ARRAYS):  # every array's metadata parses, or it is named
         try:
             cache.group[name]
         except KeyError:

@@ -4,6 +4,7 @@ The read path is chosen per opened store (``Cache(path, direct=...)``), never gl
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -23,10 +24,15 @@ class HiddenReads:
     Local stores are read by ``ShardReader`` (shard files directly, several times faster than zarr's own read path:
     README, tools/bench_storage.py part 4); ``direct=False`` (``verify --deep``, benchmarks) and URLs use zarr."""
 
-    def __init__(self, path: str, group: zarr.Group, meta: StoreMeta, n_rows: int, direct: bool = True):
-        self.path, self.group, self.meta, self.n_rows = path, group, meta, n_rows
+    def __init__(self, path: str, group: zarr.Group, meta: Callable[[], StoreMeta], n_rows: int, direct: bool = True):
+        self.path, self.group, self._meta, self.n_rows = path, group, meta, n_rows
         self.direct = direct and not is_url(path)
         self._readers: dict[str, ShardReader | None] = {}
+
+    @property
+    def meta(self) -> StoreMeta:
+        """The owning ``Cache``'s metadata (its one copy)."""
+        return self._meta()
 
     def reader(self, name: str) -> ShardReader | None:
         """The direct reader of a sharded array (None: read through zarr)."""
@@ -54,6 +60,14 @@ class HiddenReads:
             q = torch.from_numpy(np.ascontiguousarray(arr))
             return int8_pack(q, scale) if packed else int8_decode(q, scale, self.meta.int8_group)
         return from_stored(np.ascontiguousarray(arr), self.meta.hidden_dtype)
+
+    def aux(self, start: int, stop: int) -> torch.Tensor:
+        """Stored rows [start, stop) of ``aux_hidden`` (format 6): [rows, A*H], the stored dtype (int8: float32)."""
+        arr = np.ascontiguousarray(self.read("aux_hidden", start, stop))
+        if self.meta.hidden_codec == "int8":
+            scale = torch.from_numpy(np.ascontiguousarray(self.read("aux_scale", start, stop)))
+            return int8_decode(torch.from_numpy(arr), scale, self.meta.int8_group)
+        return from_stored(arr, self.meta.hidden_dtype)
 
     def _name_shard(self, start: int, stop: int, e: Exception) -> None:
         shard = self.meta.shard_tokens

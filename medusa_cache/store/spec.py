@@ -18,11 +18,13 @@ import torch
 
 from ..errors import UserError
 
-FORMAT_VERSION = 5
+FORMAT_VERSION = 6
 """1: the layout; 2: fill values that cannot pass as data (every chunk written); 3: optional int8 hidden codec
 (``hidden_scale``); 4: optional needed-rows layout (``keep_rows = "needed"``: ``hidden`` holds only the rows
 ``row_kept`` marks); 5: every chunk of every array ends with a CRC32C of its bytes (zarr's crc32c codec, last in the
-chain), which every read checks: a byte changed on disk is a named error, never data."""
+chain), which every read checks: a byte changed on disk is a named error, never data; 6: optional auxiliary layers
+(``aux_layers``: ``aux_hidden`` holds the outputs of those decoder layers, before any norm, for Eagle3's
+features)."""
 
 HIDDEN_DTYPES = {"bfloat16": np.uint16, "float32": np.float32}  # stored dtype of lossless states (no bf16 in zarr)
 TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -37,7 +39,8 @@ class ArraySpec:
 
     name: str
     shape: str
-    """As docs/cache-format.md writes it: N tokens, M stored rows, S sequences, V target and D draft vocabulary."""
+    """As docs/cache-format.md writes it: N tokens, M stored rows, S sequences, V target and D draft vocabulary, A
+    auxiliary layers."""
     dtype: str
     """numpy dtype; ``hidden``'s depends on the codec and dtype (``hidden_layout``)."""
     fill: Any
@@ -49,11 +52,14 @@ class ArraySpec:
     since: int = 1
     """Required in stores of this format version and later."""
     when: str = "always"
-    """always, int8 (``hidden_codec = "int8"``) or needed (``keep_rows = "needed"``)."""
+    """always, int8 (``hidden_codec = "int8"``), needed (``keep_rows = "needed"``), aux (``aux_layers`` not empty)
+    or int8+aux (both)."""
 
     def present(self, meta: StoreMeta) -> bool:
+        int8, aux = meta.hidden_codec == "int8", bool(meta.aux_layers)
         return (meta.medusa_cache >= self.since and
-                {"always": True, "int8": meta.hidden_codec == "int8", "needed": meta.keep_rows == "needed"}[self.when])
+                {"always": True, "int8": int8, "needed": meta.keep_rows == "needed", "aux": aux,
+                 "int8+aux": int8 and aux}[self.when])
 
 
 ARRAYS: tuple[ArraySpec, ...] = (
@@ -71,15 +77,19 @@ ARRAYS: tuple[ArraySpec, ...] = (
     ArraySpec("hidden_scale", "[M, H / g]", "float32", float("nan"), per_unit=True, axis="tokens", since=3,
               when="int8"),
     ArraySpec("row_kept", "[N]", "uint8", 255, axis="tokens", since=4, when="needed"),
+    ArraySpec("aux_hidden", "[M, A * H]", "as hidden", None, per_unit=True, axis="tokens", since=6, when="aux"),
+    ArraySpec("aux_scale", "[M, A * H / g]", "float32", float("nan"), per_unit=True, axis="tokens", since=6,
+              when="int8+aux"),
 )
 SPECS = {a.name: a for a in ARRAYS}
 
 
 def expected_shape(spec: ArraySpec, dims: dict[str, int]) -> tuple[int, ...]:
-    """``spec.shape`` evaluated for one store: ``dims`` gives N, M, S, H, V, D, g and n_units."""
+    """``spec.shape`` evaluated for one store: ``dims`` gives N, M, S, H, V, D, A, g and n_units."""
     return tuple(int(eval(d, {"__builtins__": {}}, dims)) for d in spec.shape.strip("[]").split(","))  # noqa: S307
 PER_UNIT = tuple(a.name for a in ARRAYS if a.per_unit)
-SMALL_ARRAYS = tuple(a.name for a in ARRAYS if a.name not in ("hidden", "hidden_scale"))  # read whole at open
+STATES = ("hidden", "hidden_scale", "aux_hidden", "aux_scale")  # the 2-D sharded arrays, read a unit at a time
+SMALL_ARRAYS = tuple(a.name for a in ARRAYS if a.name not in STATES)  # read whole at open
 
 
 def chunk_key(name: str, *coords) -> str:
@@ -123,31 +133,46 @@ class Layout:
             shard *= 2
         return Layout(chunk, shard)
 
+    @staticmethod
+    def choose(hidden_size: int, itemsize: int, max_length: int, chunk_tokens: int | None = None,
+               shard_tokens: int | None = None) -> Layout:
+        """``default``, with --chunk-tokens/--shard-tokens where given (dump and import alike)."""
+        layout = Layout.default(hidden_size, itemsize, max_length)
+        if chunk_tokens:
+            layout.chunk_tokens = chunk_tokens
+            if not shard_tokens:
+                layout.shard_tokens = max(layout.shard_tokens // chunk_tokens, 1) * chunk_tokens
+        if shard_tokens:
+            layout.shard_tokens = shard_tokens
+            if not chunk_tokens and layout.shard_tokens % layout.chunk_tokens:
+                layout.chunk_tokens = layout.shard_tokens
+        return layout
+
 
 # fingerprints added after 0.1.0: a store written before one existed was dumped with its default setting
-FINGERPRINT_DEFAULTS = {"hidden_codec": "lossless", "keep_rows": "all", "hidden_compression": "zstd"}
-
-
-# attributes a store of an older format (or of the default layout) does not write, and what their absence means
-ATTRIBUTE_DEFAULTS = {
-    "hidden_codec": "lossless", "int8_group": 0,  # format 3 added int8; lossless stores write no group
-    "keep_rows": "all", "max_heads": 0,  # format 4 added needed rows; stores of every row write neither
-    "pipeline": "medusa-cache",  # written since --pipeline specforge existed
-}
+FINGERPRINT_DEFAULTS = {"hidden_codec": "lossless", "keep_rows": "all", "hidden_compression": "zstd",
+                        "aux_layers": "none"}
 
 
 def upgrade(attrs: dict[str, Any]) -> dict[str, Any]:
-    """The attributes an older store would have if written today: every default of an attribute or fingerprint
-    added after version 1, in one place (the readers see only today's attributes)."""
-    out = {**ATTRIBUTE_DEFAULTS, **attrs}
+    """The attributes an older store would have if written today: ``StoreMeta``'s field defaults (what an attribute
+    added after version 1 means when absent) and the defaults of fingerprints added after 0.1.0, in one place."""
+    out = {**{k: v for k, v in _field_defaults().items() if k not in attrs}, **attrs}
     out["fingerprints"] = {**FINGERPRINT_DEFAULTS, **(attrs.get("fingerprints") or {})}
     return out
 
 
-@dataclass
+def _field_defaults() -> dict[str, Any]:
+    return {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            for f in dataclasses.fields(StoreMeta)
+            if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING}
+
+
+@dataclass(frozen=True)
 class StoreMeta:
-    """The group attributes of a store: every one named, typed and documented here, written by ``create`` and
-    validated on open."""
+    """The group attributes of a store: every one named, typed and documented here. ``to_dict`` is what ``create``
+    writes, ``from_dict`` what every reader validates on open; ``Cache.meta`` is the one copy a process holds
+    (``CacheWriter.set_attrs`` replaces it). A field's default is what its absence means in an older store."""
 
     medusa_cache: int
     """Format version (1..FORMAT_VERSION)."""
@@ -175,6 +200,11 @@ class StoreMeta:
     """all (a hidden row per token) or needed (format 4: only rows a head up to `max_heads` can use; `row_kept`)."""
     max_heads: int = 0
     """keep_rows needed: the largest number of heads the stored rows serve (train/eval/ablate refuse more); 0 = any."""
+    aux_layers: list = field(default_factory=list)
+    """Format 6: 0-based decoder layers whose outputs (before any norm) ``aux_hidden`` holds, in its column order
+    (SpecForge's ``aux_hidden_state`` layer ids; the last layer's output is the final norm's input); empty: none."""
+    model_layers: int = 0
+    """Decoder layers of the model (format 6; 0: not recorded): which of ``aux_layers`` is the last one."""
     pipeline: str = "medusa-cache"
     """How chats became ids and masks: medusa-cache or specforge (docs/data-pipeline.md)."""
     data_files: list = field(default_factory=list)
@@ -190,8 +220,11 @@ class StoreMeta:
     medusa_cache_preparing: bool = False
     """True while the dump prepares the store (then it is only resumable from scratch)."""
 
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
     @staticmethod
-    def from_attrs(attrs: dict[str, Any], where: str) -> StoreMeta:
+    def from_dict(attrs: dict[str, Any], where: str) -> StoreMeta:
         hints = typing.get_type_hints(StoreMeta)
         known = {f.name for f in dataclasses.fields(StoreMeta)}
         values = {k: v for k, v in upgrade(attrs).items() if k in known}
@@ -204,12 +237,6 @@ class StoreMeta:
             return StoreMeta(**values)
         except TypeError as e:
             raise UserError(f"{where}: store attributes incomplete ({e})") from None
-
-    @staticmethod
-    def check_names(attrs: dict[str, Any]) -> None:
-        unknown = set(attrs) - {f.name for f in dataclasses.fields(StoreMeta)}
-        if unknown:
-            raise ValueError(f"store.create: attributes not in StoreMeta: {sorted(unknown)}")
 
 
 class ChunkError(UserError):

@@ -20,12 +20,13 @@ import zarr
 
 from ..errors import UserError
 from ..vocab import IGNORE, VocabMapping
-from .codec import int8_encode, to_stored
+from .codec import default_int8_group, int8_encode, to_stored
 from .paths import empty_dir, is_url
 from .reader import Cache
 from .spec import FORMAT_VERSION, SPECS, Layout, StoreMeta, chain, chunk_key, hidden_layout, shard_key
 
 _WRITE_ALL = {"array.write_empty_chunks": True}  # every chunk is written: one missing from the listing is a loss
+SCALE = {"hidden": "hidden_scale", "aux_hidden": "aux_scale"}  # int8: each state array's scales
 
 
 class WriterLock:
@@ -77,24 +78,32 @@ class CacheWriter(Cache):
     def __init__(self, path: str | Path):
         super().__init__(path, mode="r+")
 
-    def write_unit(self, k: int, hidden: torch.Tensor) -> int:
-        """Write unit k's rows (and its shard of ``bad_rows``: rows holding NaN/Inf). Returns #bad rows."""
+    def write_unit(self, k: int, hidden: torch.Tensor, aux: torch.Tensor | None = None) -> int:
+        """Write unit k's rows (and its shard of ``bad_rows``: rows holding NaN/Inf; and of ``aux_hidden`` when the
+        store has auxiliary layers: ``aux`` [rows, A*H], the layers side by side). Returns #bad rows."""
         a, b = self.unit_range(k)
         if tuple(hidden.shape) != (b - a, self.hidden_size):
             raise ValueError(f"write_unit({k}): expected rows of shape {(b - a, self.hidden_size)}, got "
                              f"{tuple(hidden.shape)}")
+        width = len(self.meta.aux_layers) * self.hidden_size
+        if (aux is None) != (width == 0) or (aux is not None and tuple(aux.shape) != (b - a, width)):
+            raise ValueError(f"write_unit({k}): the store's aux_layers {self.meta.aux_layers} need aux rows of shape "
+                             f"{(b - a, width)}, got {None if aux is None else tuple(aux.shape)}")
         self.reads.forget()  # its shard files are about to change
         bad = (~torch.isfinite(hidden).all(dim=1)).numpy().astype(np.uint8)
         with zarr.config.set(_WRITE_ALL):
-            if self.codec == "int8":
-                q, scale = int8_encode(hidden, self.int8_group)
-                self.hidden[a:b] = q.numpy()
-                self.group["hidden_scale"][a:b] = scale.numpy()
-            else:
-                self.hidden[a:b] = to_stored(hidden, self.hidden_dtype)
+            for name, rows in (("hidden", hidden), ("aux_hidden", aux)) if width else (("hidden", hidden),):
+                if self.codec == "int8":
+                    q, scale = int8_encode(rows, self.int8_group)
+                    self.group[name][a:b] = q.numpy()
+                    self.group[SCALE[name]][a:b] = scale.numpy()
+                else:
+                    self.group[name][a:b] = to_stored(rows, self.hidden_dtype)
             if "bad_rows" in self.group:
                 self.group["bad_rows"][a:b] = bad
         self._fsync_local(shard_key("hidden", k))
+        if width:
+            self._fsync_local(shard_key("aux_hidden", k))
         return int(bad.sum())
 
     def mark_done(self, k: int) -> None:
@@ -102,10 +111,8 @@ class CacheWriter(Cache):
         self._fsync_local(chunk_key("unit_done", k))
 
     def set_attrs(self, **kw: Any) -> None:
+        self.meta = dataclasses.replace(self.meta, **kw)  # a name StoreMeta does not know is a TypeError here
         self.group.attrs.update(kw)
-        self.attrs.update(kw)
-        self.meta = StoreMeta.from_attrs(self.attrs, self.path)
-        self.reads.meta = self.meta
 
     def _fsync_local(self, key: str) -> None:
         if is_url(self.path):
@@ -151,24 +158,41 @@ class HiddenFormat:
     size: int
     dtype: str
     codec: str = "lossless"
-    int8_group: int = 128
+    int8_group: int | None = None
+    """int8: channels per scale (default: ``codec.default_int8_group``, as ``dump``)."""
     compression: str = "zstd"
     max_heads: int = 0
     """keep_rows needed: the most heads the kept rows serve."""
+    aux_layers: tuple[int, ...] = ()
+    """Decoder layers whose outputs ``aux_hidden`` stores beside ``hidden`` (format 6), in the same codec."""
+
+    def __post_init__(self) -> None:
+        if self.int8_group is None:
+            self.int8_group = default_int8_group(self.size)
 
 
 def create(path: str | Path, hidden: HiddenFormat, layout: Layout, contents: Contents,
            attrs: dict[str, Any]) -> CacheWriter:
     """Preallocate a store: every array of ``spec.ARRAYS`` that this store has, the once-written ones filled."""
-    StoreMeta.check_names(attrs)
     n = int(contents.offsets[-1])
     kept = contents.row_kept
     if kept is not None and (len(kept) != n or not np.count_nonzero(kept)):
         raise ValueError("store.create: row_kept must be [N] and keep at least one row")
+    if hidden.aux_layers and kept is not None:
+        raise UserError("--aux-layers: Eagle3's features need every row; it cannot be combined with --keep-rows needed")
     if hidden.codec == "int8" and hidden.size % hidden.int8_group:
         raise UserError(f"--int8-group: {hidden.int8_group} does not divide the hidden size {hidden.size}")
     m = n if kept is None else int(np.count_nonzero(kept))  # rows of `hidden`
     n_units = max(1, -(-m // layout.shard_tokens))
+    try:
+        meta = StoreMeta(
+            medusa_cache=FORMAT_VERSION, hidden_size=hidden.size, hidden_dtype=hidden.dtype,
+            chunk_tokens=layout.chunk_tokens, shard_tokens=layout.shard_tokens, n_units=n_units,
+            hidden_codec=hidden.codec, int8_group=hidden.int8_group if hidden.codec == "int8" else 0,
+            keep_rows="all" if kept is None else "needed", max_heads=0 if kept is None else int(hidden.max_heads),
+            aux_layers=[int(x) for x in hidden.aux_layers], **attrs)
+    except TypeError as e:
+        raise ValueError(f"store.create: attributes not in StoreMeta ({e})") from None
     with zarr.config.set(_WRITE_ALL):
         # an existing (empty, locked) directory is kept: mode "w" would delete and recreate it under the lock
         mode = "a" if not is_url(path) and Path(path).is_dir() else "w"
@@ -179,23 +203,17 @@ def create(path: str | Path, hidden: HiddenFormat, layout: Layout, contents: Con
             _array(group, name, data.shape, data.dtype, layout)[...] = data
         for name, rows in (("bad_rows", m), ("unit_done", n_units)):
             _array(group, name, (rows,), np.dtype(SPECS[name].dtype), layout)
-        if hidden.codec == "int8":
-            _array(group, "hidden_scale", (m, hidden.size // hidden.int8_group), np.dtype(np.float32), layout)
         dtype, fill = hidden_layout(hidden.dtype, hidden.codec)
         compression = None if hidden.compression == "none" else hidden.compression
-        group.create_array("hidden", shape=(m, hidden.size), dtype=dtype, chunks=(layout.chunk_tokens, hidden.size),
-                           shards=(layout.shard_tokens, hidden.size), fill_value=fill,
-                           compressors=chain(np.dtype(dtype).itemsize, compression),
-                           attributes={"logical_dtype": hidden.dtype, "codec": hidden.codec})
-    group.attrs.update({
-        "medusa_cache": FORMAT_VERSION, "hidden_size": hidden.size, "hidden_dtype": hidden.dtype,
-        "chunk_tokens": layout.chunk_tokens, "shard_tokens": layout.shard_tokens, "n_units": n_units,
-        "complete": False, "hidden_codec": hidden.codec,
-        "medusa_cache_preparing": False,  # preparation finished: from here on it is a (resumable) store
-        **({"int8_group": hidden.int8_group} if hidden.codec == "int8" else {}),
-        **({"keep_rows": "needed", "max_heads": int(hidden.max_heads)} if kept is not None else {}),
-        **attrs,
-    })
+        widths = {"hidden": hidden.size, "aux_hidden": len(hidden.aux_layers) * hidden.size}
+        for name, width in widths.items() if hidden.aux_layers else [("hidden", hidden.size)]:
+            if hidden.codec == "int8":
+                _array(group, SCALE[name], (m, width // hidden.int8_group), np.dtype(np.float32), layout)
+            group.create_array(name, shape=(m, width), dtype=dtype, chunks=(layout.chunk_tokens, width),
+                               shards=(layout.shard_tokens, width), fill_value=fill,
+                               compressors=chain(np.dtype(dtype).itemsize, compression),
+                               attributes={"logical_dtype": hidden.dtype, "codec": hidden.codec})
+    group.attrs.update(meta.to_dict())  # medusa_cache_preparing False: from here on a (resumable) store
     return CacheWriter(path)
 
 
@@ -214,13 +232,15 @@ def _array(group: zarr.Group, name: str, shape: tuple, dtype: np.dtype, layout: 
 
 def from_arrays(path: str | Path, hidden: torch.Tensor, offsets, labels, mapping: VocabMapping, *,
                 input_ids=None, loss_mask=None, row_kept: np.ndarray | None = None, layout: Layout | None = None,
-                complete: bool = True, attrs: dict[str, Any] | None = None, **fmt: Any) -> CacheWriter:
+                complete: bool = True, attrs: dict[str, Any] | None = None, aux: torch.Tensor | None = None,
+                **fmt: Any) -> CacheWriter:
     """A whole store from arrays already in memory: the one builder tests and tools use for synthetic caches.
 
     ``labels`` are draft ids or IGNORE; ``input_ids`` default to the labels' target ids (0 where ignored) and
     ``loss_mask`` to ``labels != IGNORE``. ``fmt``: ``HiddenFormat``'s fields (``hidden_dtype``, ``hidden_codec``,
     ``int8_group``, ``hidden_compression``, ``max_heads``). Every unit is written and marked done; ``complete`` sets
-    the flag. ``hidden`` has a row per token; with ``row_kept`` only those rows are stored."""
+    the flag. ``hidden`` has a row per token; with ``row_kept`` only those rows are stored. ``aux``: [N, A*H]
+    auxiliary states (format 6), of layers ``aux_layers`` (a ``fmt`` key; default 0..A-1)."""
     offsets = np.asarray(offsets, dtype=np.int64)
     labels = np.asarray(labels, dtype=np.int32)
     if input_ids is None:
@@ -228,8 +248,10 @@ def from_arrays(path: str | Path, hidden: torch.Tensor, offsets, labels, mapping
     if loss_mask is None:
         loss_mask = labels != IGNORE
     names = {"hidden_dtype": "dtype", "hidden_codec": "codec", "int8_group": "int8_group",
-             "hidden_compression": "compression", "max_heads": "max_heads"}
+             "hidden_compression": "compression", "max_heads": "max_heads", "aux_layers": "aux_layers"}
     fmt = {names[k]: v for k, v in fmt.items()}
+    if aux is not None:
+        fmt.setdefault("aux_layers", tuple(range(aux.shape[1] // hidden.shape[1])))
     contents = Contents(np.asarray(input_ids), np.asarray(loss_mask), labels, offsets,
                         np.zeros((len(offsets) - 1, 2)), mapping, np.zeros(mapping.target_size), row_kept)
     c = create(path, HiddenFormat(hidden.shape[1], **{"dtype": "float32", **fmt}), layout or Layout(64, 256), contents,
@@ -239,7 +261,7 @@ def from_arrays(path: str | Path, hidden: torch.Tensor, offsets, labels, mapping
         hidden = hidden[torch.from_numpy(np.asarray(row_kept, dtype=bool))]
     for k in range(c.n_units):
         a, b = c.unit_range(k)
-        c.write_unit(k, hidden[a:b])
+        c.write_unit(k, hidden[a:b], None if aux is None else aux[a:b])
         c.mark_done(k)
     if complete:
         c.set_attrs(complete=True)

@@ -66,7 +66,7 @@ def _demo(cfg) -> None:
     from .dist import set_threads
 
     set_threads(cfg.threads)
-    run_demo(cfg.out, cfg.epochs)
+    run_demo(cfg)
 
 
 def _train_base(args: argparse.Namespace) -> dict | None:
@@ -164,8 +164,9 @@ def _ablate(configs) -> None:
 
 
 def _ablate_configs(args: argparse.Namespace):
-    """(TrainConfig, AblateConfig), each built once; the train config holds the largest head count, layer count and
-    lr, and --layers/--lr default to the config file's (else the dataclass's) single value."""
+    """(TrainConfig, AblateConfig), each built once; the train config holds the largest head count (and the largest
+    --layers/--lr when given; otherwise the config file's or the dataclass's one value, which ``run_ablate`` then
+    takes as the only one: the default is resolved there, once)."""
     import dataclasses
 
     from .ablate import AblateConfig
@@ -176,10 +177,8 @@ def _ablate_configs(args: argparse.Namespace):
     own = {f.name for f in dataclasses.fields(AblateConfig)}
     rest = argparse.Namespace(**{k: v for k, v in vars(args).items() if k not in own})
     file = load_config_file(args.config, TrainConfig) if args.config else {}  # read once, the base of the flags
-    layers = a.layers or [file.get("num_layers", TrainConfig.num_layers)]
-    lrs = a.lr or [file.get("lr", TrainConfig.lr)]
-    return build_config(TrainConfig, rest, base=file, num_heads=max(a.heads), num_layers=max(layers),
-                        lr=max(lrs)), a
+    given = {**({"num_layers": max(a.layers)} if a.layers else {}), **({"lr": max(a.lr)} if a.lr else {})}
+    return build_config(TrainConfig, rest, base=file, num_heads=max(a.heads), **given), a
 
 
 @dataclass(frozen=True)

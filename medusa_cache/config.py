@@ -155,11 +155,12 @@ def load_config_file(path: str | Path, cls: type) -> dict[str, Any]:
 
 
 def check_config_dict(raw: Any, cls: type, where: str) -> dict[str, Any]:
-    """A JSON object of ``cls``'s fields (its ``"command"`` key dropped), every key known and of its field's type;
-    errors start with ``where`` (the flag and the file)."""
+    """A JSON object of ``cls``'s fields (its ``"command"`` and ``"about"`` keys, documentation, dropped), every key
+    known and of its field's type; errors start with ``where`` (the flag and the file)."""
     if not isinstance(raw, dict):
         raise UserError(f"{where}: expected a JSON object at the top level")
     raw.pop("command", None)
+    raw.pop("about", None)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - names)
     if unknown:

@@ -29,13 +29,13 @@ class DemoConfig:
 
     out: str = "medusa-cache-demo"
     """working directory"""
-    epochs: int = 4
-    """training epochs"""
+    epochs: int | None = None
+    """training epochs (default: the demo recipe's, medusa_cache/demo/train.json: 4)"""
     threads: int | None = None
     """CPU threads for torch (default: torch's own, one per core); lower it on a machine other jobs share"""
 
     def __post_init__(self) -> None:
-        check(self.epochs >= 1, "epochs", f"must be >= 1, got {self.epochs}")
+        check(self.epochs is None or self.epochs >= 1, "epochs", f"must be >= 1, got {self.epochs}")
         check(self.threads is None or self.threads >= 1, "threads", f"must be >= 1, got {self.threads}")
 
 
@@ -71,11 +71,21 @@ def _plot_measured(ablate_dir: Path, best: dict, spec: dict) -> None:
     plot(rows, budgets, ablate_dir / "acceptance.png", "stories260K demo; star: measured by speculate")
 
 
-def run_demo(out: str = "medusa-cache-demo", epochs: int = 4, max_new_tokens: int = 200) -> dict:
-    """Generate, dump, ablate and speculate into ``out`` (``DemoConfig``); the ablate summary and the decoding."""
+def recipe() -> dict:
+    """The demo's training settings, held once in ``demo/train.json``: the demo and the tools that rerun its
+    ablation (``tools/demo_table.py``, ``tools/bf16_drift.py``) train with them."""
+    from .config import load_config_file
+
+    return load_config_file(DEMO / "train.json", TrainConfig)
+
+
+def run_demo(cfg: DemoConfig, max_new_tokens: int = 200) -> dict:
+    """Generate, dump, ablate and speculate into ``cfg.out``; the ablate summary and the decoding."""
     from .rundir import own_dir
 
-    o = own_dir(out, "demo")
+    o = own_dir(cfg.out, "demo")
+    settings = {**recipe(), **({"epochs": cfg.epochs} if cfg.epochs else {})}
+    epochs = settings["epochs"]
     model = str(DEMO / "stories260K")
     stories = o / "stories.jsonl"
     print(f"[1/4] generate: stories260K continues {DEMO / 'prompts.jsonl'} -> {stories}")
@@ -86,11 +96,11 @@ def run_demo(out: str = "medusa-cache-demo", epochs: int = 4, max_new_tokens: in
     run_dump(DumpConfig(model=model, data=[str(stories)], out=str(cache), dtype="float32", max_length=512,
                         resume=is_store(cache, partial=True)))
     print(f"[3/4] ablate: 1..5 heads, lm_head init, {epochs} epochs -> {o / 'ablate'}")
-    cfg = TrainConfig(cache=str(cache), out=str(o / "ablate"), epochs=epochs, lr=3e-3, batch_tokens=1024,
-                      grad_accum=1, val_fraction=0.1, init_from_lm_head=model, overwrite=(o / "ablate").exists())
+    train_cfg = TrainConfig(cache=str(cache), out=str(o / "ablate"), init_from_lm_head=model,
+                            overwrite=(o / "ablate").exists(), **settings)
     heldout = DEMO / "heldout_prompts.jsonl"
-    summary = run_ablate(cfg, AblateConfig(heads=[1, 2, 3, 4, 5], layers=[1], lr=[3e-3], tree_budget=[16, 32, 64],
-                                           heldout_prompts=str(heldout), heldout_tokens=128))
+    summary = run_ablate(train_cfg, AblateConfig(heads=[1, 2, 3, 4, 5], tree_budget=[16, 32, 64],
+                                                 heldout_prompts=str(heldout), heldout_tokens=128))
     from .speculate import SpeculateConfig, render, run_speculate
 
     best = summary["best"]

@@ -13,7 +13,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-import torch
 from safetensors.torch import load_file, save_file
 
 from .config import flag
@@ -25,20 +24,25 @@ from .vocab import VocabMapping
 def save_heads(heads: MedusaHeads, cache, cfg, out: Path, command: str | None = None) -> None:
     """The heads directory; ``command``: the command that produced the heads when it was not ``train cfg``
     (ablate), so the provenance names what ran."""
-    mapping: VocabMapping = cache.mapping()
-    config = {
-        "medusa_num_heads": heads.num_heads,
-        "medusa_num_layers": heads.num_layers,
-        "hidden_size": heads.hidden_size,
-        "vocab_size": cache.meta.vocab_size,
-        "draft_vocab_size": mapping.draft_size,
+    write(out, heads, cache.mapping(), {
         "base_model_name_or_path": cfg.base_model_name_or_path or cache.meta.dump_args.get("model"),
         "cache_fingerprint": cache.meta.fingerprints,
         "provenance": provenance(cache, cfg, command),
-    }
+    })
+
+
+def write(out: Path, heads: MedusaHeads, mapping: VocabMapping, extra: dict) -> None:
+    """The three files of a heads directory, written here only (``train``, ``ablate`` and the tests' heads alike):
+    the sizes in ``config.json`` come from the heads and the mapping, ``extra`` adds provenance."""
+    from .vocab import save_mapping
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
     save_file(heads.reference_state_dict(), str(out / "medusa_lm_head.safetensors"))
-    save_file({"d2t": torch.from_numpy(mapping.d2t), "t2d": torch.from_numpy(mapping.t2d)},
-              str(out / "vocab_mapping.safetensors"))
+    save_mapping(mapping, out / "vocab_mapping.safetensors")
+    config = {"medusa_num_heads": heads.num_heads, "medusa_num_layers": heads.num_layers,
+              "hidden_size": heads.hidden_size, "vocab_size": mapping.target_size,
+              "draft_vocab_size": mapping.draft_size, **extra}
     (out / "config.json").write_text(json.dumps(config, indent=2))
 
 

@@ -23,7 +23,7 @@ class RunLog:
     def __init__(self, cfg: TrainConfig, out: Path, rank: int, planned: int, step: int):
         self.metrics_f = open(out / "metrics.jsonl", "a") if rank == 0 else None
         self.bar = tqdm(total=planned, initial=step, desc="train", unit="step", disable=None if rank == 0 else True)
-        self.progress = Progress(rank == 0 and not bar_shown(self.bar), planned, step)
+        self.progress = StepLog(rank == 0 and not bar_shown(self.bar), planned, step)
         self.reporters = open_reporters(cfg, out) if rank == 0 else []
 
     def write(self, rec: dict) -> None:
@@ -94,9 +94,10 @@ def bar_shown(bar) -> bool:
     return not getattr(bar, "disable", True)
 
 
-class Progress:
-    """Plain log lines when no progress bar is shown (nohup, a cluster log): step, loss and top-1 per head,
-    tokens/s and an ETA from an exponentially smoothed step time."""
+class StepLog:
+    """Training's plain log lines when no progress bar is shown (nohup, a cluster log): step, loss and top-1 per head,
+    tokens/s and an ETA from an exponentially smoothed step time. (Not a progress bar: ``progress.Progress`` is the
+    one progress class; this logs each logged step's metrics.)"""
 
     def __init__(self, enabled: bool, total: int, start: int):
         self.enabled, self.total, self.last_step, self.t = enabled, total, start, time.perf_counter()

@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 import torch
 from conftest import STORIES, write_jsonl
-from safetensors.torch import save_file
 
 from medusa_cache.acceptance import decoding_walk
 from medusa_cache.heads import MedusaHeads
+from medusa_cache.headsdir import write as write_heads
 from medusa_cache.speculate import MedusaDecoder, SpeculateConfig, Tree, _keep_rows, _mask, run_speculate
+from medusa_cache.vocab import VocabMapping
 
 TREE = [[0], [1], [2], [0, 0], [0, 1], [1, 0], [0, 0, 0], [0, 0, 1], [0, 1, 0], [0, 0, 0, 0]]
 
@@ -54,13 +55,7 @@ def test_each_tree_node_sees_exactly_its_prefix_and_ancestors(model):
 
 def _heads_dir(tmp_path, heads: MedusaHeads, vocab: int = 512):
     d = tmp_path / "heads"
-    d.mkdir()
-    save_file(heads.reference_state_dict(), str(d / "medusa_lm_head.safetensors"))
-    save_file({"d2t": torch.zeros(vocab, dtype=torch.int64), "t2d": torch.ones(vocab, dtype=torch.bool)},
-              str(d / "vocab_mapping.safetensors"))
-    (d / "config.json").write_text(json.dumps({"medusa_num_heads": heads.num_heads, "medusa_num_layers": 1,
-                                               "hidden_size": heads.hidden_size, "vocab_size": vocab,
-                                               "draft_vocab_size": vocab}))
+    write_heads(d, heads, VocabMapping(np.zeros(vocab, np.int64), np.ones(vocab, bool)), {})
     (d / "tree.json").write_text(json.dumps(TREE))
     return d
 
@@ -128,13 +123,8 @@ def _teacher_forced_ranks_on_greedy_text(tmp_path, prompts, max_new: int) -> lis
 def test_lossless_on_a_tiny_random_llama_with_the_llama3_vocabulary(tmp_path, tiny_llama):
     """A second architecture and a 128K vocabulary: chat prompts through the real Llama-3 chat template."""
     d = tmp_path / "h"
-    d.mkdir()
     heads = MedusaHeads(32, 128256, 3, 1, seed=1)
-    save_file(heads.reference_state_dict(), str(d / "medusa_lm_head.safetensors"))
-    save_file({"d2t": torch.zeros(128256, dtype=torch.int64), "t2d": torch.ones(128256, dtype=torch.bool)},
-              str(d / "vocab_mapping.safetensors"))
-    (d / "config.json").write_text(json.dumps({"medusa_num_heads": 3, "medusa_num_layers": 1, "hidden_size": 32,
-                                               "vocab_size": 128256, "draft_vocab_size": 128256}))
+    write_heads(d, heads, VocabMapping(np.zeros(128256, np.int64), np.ones(128256, bool)), {})
     (d / "tree.json").write_text(json.dumps([[0], [1], [0, 0], [0, 1], [0, 0, 0]]))
     prompts = write_jsonl(tmp_path / "p.jsonl", [{"messages": [{"role": "user", "content": "Hello, who are you?"}]},
                                                  {"messages": [{"role": "user", "content": "Name a colour."}]}])

@@ -19,7 +19,7 @@ from pathlib import Path
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 from medusa_cache.acceptance import chain_acceptance  # noqa: E402
-from medusa_cache.demo import DEMO  # noqa: E402
+from medusa_cache.demo import DEMO, recipe  # noqa: E402
 from medusa_cache.dump import DumpConfig, run_dump  # noqa: E402
 from medusa_cache.evaluate import head_ranks, topk_accuracy  # noqa: E402
 from medusa_cache.headsdir import load_heads  # noqa: E402
@@ -30,7 +30,7 @@ from medusa_cache.train import TrainConfig, split, train  # noqa: E402
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--stories", default="medusa-cache-demo/stories.jsonl", help="the demo's self-generated stories")
-    ap.add_argument("--epochs", type=int, default=4)
+    ap.add_argument("--epochs", type=int, default=recipe()["epochs"])
     ap.add_argument("--quick", action="store_true", help="the small demo of tools/quick.py, 1 epoch (what CI runs)")
     args = ap.parse_args()
     if args.quick:
@@ -43,8 +43,8 @@ def main() -> None:
     res = {}
     for dtype in ("float32", "bfloat16"):
         run_dump(DumpConfig(model=model, data=[args.stories], out=str(work / dtype), dtype=dtype, max_length=512))
-        cfg = TrainConfig(cache=str(work / dtype), out=str(work / f"h-{dtype}"), num_heads=5, epochs=args.epochs,
-                          lr=3e-3, batch_tokens=1024, grad_accum=1, val_fraction=0.1, seed=0)
+        cfg = TrainConfig(cache=str(work / dtype), out=str(work / f"h-{dtype}"), num_heads=5,
+                          **{**recipe(), "epochs": args.epochs}, seed=0)
         train(cfg)
         res[dtype] = cfg
     ref = Cache(work / "float32")

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 from medusa_cache.ablate import AblateConfig, run_ablate  # noqa: E402
-from medusa_cache.demo import DEMO  # noqa: E402
+from medusa_cache.demo import DEMO, recipe  # noqa: E402
 from medusa_cache.dump import DumpConfig, run_dump  # noqa: E402
 from medusa_cache.generate import GenerateConfig, generate  # noqa: E402
 from medusa_cache.store import is_store  # noqa: E402
@@ -30,7 +30,7 @@ from medusa_cache.train import TrainConfig  # noqa: E402
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", default="medusa-cache-demo")
-    ap.add_argument("--epochs", type=int, default=4)
+    ap.add_argument("--epochs", type=int, default=recipe()["epochs"])
     ap.add_argument("--quick", action="store_true", help="the small demo of tools/quick.py, 2 heads, 1 epoch (CI)")
     a = ap.parse_args()
     heads = [1, 2, 3, 4, 5]
@@ -53,10 +53,9 @@ def main() -> None:
     for init in (False, True):
         for distill in (False, True):
             cfg = TrainConfig(cache=str(w / "cache.zarr"), out=str(w / f"table-init{int(init)}-distill{int(distill)}"),
-                              epochs=a.epochs, lr=3e-3, batch_tokens=1024, grad_accum=1, val_fraction=0.1,
-                              init_from_lm_head=model if init else None, distill=model if distill else None,
-                              overwrite=True)
-            res = run_ablate(cfg, AblateConfig(heads=heads, layers=[1], lr=[3e-3], tree_budget=[16, 32, 64],
+                              **{**recipe(), "epochs": a.epochs}, init_from_lm_head=model if init else None,
+                              distill=model if distill else None, overwrite=True)
+            res = run_ablate(cfg, AblateConfig(heads=heads, tree_budget=[16, 32, 64],
                                                heldout_prompts=str(DEMO / "heldout_prompts.jsonl"),
                                                heldout_tokens=128))
             for r in res["results"]:

@@ -23,11 +23,11 @@ DEFAULT = Path(tempfile.gettempdir()) / "medusa-cache-quick-demo"
 
 def quick_demo(path: str | Path | None = None) -> Path:
     """The demo directory, built by ``medusa-cache demo`` itself with one epoch when absent (about ten seconds)."""
-    from medusa_cache.demo import run_demo
+    from medusa_cache.demo import DemoConfig, run_demo
 
     out = Path(path or DEFAULT)
     if not (out / "ablate" / "results.json").exists():
-        run_demo(str(out), epochs=1)
+        run_demo(DemoConfig(out=str(out), epochs=1))
     return out
 
 

@@ -73,7 +73,7 @@ def _train_base(args: argparse.Namespace) -> dict | None:
     """``train --resume --out DIR`` alone: the stored settings are the base the flags override."""
     if not (getattr(args, "resume", False) and getattr(args, "out", None)):
         return None
-    from .rundir import stored_train_config
+    from .checkpoint import stored_train_config
 
     base = stored_train_config(args.out)
     return {k: v for k, v in base.items() if k not in ("resume", "overwrite")} if base else None

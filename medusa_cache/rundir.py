@@ -5,8 +5,9 @@ marker file, ``.medusa-cache``, naming the command; a cache store is recognised 
 ``--overwrite`` replaces a directory only if the same command wrote it *and* it is not one of the command's inputs, nor
 inside one, nor holding one. Anything else is a clear error, never a deletion.
 
-Also here: atomic checkpoint files and the resume contract of ``train`` (every setting that fixes the data
-order or the model is stored in the checkpoint; a resumed run must match it exactly).
+Also here: atomic file writes (checkpoints use them) and the one-writer lock of an output file. The resume contract
+of ``train`` (every setting that fixes the data order or the model, checked against the checkpoint) is
+``checkpoint.py``'s.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from typing import Any
 import torch
 
 from . import store
-from .config import flag
 from .errors import UserError
 
 MARKER = ".medusa-cache"
@@ -137,80 +137,6 @@ def atomic_save(obj: Any, path: Path) -> None:
 
 
 # ---- the resume contract ---------------------------------------------------------------------------
-# Settings that fix the data order or the model: a resumed run must have exactly these values.
-# (--grad-accum is checked as processes x --grad-accum, the micro-batches per optimizer step.)
-RESUME_FIXED = ("num_heads", "num_layers", "epochs", "lr", "weight_decay", "batch_size", "batch_tokens",
-                "warmup_ratio", "schedule", "max_grad_norm", "clip_per_head", "head_loss_weights",
-                "init_from_lm_head", "distill", "distill_weight", "seed", "val_fraction", "allow_partial",
-                "shuffle_buffer", "block_tokens", "mix", "mix_tokens", "draft_vocab_size", "data_fraction")
-
-
-def resume_settings(cfg: Any, cache_fp: str, val_fp: str | None) -> dict[str, Any]:
-    s = {k: getattr(cfg, k) for k in RESUME_FIXED}
-    s["cache (fingerprint)"] = cache_fp
-    s["val_cache (fingerprint)"] = val_fp
-    return s
-
-
-def rerun_hint(command: str) -> str:
-    """How to continue an interrupted run, as the user types it: train reads its stored settings back; ablate is
-    rerun as it was (its --cache and head counts are not stored in one place), plus --resume."""
-    if command == "train":
-        return "rerun with --resume"
-    return f"rerun the same `medusa-cache {command}` command with --resume"
-
-
-ABLATE_FLAGS = {"num_heads": "--heads", "num_layers": "--layers", "lr": "--lr"}  # ablate's names for train's settings
-
-
-def check_resume(stored: dict[str, Any], now: dict[str, Any], out: Path, command: str = "train") -> None:
-    diff = [k for k in stored if stored[k] != now.get(k)]
-    if "split" in diff:  # no flag changes it: the rule that draws the held-out split did
-        raise UserError(f"--resume: {out} was started when the held-out split was drawn by sequence; this cache "
-                        "repeats "
-                        "prompts, which are now held out together (no answer to a held-out prompt is trained on), so "
-                        "the run cannot continue as it began: start it again with --overwrite")
-    if diff:
-        names = ABLATE_FLAGS if command == "ablate" else {}
-        parts = [f"{names.get(k) or flag(k.split(' ')[0])}{' ' + k.split(' ', 1)[1] if ' ' in k else ''}: checkpoint "
-                 f"{stored[k]!r}, now {now.get(k)!r}" for k in diff]
-        how = "Give the stored values, or just --resume" if command == "train" else \
-            f"Give the stored values: rerun the `medusa-cache {command}` command as it was, with --resume"
-        raise UserError(f"--resume: {out} cannot continue with changed settings (the run would differ from an "
-                        f"uninterrupted one): {'; '.join(parts)}. {how}")
-
-
-def trim_metrics(path: Path, step: int, epoch: int) -> None:
-    """Drop records written after the checkpoint (train steps > ``step``, validations of epochs >= ``epoch``)."""
-    if not path.exists():
-        return
-    keep = []
-    for line in path.read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line torn by the kill
-        if rec.get("split") == "val" and rec.get("epoch", -1) >= epoch:
-            continue
-        if rec.get("split") != "val" and rec.get("step", 0) > step:
-            continue
-        keep.append(line + "\n")
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(keep))
-    os.replace(tmp, path)
-
-
-def stored_train_config(out: str | Path) -> dict[str, Any] | None:
-    """The settings a train directory was started with (what ``--resume`` alone continues with)."""
-    p = Path(out) / "train_config.json"
-    if not p.exists():
-        return None
-    try:
-        return json.loads(p.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"--resume: cannot read {p}: {e}") from None
-
-
 class FileLock:
     """One writer per output file, as ``store.WriterLock`` is per directory: an exclusive ``flock`` on the file (created
     empty if missing, and removed again if the command then refuses), held for the whole run."""

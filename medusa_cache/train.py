@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint, rundir
+from . import checkpoint
 from .errors import Interrupted, UserError
 from .loader import all_targets, make_blocks, trainable_rows
 from .objective import head_losses, validate
@@ -96,9 +96,9 @@ class Run:
         self.teacher_w = draft_lm_head(cfg.distill, self.cache, "--distill").to(cfg.device) if cfg.distill else None
         val_fp = self.val_cache.content_fingerprint() if self.val_cache is not None else None
         self.train_seqs, self.val_seqs, rule = split(self.cache, cfg, with_rule=True)
-        self.settings = {**rundir.resume_settings(cfg, self.cache.content_fingerprint(), val_fp), "split": rule}
+        self.settings = {**checkpoint.resume_settings(cfg, self.cache.content_fingerprint(), val_fp), "split": rule}
         claim = (cfg, self.settings, self.group, locks, kind, locked, command)
-        dist.on_rank0(lambda: checkpoint.claim_or_resume(*claim), self.rank)
+        resumed = dist.on_rank0(lambda: checkpoint.claim_or_resume(*claim), self.rank)  # rank 0's checkpoint
         # the data: sequences, blocks, the epoch's batches (a pure function of seed and epoch)
         if len(self.train_seqs) == 0:
             raise UserError(f"--cache: {cfg.cache} has no finished sequences to train on")
@@ -111,8 +111,8 @@ class Run:
         # the heads: one variant per (layers, lr), restored on --resume
         self.vs = [make_variant(name, cfg, self.cache, self.total_steps, layers, lr, lm_init)
                    for name, layers, lr in variants or [("", cfg.num_layers, cfg.lr)]]
-        self.step, self.epoch, next_batch = checkpoint.restore(self.out, self.vs, self.device) if cfg.resume \
-            else (0, 0, 0)
+        self.step, self.epoch, next_batch = checkpoint.restore(self.out, self.vs, self.device, resumed) \
+            if cfg.resume else (0, 0, 0)
         self.start_group = next_batch // self.group
         self.models = [parallel(v.heads, self.world, self.device) for v in self.vs]
         # int8 stores stay int8 until the training device (a quarter of float32's bytes in RAM and on the bus)
@@ -180,7 +180,7 @@ class Run:
                 if self.stop.agreed():  # SIGINT/SIGTERM: this step is finished; keep it and leave
                     self.save(self.epoch, g + 1)
                     raise Interrupted(f"interrupted at step {self.step}; checkpoint written to "
-                                      f"{self.out / checkpoint.CHECKPOINT}; {rundir.rerun_hint(self.cfg_command)}",
+                                      f"{self.out / checkpoint.CHECKPOINT}; {checkpoint.rerun_hint(self.cfg_command)}",
                                       self.stop.signum)
                 if self.step % cfg.checkpoint_every == 0 or (
                         cfg.checkpoint_minutes and time.monotonic() - self.last_save >= 60 * cfg.checkpoint_minutes):

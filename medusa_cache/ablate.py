@@ -26,9 +26,10 @@ import torch
 from .ablate_plots import label
 from .ablate_report import report
 from .ablateconfig import AblateConfig
+from .acceptance import write_trees
 from .config import flag
 from .errors import UserError
-from .evaluate import evaluate_ranks, head_ranks, write_trees
+from .evaluate import evaluate_ranks, head_ranks
 from .headsdir import load_heads
 from .progress import progress
 from .store import Cache, require_complete

@@ -11,6 +11,7 @@ import numpy as np
 
 from .ablate_plots import curve_table, measured_table, plot, plot_curve, plot_vocab, vocab_table
 from .ablateconfig import AblateConfig
+from .acceptance import chain
 from .backbone import model_parameters, timed_verify_cost
 from .errors import UserError
 from .evaluate import COLUMNS, category_table, render_table
@@ -168,7 +169,7 @@ def options(r: dict, verify_cost: float) -> list[dict]:
     step over the cost of one step."""
     opts = [{"name": "chain", "nodes": r["num_heads"], "tokens_per_step": r["chain_tokens_per_step"],
              "tokens_per_step_ci": r["chain_tokens_per_step_ci"], "per_position_acceptance": r["chain_acceptance"],
-             "per_position_acceptance_ci": r["chain_ci"], "tree": [[0] * d for d in range(1, r["num_heads"] + 1)]}]
+             "per_position_acceptance_ci": r["chain_ci"], "tree": [list(p) for p in chain(r["num_heads"])]}]
     opts += [{"name": f"tree{n}", "nodes": t["nodes"], "tokens_per_step": t["tokens_per_step"],
               "tokens_per_step_ci": t["tokens_per_step_ci"], "per_position_acceptance": t["acceptance"],
               "per_position_acceptance_ci": t["ci"], "tree": t["tree"]} for n, t in r["trees"].items()]

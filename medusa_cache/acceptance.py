@@ -86,6 +86,19 @@ def load_tree(path: str, num_heads: int, topk: int | None = None, flag: str = "-
     return validate_tree(tree, num_heads, f"{flag} {path}", topk)
 
 
+def tree_path(out: Path, budget: int | str, prefix: str = "tree") -> Path:
+    """Where a fitted tree of ``budget`` nodes is written (``eval --trees-out``: tree_N.json; ablate: one prefix per
+    variant and head count, ``{variant}_heads{K}_tree_N.json``): the one place the name is spelled."""
+    return Path(out) / f"{prefix}_{budget}.json"
+
+
+def write_trees(res: dict, out: Path, prefix: str = "tree") -> None:
+    """Every fitted tree of an evaluation (``res["trees"]``) as ``tree_path`` names it."""
+    Path(out).mkdir(parents=True, exist_ok=True)
+    for n, t in res["trees"].items():
+        tree_path(out, n, prefix).write_text(json.dumps(t["tree"]))
+
+
 def accepted_lengths(rank: np.ndarray, tree: list[tuple[int, ...]]) -> np.ndarray:
     """Per row: the depth of the longest tree path whose every top-k index matches ``rank`` (draft tokens accepted)."""
     length = np.zeros(len(rank), dtype=np.int64)

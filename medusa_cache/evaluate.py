@@ -31,6 +31,7 @@ from .acceptance import (
     split_halves,
     tokens_per_step,
     tree_acceptance,
+    write_trees,
 )
 from .config import check
 from .errors import UserError
@@ -260,12 +261,6 @@ def category_table(categories: dict[str, dict]) -> str:
 
 def _with_ci(x: float, ci: list[float] | None) -> str:
     return f"{x:.3f} [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else f"{x:.3f}"
-
-
-def write_trees(res: dict, out: Path, prefix: str = "tree") -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    for n, t in res["trees"].items():
-        (out / f"{prefix}_{n}.json").write_text(json.dumps(t["tree"]))
 
 
 def run_eval(cfg: EvalConfig) -> dict:

@@ -224,7 +224,7 @@ def check_request(cfg: SpeculateConfig):
     tree paths)."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from .acceptance import load_tree
+    from .acceptance import chain, load_tree
     from .dist import check_device
     from .fingerprint import model_fingerprint
     from .headsdir import load_heads
@@ -235,7 +235,7 @@ def check_request(cfg: SpeculateConfig):
 
         own_dir(cfg.out, "speculate", {"--heads": cfg.heads, "--model": cfg.model, "--prompts": cfg.prompts})
     heads, mapping, hcfg = load_heads(cfg.heads)
-    paths = [(0,) * d for d in range(1, heads.num_heads + 1)] if cfg.chain else load_tree(cfg.tree, heads.num_heads)
+    paths = chain(heads.num_heads) if cfg.chain else load_tree(cfg.tree, heads.num_heads)
     try:
         mc = AutoConfig.from_pretrained(cfg.model)
         tok = AutoTokenizer.from_pretrained(cfg.model)

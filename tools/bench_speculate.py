@@ -24,6 +24,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 
 import torch  # noqa: E402
 
+from medusa_cache.acceptance import tree_path  # noqa: E402
 from medusa_cache.demo import DEMO  # noqa: E402
 from medusa_cache.speculate import SpeculateConfig, run_speculate  # noqa: E402
 
@@ -67,7 +68,7 @@ def larger_model(work: Path, quick: bool = False) -> tuple[str, Path, dict[str, 
                       batch_tokens=1024,
                       grad_accum=1, val_fraction=0.1))
     run_eval(EvalConfig(str(work / "h"), str(work / "c"), tree_budget=[16, 32, 64], trees_out=str(work / "trees")))
-    return str(m), work / "h", {f"tree{n}": work / "trees" / f"tree_{n}.json" for n in (16, 32, 64)}
+    return str(m), work / "h", {f"tree{n}": tree_path(work / "trees", n) for n in (16, 32, 64)}
 
 
 def main() -> None:
@@ -88,7 +89,7 @@ def main() -> None:
     demo = Path(args.demo) / "ablate"
     if (demo / "results.json").exists():
         best = json.loads((demo / "results.json").read_text())["best"]
-        trees = {f"tree{n}": demo / "trees" / f"{best['variant']}_heads{best['num_heads']}_tree_{n}.json"
+        trees = {f"tree{n}": tree_path(demo / "trees", n, f"{best['variant']}_heads{best['num_heads']}_tree")
                  for n in (16, 32, 64)}
         rows("stories260K (demo heads)", str(DEMO / "stories260K"), demo / "best", trees, args)
     else:

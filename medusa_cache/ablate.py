@@ -30,7 +30,6 @@ from .acceptance import write_trees
 from .config import flag
 from .errors import UserError
 from .evaluate import evaluate_ranks, head_ranks
-from .headsdir import load_heads
 from .progress import progress
 from .store import Cache, require_complete
 from .train import TrainConfig, train
@@ -101,8 +100,8 @@ def _ablate(cfg: TrainConfig, a: AblateConfig, runs: list[AblationRun], command:
     held: dict[str, tuple[Cache, Cache | None]] = {}  # scored and tree-fitting caches, opened once per vocabulary
     train_cache = Cache(cfg.cache)
     for run, (name, la, lr), result in progress(jobs, "ablate: evaluate", "variant"):
-        d = Path(run.cfg.out) / "variants" / name
-        hv, mapping, _ = load_heads(d)
+        d = Path(run.cfg.out) / "variants" / name  # written there by train; evaluated from memory
+        hv, mapping = result["heads"][name], result["mapping"]
         key = mapping.fingerprint()
         if key not in held:
             held[key] = (_mapped(heldout.cache if heldout else cfg.val_cache or cfg.cache, mapping),
@@ -127,7 +126,9 @@ def _ablate(cfg: TrainConfig, a: AblateConfig, runs: list[AblationRun], command:
             res["label"] = label(res)
             write_trees(res, out / "trees", f"{name}_heads{k}_tree")
             rows.append(res)
-    return report(rows, cfg, a, out, command, {r.name: r.cfg for r in runs})
+    trained = {str(Path(run.cfg.out) / "variants" / name): (res["heads"][name], res["mapping"])
+               for run, (name, _, _), res in jobs}
+    return report(rows, cfg, a, out, command, {r.name: r.cfg for r in runs}, trained)
 
 
 @dataclass

@@ -23,20 +23,20 @@ from .trainconfig import TrainConfig
 
 
 def report(rows: list[dict], cfg: TrainConfig, a: AblateConfig, out: Path, command: str | None = None,
-           run_cfgs: dict[str, TrainConfig] | None = None) -> dict:
-    """Measured decoding (optional), the cost-aware choice, best/ and its card, report.md, results.json, plot."""
+           run_cfgs: dict[str, TrainConfig] | None = None, trained: dict | None = None) -> dict:
+    """Measured decoding (optional), the choice, best/, report.md, results.json, plots (``trained``: ``_Trained``)."""
+    trained = _Trained(trained or {})
     train_cache = Cache(cfg.cache)
     model, H = train_cache.meta.dump_args.get("model"), train_cache.hidden_size
-    budgets = a.tree_budget
-    verify_cost, cost_source = verification_cost(rows, cfg, a, model, out)
+    verify_cost, cost_source = verification_cost(rows, cfg, a, model, out, trained)
     params = model_parameters(model)
     for r in rows:
         r["head_cost"] = round(r["num_heads"] * (r["layers"] * (H * H + H) + H * r["draft_vocab_size"]) / params, 5) \
             if params else 0.0
         r["options"] = options(r, verify_cost)
     best_row, best_opt = max(((r, o) for r in rows for o in r["options"]), key=lambda x: x[1]["expected_speedup"])
-    write_best(best_row, best_opt, (run_cfgs or {}).get(best_row["run"], cfg), out, command)
-    table = render_table(rows, budgets)
+    write_best(best_row, best_opt, (run_cfgs or {}).get(best_row["run"], cfg), out, command, trained)
+    table = render_table(rows, a.tree_budget)
     rule = (f"best = highest expected speedup = tokens per step / (1 + {verify_cost:.4g} x tree nodes + heads' weights "
             f"/ model's weights), the verification cost per node from {cost_source}; the heads' cost (ResBlocks and an "
             f"H x draft-vocabulary output layer each, read every step) "
@@ -60,11 +60,11 @@ def report(rows: list[dict], cfg: TrainConfig, a: AblateConfig, out: Path, comma
     warning = separation_warning(rows, best_row, best_opt, bool(a.heldout_prompts))
     (out / "report.md").write_text(report_md(rows, cfg, a, (best_row, best_opt), (caption, table, rule, warning),
                                              run_cfgs or {}))
-    plot_note = plot(rows, budgets, out / "acceptance.png", caption)
+    plot_note = plot(rows, a.tree_budget, out / "acceptance.png", caption)
     if len({r["draft_vocab_size"] for r in rows}) > 1:
-        plot_note = plot_vocab(rows, budgets, out / "vocab.png") or plot_note
+        plot_note = plot_vocab(rows, a.tree_budget, out / "vocab.png") or plot_note
     if a.data_fraction:
-        plot_note = plot_curve(rows, budgets, out / "data.png") or plot_note
+        plot_note = plot_curve(rows, a.tree_budget, out / "data.png") or plot_note
     from .card import write_card
 
     (out / "best" / "eval.json").write_text(json.dumps(summary["best"], indent=2))
@@ -129,10 +129,21 @@ def recipe_table(a: AblateConfig, run_cfgs: dict[str, TrainConfig]) -> str:
     return "\n".join(lines)
 
 
-def write_best(best_row: dict, best_opt: dict, cfg: TrainConfig, out: Path, command: str | None) -> None:
+class _Trained:
+    """The heads of a row: from memory when the ablation holds them, else read from the row's directory."""
+
+    def __init__(self, held: dict):
+        self.held = held
+
+    def __call__(self, row: dict):
+        hv, mapping = self.held[row["dir"]] if row["dir"] in self.held else load_heads(row["dir"])[:2]
+        return hv.first(row["num_heads"]), mapping
+
+
+def write_best(best_row: dict, best_opt: dict, cfg: TrainConfig, out: Path, command: str | None, trained: _Trained
+               ) -> None:
     """``best/``: the first heads of the chosen variant, their provenance and tree; ``best-vllm/``: its export."""
-    hv, mapping, _ = load_heads(best_row["dir"])
-    hv.heads = hv.heads[: best_row["num_heads"]]
+    hv, mapping = trained(best_row)
     (out / "best").mkdir(exist_ok=True)
     chosen = replace(cfg, num_heads=best_row["num_heads"], num_layers=best_row["layers"], lr=best_row["lr"],
                      draft_vocab_size=best_row["draft_vocab_size"])
@@ -143,12 +154,12 @@ def write_best(best_row: dict, best_opt: dict, cfg: TrainConfig, out: Path, comm
     export(out / "best", "vllm", out / "best-vllm", overwrite=True)
 
 
-def verification_cost(rows: list[dict], cfg: TrainConfig, a: AblateConfig, model: str | None, out: Path
-                      ) -> tuple[float, str]:
+def verification_cost(rows: list[dict], cfg: TrainConfig, a: AblateConfig, model: str | None, out: Path,
+                      trained: _Trained) -> tuple[float, str]:
     """(cost per tree node relative to a one-token step, where it came from): --verify-cost, else measured by real
     decoding (--speculate-prompts: the median over runs), else timed with the cache's model."""
     if a.speculate_prompts:
-        measure(rows, out, cfg, model, a.speculate_prompts, a.speculate_tokens, a.verify_cost)
+        measure(rows, out, cfg, model, a.speculate_prompts, a.speculate_tokens, a.verify_cost, trained)
         measured = [m for r in rows for m in [r.get("measured")] if m and m["nodes"]]
         if a.verify_cost is None and measured:
             return (max(0.0, float(np.median([(m["step_cost_ratio"] - 1) / m["nodes"] for m in measured]))),
@@ -221,7 +232,7 @@ def describe(cfg: TrainConfig, rows: list[dict]) -> str:
 
 
 def measure(rows: list[dict], out: Path, cfg: TrainConfig, model: str | None, prompts: str, tokens: int,
-            verify_cost: float | None) -> None:
+            verify_cost: float | None, trained: _Trained) -> None:
     """Real decoding (``speculate``) of each variant x head count with its best tree under the cost model."""
     from .speculate import SpeculateConfig, run_speculate
 
@@ -231,8 +242,7 @@ def measure(rows: list[dict], out: Path, cfg: TrainConfig, model: str | None, pr
     for r in progress(rows, "ablate: speculate", "run"):
         o = max(options(r, cost), key=lambda x: x["expected_speedup"])
         d = out / "speculate" / f"{r['variant']}_heads{r['num_heads']}"
-        hv, mapping, _ = load_heads(r["dir"])
-        hv.heads = hv.heads[: r["num_heads"]]
+        hv, mapping = trained(r)
         d.mkdir(parents=True, exist_ok=True)
         save_heads(hv, cache_for(cfg, mapping), cfg, d)
         (d / "tree.json").write_text(json.dumps(o["tree"]))

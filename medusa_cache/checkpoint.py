@@ -173,9 +173,11 @@ def save(out: Path, vs: list[Variant], step: int, next_epoch: int, next_batch: i
                         "settings": settings}, out / CHECKPOINT)
 
 
-def restore(out: Path, vs: list[Variant], device: str, ck: dict | None = None) -> tuple[int, int, int]:
+def restore(out: Path, vs: list[Variant], device: str, ck: dict | None, resume: bool) -> tuple[int, int, int]:
     """Every variant's state from the checkpoint (``ck``: the one ``claim_or_resume`` loaded on rank 0; the other
-    ranks load their own); (step, epoch, next batch) to continue from."""
+    ranks load their own); (step, epoch, next batch) to continue from; (0, 0, 0) when not resuming."""
+    if not resume:
+        return 0, 0, 0
     if ck is None:
         ck = torch.load(out / CHECKPOINT, map_location=device, weights_only=True)
     for v, st in zip(vs, ck["variants"], strict=True):

@@ -52,6 +52,15 @@ class MedusaHeads(nn.Module):
     def num_heads(self) -> int:
         return len(self.heads)
 
+    def first(self, k: int) -> MedusaHeads:
+        """The first ``k`` heads (sharing their weights, nothing copied or allocated; ``self`` is unchanged): ablate's
+        K-head variants are prefixes of the largest."""
+        out = MedusaHeads.__new__(MedusaHeads)
+        nn.Module.__init__(out)
+        out.hidden_size, out.vocab, out.num_layers = self.hidden_size, self.vocab, self.num_layers
+        out.heads = nn.ModuleList(list(self.heads)[:k])
+        return out
+
     def forward(self, hidden: torch.Tensor) -> list[torch.Tensor]:
         """[..., H] -> one [..., V] logits tensor per head."""
         return [h(hidden) for h in self.heads]

@@ -111,8 +111,7 @@ class Run:
         # the heads: one variant per (layers, lr), restored on --resume
         self.vs = [make_variant(name, cfg, self.cache, self.total_steps, layers, lr, lm_init)
                    for name, layers, lr in variants or [("", cfg.num_layers, cfg.lr)]]
-        self.step, self.epoch, next_batch = checkpoint.restore(self.out, self.vs, self.device, resumed) \
-            if cfg.resume else (0, 0, 0)
+        self.step, self.epoch, next_batch = checkpoint.restore(self.out, self.vs, self.device, resumed, cfg.resume)
         self.start_group = next_batch // self.group
         self.models = [parallel(v.heads, self.world, self.device) for v in self.vs]
         # int8 stores stay int8 until the training device (a quarter of float32's bytes in RAM and on the bus)
@@ -274,4 +273,5 @@ class Run:
         dist.barrier()
         return {**self.last_val, "val_step": self.last_val.get("step"), "step": self.step, "val_seqs": self.val_seqs,
                 "out": str(self.out), "tokens_seen": self.tokens_seen + self.world * self.window_tokens,
-                "vocab": vocab_summary(self.cache), "wall_s": round(time.perf_counter() - self.t_start, 1)}
+                "vocab": vocab_summary(self.cache), "wall_s": round(time.perf_counter() - self.t_start, 1),
+                "heads": {v.name: v.heads.cpu().eval() for v in self.vs}, "mapping": self.cache.mapping()}  # ablate

@@ -122,6 +122,24 @@ def test_k_heads_from_a_5_head_ablation_equal_a_separate_k_head_run(tmp_path):
         assert im.size[0] > 100
 
 
+def test_every_row_scores_the_heads_its_variant_wrote(tmp_path):
+    """ablate evaluates the heads it trained from memory (it does not read them back): each row's top-1 per head is
+    what `eval` measures on that variant's written heads, for every variant and head count."""
+    from medusa_cache.evaluate import EvalConfig, run_eval
+
+    learnable_cache(tmp_path / "c")
+    learnable_cache(tmp_path / "v", seed=1)
+    common = dict(cache=str(tmp_path / "c"), val_cache=str(tmp_path / "v"), epochs=1, batch_tokens=256, grad_accum=1)
+    res = run_ablate(TrainConfig(out=str(tmp_path / "abl"), **common),
+                     AblateConfig(heads=[2, 3], layers=[1], lr=[1e-2, 1e-3], tree_budget=[4], verify_cost=0.01))
+    assert len({r["variant"] for r in res["results"]}) == 2
+    for r in res["results"]:
+        ev = run_eval(EvalConfig(heads=r["dir"], cache=str(tmp_path / "v"), tree_budget=[4]))
+        assert r["top1"] == ev["top1"][: r["num_heads"]], (r["variant"], r["num_heads"])
+    a, b = ({r["variant"]: r["top1"] for r in res["results"] if r["num_heads"] == 3}).values()
+    assert a != b  # the two variants' heads differ, so a swap would show
+
+
 def test_evaluate_ranks_reports_held_out_trees():
     rng = np.random.default_rng(0)
     rank = np.where(rng.random((400, 3)) < 0.6, 0, rng.integers(-1, 4, (400, 3)))

@@ -90,7 +90,8 @@ def _ablate(cfg: TrainConfig, a: AblateConfig, runs: list[AblationRun], command:
         return {}  # under torchrun the ranks train together; rank 0 evaluates and reports
     rows = []
     jobs = [(run, spec, res) for run, res in zip(runs, results, strict=True) for spec in run.specs]
-    counts = Cache(cfg.cache).stored("token_counts")
+    train_cache = Cache(cfg.cache)
+    counts = train_cache.stored("token_counts")
     heldout = None
     if a.heldout_prompts:
         from .heldout import answer_cache
@@ -98,7 +99,6 @@ def _ablate(cfg: TrainConfig, a: AblateConfig, runs: list[AblationRun], command:
         heldout = answer_cache(heldout_model(cfg, a), a.heldout_prompts, out / "heldout", cfg.cache, a.heldout_tokens,
                                device=cfg.device)
     held: dict[str, tuple[Cache, Cache | None]] = {}  # scored and tree-fitting caches, opened once per vocabulary
-    train_cache = Cache(cfg.cache)
     for run, (name, la, lr), result in progress(jobs, "ablate: evaluate", "variant"):
         d = Path(run.cfg.out) / "variants" / name  # written there by train; evaluated from memory
         hv, mapping = result["heads"][name], result["mapping"]

@@ -235,12 +235,17 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-def require(cfg: Any) -> None:
-    """Every field the config's ``REQUIRED`` names is given (not None, not an empty list): the one check of required
-    options, for the CLI (which also marks them required in --help) and for configs built in code alike."""
+def check_common(cfg: Any) -> None:
+    """The checks every command's config shares, written once: each option its ``REQUIRED`` names is given (not
+    None, not an empty list; the CLI also marks them required in --help), ``--threads`` >= 1, and not both
+    ``--resume`` and ``--overwrite``; for configs built by the CLI and in code alike."""
     for name in getattr(cfg, "REQUIRED", ()):
         value = getattr(cfg, name)
         check(value is not None and value != [], name, "is required")
+    threads = getattr(cfg, "threads", None)
+    check(threads is None or threads >= 1, "threads", f"must be >= 1, got {threads}")
+    check(not (getattr(cfg, "resume", False) and getattr(cfg, "overwrite", False)), "resume",
+          "--resume and --overwrite exclude each other")
 
 
 def check(cond: bool, name: str, message: str) -> None:

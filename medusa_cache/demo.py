@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .ablate import AblateConfig, run_ablate
-from .config import check
+from .config import check, check_common
 from .dump import DumpConfig, run_dump
 from .generate import GenerateConfig, generate
 from .store import is_store
@@ -35,8 +35,8 @@ class DemoConfig:
     """CPU threads for torch (default: torch's own, one per core); lower it on a machine other jobs share"""
 
     def __post_init__(self) -> None:
+        check_common(self)
         check(self.epochs is None or self.epochs >= 1, "epochs", f"must be >= 1, got {self.epochs}")
-        check(self.threads is None or self.threads >= 1, "threads", f"must be >= 1, got {self.threads}")
 
 
 def reconcile(best: dict, spec: dict) -> str:

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Literal
 
-from .config import check, require
+from .config import check, check_common
 from .data import FORMATS
 
 
@@ -85,15 +85,13 @@ class DumpConfig:
     """Tokens per shard = per write unit (default: >= 16 x --max-length); a multiple of --chunk-tokens."""
 
     def __post_init__(self) -> None:
-        check(self.threads is None or self.threads >= 1, "threads", f"must be >= 1, got {self.threads}")
-        require(self)
+        check_common(self)
         check(1 <= self.max_length <= 1 << 20, "max_length", f"must be in 1..{1 << 20}, got {self.max_length}")
         check(self.draft_vocab_size is None or self.draft_vocab_size >= 1, "draft_vocab_size",
               f"must be >= 1, got {self.draft_vocab_size}")
         check(self.forward_tokens >= 1, "forward_tokens", f"must be >= 1, got {self.forward_tokens}")
         check(self.int8_group is None or self.int8_group >= 1, "int8_group", f"must be >= 1, got {self.int8_group}")
         check(1 <= self.max_heads <= 32, "max_heads", f"must be in 1..32, got {self.max_heads}")
-        check(not (self.resume and self.overwrite), "resume", "--resume and --overwrite exclude each other")
         check(not (self.aux_layers and self.keep_rows == "needed"), "aux_layers",
               "Eagle3's features need every row: it cannot be combined with --keep-rows needed")
         check(self.format in FORMATS, "format", f"must be one of {FORMATS}")

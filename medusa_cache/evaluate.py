@@ -33,7 +33,7 @@ from .acceptance import (
     tree_acceptance,
     write_trees,
 )
-from .config import check
+from .config import check, check_common
 from .errors import UserError
 from .heads import MedusaHeads
 from .loader import make_batches, make_blocks, targets_for
@@ -85,6 +85,7 @@ class EvalConfig:
     """CPU threads for torch (default: torch's own, one per core); lower it on a machine other jobs share"""
 
     def __post_init__(self) -> None:
+        check_common(self)
         check(self.topk >= 1, "topk", f"must be >= 1, got {self.topk}")
         check(bool(self.cache) != bool(self.heldout_prompts), "cache", "give --cache STORE or --heldout-prompts FILE "
               "(with --model and --out), one of them")
@@ -97,7 +98,6 @@ class EvalConfig:
         check(not (self.tree and self.tree_budget), "tree", "give --tree or --tree-budget, not both")
         check(all(b >= 1 for b in self.tree_budget or []), "tree_budget",
               f"tree sizes must be >= 1, got {self.tree_budget}")
-        check(self.threads is None or self.threads >= 1, "threads", f"must be >= 1, got {self.threads}")
 
 
 @torch.no_grad()

@@ -22,7 +22,7 @@ from typing import ClassVar, Literal
 import torch
 from safetensors.torch import save_file
 
-from .config import require
+from .config import check_common
 from .errors import UserError
 from .heads import MedusaHeads
 from .headsdir import load_heads
@@ -50,7 +50,7 @@ class ExportConfig:
     file holds full-vocabulary rows)"""
 
     def __post_init__(self) -> None:
-        require(self)
+        check_common(self)
 
 
 def export(src: str | Path, fmt: str, out: str | Path, overwrite: bool = False,

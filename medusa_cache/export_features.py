@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from . import peers, store
-from .config import check, require
+from .config import check, check_common
 from .errors import UserError
 from .progress import progress
 
@@ -46,7 +46,7 @@ class ExportFeaturesConfig:
     """replace --out when it holds a previous export-features output"""
 
     def __post_init__(self) -> None:
-        require(self)
+        check_common(self)
         check(not (self.compress and self.format != "specforge"), "compress", "only --format specforge compresses")
 
 

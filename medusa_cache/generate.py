@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from .backbone import stop_ids
-from .config import check, require
+from .config import check, check_common
 from .data import RowError, read_rows
 from .errors import UserError
 from .progress import Progress
@@ -74,7 +74,7 @@ class GenerateConfig:
     """--pipeline specforge: replace the template's default system prompt ('none': no prompt)."""
 
     def __post_init__(self) -> None:
-        require(self)
+        check_common(self)
         check(self.max_new_tokens >= 1, "max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
         check(self.temperature >= 0, "temperature", f"must be >= 0, got {self.temperature}")
         check(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
@@ -83,8 +83,6 @@ class GenerateConfig:
         check(self.num_answers >= 1, "num_answers", f"must be >= 1, got {self.num_answers}")
         check(self.num_answers == 1 or self.temperature > 0, "num_answers", "several answers per prompt need "
               "sampling: give --temperature > 0 (greedy answers would all be the same)")
-        check(self.threads is None or self.threads >= 1, "threads", f"must be >= 1, got {self.threads}")
-        check(not (self.resume and self.overwrite), "resume", "--resume and --overwrite exclude each other")
 
 
 def _complete_lines(path: Path, window: int) -> int:

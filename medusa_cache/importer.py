@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from . import peers, store
-from .config import check, require
+from .config import check, check_common
 from .errors import UserError
 from .progress import progress
 
@@ -74,12 +74,11 @@ class ImportConfig:
     """replace an existing --out store"""
 
     def __post_init__(self) -> None:
-        require(self)
+        check_common(self)
         check(self.draft_vocab_size is None or self.draft_vocab_size >= 1, "draft_vocab_size",
               f"must be >= 1, got {self.draft_vocab_size}")
         check(not (self.vocab_mapping and self.draft_vocab_size), "vocab_mapping",
               "give --vocab-mapping or --draft-vocab-size, not both")
-        check(not (self.resume and self.overwrite), "resume", "--resume and --overwrite exclude each other")
         for name in ("chunk_tokens", "shard_tokens"):
             check(getattr(self, name) is None or getattr(self, name) >= 1, name, f"must be >= 1, got "
                   f"{getattr(self, name)}")

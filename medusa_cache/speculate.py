@@ -27,7 +27,7 @@ from typing import ClassVar, Literal
 import torch
 
 from .backbone import stop_ids
-from .config import check, require
+from .config import check, check_common
 from .errors import UserError
 from .heldout import greedy, read_prompts, walk_turns
 from .progress import Progress
@@ -68,8 +68,7 @@ class SpeculateConfig:
     were not trained for this model, so the tokens per step mean little)."""
 
     def __post_init__(self) -> None:
-        check(self.threads is None or self.threads >= 1, "threads", f"must be >= 1, got {self.threads}")
-        require(self)
+        check_common(self)
         check(bool(self.tree) != self.chain, "tree", "give exactly one of --tree FILE or --chain")
         check(self.max_new_tokens >= 1, "max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
         check(self.max_prompts is None or self.max_prompts >= 1, "max_prompts", "must be >= 1")

@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
-from .config import check, require
+from .config import check, check_common
 
 
 @dataclass
@@ -111,9 +111,8 @@ class TrainConfig:
     """Positions per validation batch: bounds validation memory (every head's logits for this many rows)."""
 
     def __post_init__(self) -> None:
-        check(self.threads is None or self.threads >= 1, "threads", f"must be >= 1, got {self.threads}")
         check(self.cache is not None, "cache", "is required")  # not in REQUIRED: `train --resume` reads it from the run
-        require(self)
+        check_common(self)
         check(1 <= self.num_heads <= 32, "num_heads", f"must be in 1..32, got {self.num_heads}")
         check(1 <= self.num_layers <= 16, "num_layers", f"must be in 1..16, got {self.num_layers}")
         check(self.draft_transformer_layers == 0, "draft_transformer_layers", "Medusa heads use none; must be 0")
@@ -134,7 +133,6 @@ class TrainConfig:
         check(self.max_grad_norm >= 0, "max_grad_norm", f"must be >= 0, got {self.max_grad_norm}")
         check(0 <= self.val_fraction < 1, "val_fraction", f"must be in [0, 1), got {self.val_fraction}")
         check(0 < self.data_fraction <= 1, "data_fraction", f"must be in (0, 1], got {self.data_fraction}")
-        check(not (self.resume and self.overwrite), "resume", "--resume and --overwrite exclude each other")
         for r in self.report_to or []:
             check(r in ("tensorboard", "wandb", "none"), "report_to", f"unknown destination {r!r} (tensorboard, wandb)")
         check(self.checkpoint_minutes >= 0, "checkpoint_minutes", f"must be >= 0, got {self.checkpoint_minutes}")

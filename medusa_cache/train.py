@@ -26,15 +26,15 @@ from pathlib import Path
 import torch
 
 from . import checkpoint
-from .errors import Interrupted, UserError
-from .loader import all_targets, make_blocks, trainable_rows
+from .errors import Interrupted
+from .loader import all_targets
 from .objective import head_losses, validate
 from .reporting import RunLog, render_summary
 from .runtime import StopSignals, tune_allocator
 from .store import int8_unpack
 from .stream import BatchStream, StreamSource
 from .trainconfig import TrainConfig
-from .traindata import epoch_batches, mix_reach, open_caches, split, vocab_summary
+from .traindata import open_caches, plan, split, vocab_summary
 from .variant import clip, draft_lm_head, make_variant, parallel, write_heads
 from .vocab import IGNORE
 
@@ -99,15 +99,10 @@ class Run:
         self.settings = {**checkpoint.resume_settings(cfg, self.cache.content_fingerprint(), val_fp), "split": rule}
         claim = (cfg, self.settings, self.group, locks, kind, locked, command)
         resumed = dist.on_rank0(lambda: checkpoint.claim_or_resume(*claim), self.rank)  # rank 0's checkpoint
-        # the data: sequences, blocks, the epoch's batches (a pure function of seed and epoch)
-        if len(self.train_seqs) == 0:
-            raise UserError(f"--cache: {cfg.cache} has no finished sequences to train on")
-        self.labels = self.cache.array("labels")
-        self.blocks = make_blocks(self.train_seqs, self.cache.offsets, cfg.block_tokens)
-        mixes = bool(cfg.batch_tokens) and cfg.mix == "positions"  # --mix only shapes token batches
-        self.trainable = trainable_rows(self.labels, self.cache.offsets, mix_reach(cfg.num_heads)) if mixes else None
-        n_batches = len(epoch_batches(cfg, self.blocks, self.cache.offsets, self.trainable, 0))
-        self.total_steps = math.ceil(n_batches / self.group) * cfg.epochs
+        # the data: labels, blocks, the epoch's batches (a pure function of seed and epoch), planned once
+        self.plan = plan(cfg, self.cache, self.train_seqs)
+        self.labels = self.plan.labels
+        self.total_steps = math.ceil(self.plan.batches_per_epoch / self.group) * cfg.epochs
         # the heads: one variant per (layers, lr), restored on --resume
         self.vs = [make_variant(name, cfg, self.cache, self.total_steps, layers, lr, lm_init)
                    for name, layers, lr in variants or [("", cfg.num_layers, cfg.lr)]]
@@ -150,14 +145,14 @@ class Run:
     def stream(self, batches) -> BatchStream:
         """This rank's micro-batches of the epoch from the group ``start_group`` on."""
         cfg = self.cfg
-        source = StreamSource(self.cache, self.labels, cfg.num_heads, self.blocks, self.memory, self.targets,
+        source = StreamSource(self.cache, self.labels, cfg.num_heads, self.plan.blocks, self.memory, self.targets,
                               self.packed, lookahead=cfg.num_heads if self.teacher_w is not None else 0)
         return BatchStream(source, batches, self.start_group * cfg.grad_accum, cfg.prefetch, self.rank, self.world)
 
     def fit_epoch(self) -> tuple[bool, int]:
         """Optimizer steps over this epoch's groups; (stopped early by --max-steps, last group index)."""
         cfg, world, group = self.cfg, self.world, self.group
-        batches = epoch_batches(cfg, self.blocks, self.cache.offsets, self.trainable, self.epoch)
+        batches = self.plan.batches(self.epoch)
         n_groups = math.ceil(len(batches) / group)
         # rank r: micro-batches r, r+W, ... (its local batches); local group g = local batches g*A .. (g+1)*A - 1
         n_mine = len(range(self.rank, len(batches), world))

@@ -3,11 +3,13 @@ training and held-out sequences, and the rows ``--mix positions`` draws from."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from .config import flag
 from .errors import UserError
-from .loader import epoch_order, make_batches, make_position_plan
+from .loader import epoch_order, make_batches, make_blocks, make_position_plan, trainable_rows
 from .store import Cache, require_complete
 from .trainconfig import TrainConfig
 from .vocab import coverage, top_mapping
@@ -134,6 +136,35 @@ def epoch_batches(cfg: TrainConfig, blocks: list[np.ndarray], offsets: np.ndarra
     if trainable is not None:
         return make_position_plan(order, offsets, trainable, cfg.mix_tokens, cfg.batch_tokens, cfg.seed, epoch)
     return make_batches(order, offsets, cfg.batch_size, cfg.batch_tokens)
+
+
+@dataclass
+class DataPlan:
+    """What a run trains on, built once (``plan``) and handed to ``train.Run``: the labels, the blocks of the training
+    sequences, the rows ``--mix positions`` draws from, and the batches per epoch (the same count every epoch)."""
+
+    cfg: TrainConfig
+    offsets: np.ndarray
+    labels: np.ndarray
+    blocks: list[np.ndarray]
+    trainable: np.ndarray | None
+    batches_per_epoch: int = 0
+
+    def batches(self, epoch: int):
+        """The epoch's batches (``epoch_batches``): a pure function of (seed, epoch)."""
+        return epoch_batches(self.cfg, self.blocks, self.offsets, self.trainable, epoch)
+
+
+def plan(cfg: TrainConfig, cache: Cache, train_seqs: np.ndarray) -> DataPlan:
+    """The run's data plan; refuses a cache with nothing to train on."""
+    if len(train_seqs) == 0:
+        raise UserError(f"--cache: {cfg.cache} has no finished sequences to train on")
+    labels = cache.array("labels")
+    mixes = bool(cfg.batch_tokens) and cfg.mix == "positions"  # --mix only shapes token batches
+    p = DataPlan(cfg, cache.offsets, labels, make_blocks(train_seqs, cache.offsets, cfg.block_tokens),
+                 trainable_rows(labels, cache.offsets, mix_reach(cfg.num_heads)) if mixes else None)
+    p.batches_per_epoch = len(p.batches(0))
+    return p
 
 
 def heldout_coverage(cache: Cache, mapping, seqs: np.ndarray) -> float:

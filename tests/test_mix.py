@@ -84,7 +84,7 @@ def test_position_mixed_training_resumes_to_the_same_weights_and_streams_as_in_m
 
 def test_positions_drawn_do_not_depend_on_the_head_count(tmp_path):
     """ablate trains the largest head count once and slices it: a K-head run must see the same batches."""
-    from medusa_cache.train import mix_reach
+    from medusa_cache.traindata import mix_reach
 
     cache, labels = _cache(tmp_path)
     order = np.arange(cache.n_seqs)

@@ -100,7 +100,7 @@ def report_md(rows: list[dict], cfg: TrainConfig, a: AblateConfig, best: tuple[d
         + (curve_table(rows, budgets) + "\n\nSlope per doubling: the least-squares slope of tokens per step against "
            "log2(training tokens), 95% interval from the t distribution over the fractions; `data.png` plots the "
            "curve.\n\n" if a.data_fraction else "")
-        + (recipe_table(a, run_cfgs) + "\n\n" if a.recipe else "")
+        + (recipe_table(a, run_cfgs, rows) + "\n\n" if a.recipe else "")
         + (measured_table(rows) + "\n\n" if a.speculate_prompts else "")
         + f"**Best: {best_row['label']}, {best_row['num_heads']} heads, {best_opt['name']}** "
         f"({best_opt['tokens_per_step']:.3f} tokens per step, per-position acceptance "
@@ -115,15 +115,16 @@ RECIPE_KEYS = ("lr", "schedule", "warmup_ratio", "max_grad_norm", "head_loss_wei
                "distill_weight", "epochs", "weight_decay")
 
 
-def recipe_table(a: AblateConfig, run_cfgs: dict[str, TrainConfig]) -> str:
-    """Every recipe's training options as they ran (the file's options over the flags), one row per recipe."""
+def recipe_table(a: AblateConfig, run_cfgs: dict[str, TrainConfig], rows: list[dict]) -> str:
+    """Every recipe's training options as they ran (the file's options over the flags), one row per recipe: the
+    config of the run a result row of that recipe names (never parsed back from a run's name)."""
     from .recipes import recipe_path
 
     lines = ["Recipes (each one run; options as trained):", "", "| recipe | file | " + " | ".join(RECIPE_KEYS) + " |",
              "|---|---|" + "---|" * len(RECIPE_KEYS)]
     for name in a.recipe or []:
         stem = Path(name).stem
-        c = next(c for n, c in run_cfgs.items() if n.split("_")[0] == f"R{stem}")
+        c = next(run_cfgs[r["run"]] for r in rows if r["recipe"] == stem)
         lines.append(f"| {stem} | `{recipe_path(name)}` | "
                      + " | ".join(str(getattr(c, k)) if getattr(c, k) is not None else "-" for k in RECIPE_KEYS) + " |")
     return "\n".join(lines)

@@ -229,3 +229,17 @@ def test_a_flipped_byte_in_the_aux_layers_is_named_by_verify_and_refused_by_expo
     assert not res["healthy"] and any("aux_hidden" in p and "checksum" in p for p in res["problems"]), res
     with pytest.raises(UserError, match="aux_hidden"):
         export_features(ExportFeaturesConfig(cache=str(store), out=str(tmp_path / "sf")))
+
+
+def test_int8_stores_the_aux_layers_in_the_same_codec(tmp_path, tiny_llama8, small_chat):
+    """--hidden-codec int8 encodes aux_hidden as hidden is encoded (a scale per group, aux_scale), within the codec's
+    error of the lossless states."""
+    common = dict(model=str(tiny_llama8), data=[str(small_chat)], max_length=64, aux_layers="1,3", dtype="float32")
+    run_dump(DumpConfig(out=str(tmp_path / "f"), **common))
+    run_dump(DumpConfig(out=str(tmp_path / "q"), hidden_codec="int8", **common))
+    f, q = Cache(tmp_path / "f"), Cache(tmp_path / "q")
+    assert "aux_scale" in q.group and "aux_scale" not in f.group and q.meta.aux_layers == [1, 3]
+    a, b = f.read_aux(0, f.n_tokens), q.read_aux(0, q.n_tokens)
+    assert a.shape == b.shape == (f.n_tokens, 2 * f.hidden_size)
+    rel = ((b - a).norm(dim=1) / a.norm(dim=1)).max().item()
+    assert 0 < rel < 0.02, rel

@@ -5,7 +5,8 @@ layout SpecForge's or speculators' trainer reads (``peers.py``), so one capture 
   layer) and ``aux_hidden_state`` = the auxiliary layers other than a last layer N-1 (Eagle3's three), plus
   ``vocab_mapping.pt`` (the cache's ``d2t``/``t2d``).
 - ``--format speculators``: the cache must hold the last layer before the norm (``--aux-layers speculators``):
-  ``hidden_states`` [T, k+1, H] = the auxiliary layers, that one last, and the ``datasets`` rows with ids and masks.
+  ``hidden_states`` [T, k+1, H] = the auxiliary layers, that one last, the ``datasets`` rows with ids and masks, and
+  ``d2t.npy``/``t2d.npy`` (the cache's draft vocabulary, where speculators' trainer looks for it).
 
 States are written as stored (bf16 or float32; an int8 cache decodes to bf16), one sequence at a time.
 """
@@ -92,6 +93,7 @@ def export_features(cfg: ExportFeaturesConfig) -> dict:
 
         peers.save_speculators(out, rows, cache.n_seqs,
                                lambda s: (states(s)[1], torch.from_numpy(ids[off[s]:off[s + 1]]).long()))
+        peers.save_speculators_mapping(out, cache.mapping().d2t, cache.mapping().t2d)
         exported = layers
     (out / MARKER).write_text(json.dumps({"cache": str(cfg.cache), "format": cfg.format, "aux_layers": exported}))
     return {"out": str(out), "format": cfg.format, "sequences": cache.n_seqs, "tokens": cache.n_tokens,

@@ -52,7 +52,7 @@ class ImportConfig:
     """output store (a directory; created)"""
     vocab_mapping: str | None = None
     """draft vocabulary to use (ours .safetensors, SpecForge's vocab_mapping.pt, a store or heads directory); default:
-    SRC/vocab_mapping.pt when present"""
+    SpecForge's SRC/vocab_mapping.pt or speculators' SRC/d2t.npy + t2d.npy when present, else the full vocabulary"""
     draft_vocab_size: int | None = None
     """build the draft vocabulary from the imported assistant tokens (Eagle3's top-N, as dump does) instead"""
     keep_aux: bool = False
@@ -269,7 +269,7 @@ def _open_store(cfg: ImportConfig, out: Path, files: list[Path], rows: tuple[lis
                 bad: list[str]) -> store.CacheWriter:
     """The store to write into: created (ids, masks, labels, vocabulary, attributes), or the one being resumed."""
     from . import fingerprint as fp
-    from .vocab import build_mapping, load_mapping
+    from .vocab import VocabMapping, build_mapping, load_mapping
 
     ids, masks = rows
     hidden, mc = shape
@@ -286,10 +286,16 @@ def _open_store(cfg: ImportConfig, out: Path, files: list[Path], rows: tuple[lis
     all_ids, all_mask = np.concatenate(ids), np.concatenate(masks)
     counts = np.bincount(all_ids[all_mask], minlength=vocab)[:vocab].astype(np.int64)
     default = Path(cfg.src) / "vocab_mapping.pt"
+    beside = peers.load_speculators_mapping(Path(cfg.src)) if cfg.format == "speculators" else None
     if cfg.draft_vocab_size:
         mapping = build_mapping(counts, cfg.draft_vocab_size)
+    elif beside is not None and not cfg.vocab_mapping:
+        mapping = VocabMapping(*beside)
+        if mapping.target_size != vocab:
+            raise UserError(f"SRC: {cfg.src}/t2d.npy covers {mapping.target_size} target ids, the model has {vocab}")
+        mapping.validate(f"SRC: {cfg.src}/d2t.npy, t2d.npy")
     else:
-        path = cfg.vocab_mapping or (default if default.is_file() else None)
+        path = cfg.vocab_mapping or (default if default.is_file() and cfg.format == "specforge" else None)
         if path is not None and store.is_store(path):
             mapping = store.Cache(path).mapping()
         else:

@@ -14,7 +14,8 @@ from the peers' own readers (checked again there before changing anything here):
   ``seq_len``; ``scripts/data_generation_offline.py`` the states; ``src/speculators/train/data.py::ArrowDataset``
   reads ``load_from_disk(DIR)`` and ``DIR/hidden_states/hs_{i}.safetensors`` for dataset row i): ``hidden_states``
   [T, k+1, H] (vLLM's layers 2, N/2, N-3 = our 1, N/2-1, N-4, then N: the last layer **before** the final norm)
-  and ``token_ids`` [T], which must equal the row's ``input_ids``.
+  and ``token_ids`` [T], which must equal the row's ``input_ids``; the draft vocabulary in ``DIR/d2t.npy`` and
+  ``DIR/t2d.npy`` (what ``scripts/train.py`` reads by default; the same offsets and mask as SpecForge's).
 
 Files are loaded as tensors only (``torch.load(weights_only=True)``, safetensors): these are files medusa-cache did
 not write.
@@ -87,6 +88,23 @@ def save_specforge(path: Path, sample: dict[str, torch.Tensor], compress: bool) 
 def save_vocab_mapping(path: Path, d2t: np.ndarray, t2d: np.ndarray) -> None:
     """SpecForge's ``vocab_mapping.pt``: ``d2t`` int64 offsets, ``t2d`` bool mask."""
     torch.save({"d2t": torch.from_numpy(d2t.astype(np.int64)), "t2d": torch.from_numpy(t2d.astype(bool))}, path)
+
+
+def save_speculators_mapping(out: Path, d2t: np.ndarray, t2d: np.ndarray) -> None:
+    """speculators' draft vocabulary beside its data (``scripts/train.py`` reads ``DATA/d2t.npy`` and ``DATA/t2d.npy``
+    by default): the same offsets and mask as SpecForge's, as numpy files."""
+    np.save(out / "d2t.npy", d2t.astype(np.int64))
+    np.save(out / "t2d.npy", t2d.astype(bool))
+
+
+def load_speculators_mapping(src: Path) -> tuple[np.ndarray, np.ndarray] | None:
+    """(d2t, t2d) from ``SRC/d2t.npy`` and ``SRC/t2d.npy`` when both are there (arrays only: no pickles)."""
+    if not ((src / "d2t.npy").is_file() and (src / "t2d.npy").is_file()):
+        return None
+    try:
+        return np.load(src / "d2t.npy").astype(np.int64), np.load(src / "t2d.npy").astype(bool)
+    except (OSError, ValueError) as e:
+        raise UserError(f"SRC: {src}/d2t.npy, t2d.npy: cannot be read as numpy arrays ({e})") from None
 
 
 def speculators_dataset(src: Path):

@@ -110,7 +110,7 @@ def test_dump_with_aux_export_import_and_train_give_the_same_cache_and_heads(aux
     sp = export_features(ExportFeaturesConfig(cache=str(aux_cache), format="speculators", out=str(tmp_path / "sp")))
     assert sp["aux_layers"] == [1, 3, 4, 7]
     run_import(ImportConfig(src=str(tmp_path / "sp"), format="speculators", model=str(tiny_llama8),
-                            out=str(tmp_path / "c2"), vocab_mapping=str(aux_cache), keep_aux=True))
+                            out=str(tmp_path / "c2"), keep_aux=True))  # the vocabulary: the export's d2t/t2d.npy
     got = Cache(tmp_path / "c2")
     _same_cache(got, ours)  # speculators' last slot (before the norm) through the model's own norm: our hidden
     assert got.meta.aux_layers == [1, 3, 4, 7]
@@ -205,7 +205,7 @@ def test_the_golden_files_the_peers_readers_accepted_import_to_one_cache(tmp_pat
     run_import(ImportConfig(src=str(gold / "specforge"), model=str(model), out=str(tmp_path / "sf"), keep_aux=True,
                             aux_layers="1,2,3"))
     run_import(ImportConfig(src=str(gold / "speculators"), format="speculators", model=str(model),
-                            out=str(tmp_path / "sp"), vocab_mapping=str(gold / "specforge" / "vocab_mapping.pt")))
+                            out=str(tmp_path / "sp")))  # its vocabulary: d2t.npy/t2d.npy, the same as vocab_mapping.pt
     sf, sp = Cache(tmp_path / "sf"), Cache(tmp_path / "sp")
     assert sf.hidden_dtype == sp.hidden_dtype == "bfloat16" and sp.meta.aux_layers == []
     _same_cache(sp, sf)

@@ -29,6 +29,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -84,6 +85,9 @@ def read_with_peers(cache_path: Path) -> dict:
         assert torch.equal(got["loss_mask"][0], want_mask), f
         assert torch.equal(got["target"][0], want["hidden"]), f  # Eagle3's target: the post-norm last layer
         assert torch.equal(got["hidden_state"][0], want["aux"][:, : 3 * h]), f  # its input: the three aux layers
+    vm = torch.load(GOLD / "specforge" / "vocab_mapping.pt", weights_only=True)  # one draft vocabulary for both
+    for name in ("d2t", "t2d"):  # speculators' scripts/train.py reads DATA/{d2t,t2d}.npy with np.load
+        assert np.array_equal(np.load(GOLD / "speculators" / f"{name}.npy"), vm[name].numpy()), name
     ds = ArrowDataset(max_len=1 << 20, datapath=str(GOLD / "speculators"), on_missing="raise")
     assert len(ds) == c.n_seqs
     for s in range(len(ds)):
@@ -96,7 +100,8 @@ def read_with_peers(cache_path: Path) -> dict:
                           "normaliser)", "target = hidden", "hidden_state = aux layers 1,2,3"]},
             "speculators": {"rows": len(ds), "reader": "ArrowDataset(on_missing='raise')", "equal": [
                 "input_ids", "loss_mask", "hidden_states = aux layers 1,2,3",
-                "verifier_last_hidden_states = layer 4 before the final norm"]}}
+                "verifier_last_hidden_states = layer 4 before the final norm",
+                "d2t.npy, t2d.npy = SpecForge's vocab_mapping.pt (np.load, as scripts/train.py reads them)"]}}
 
 
 def digests() -> dict[str, str]:

@@ -220,6 +220,8 @@ def build_config(cls: type, namespace: argparse.Namespace, config_file: str | No
     for k, v in given.items():  # argparse turns a value of "--" into an empty list, whatever the type
         if isinstance(v, list) and not _base_type(hints[k])[1]:
             raise UserError(f"{flag(k)}: expected one value, got {v!r}")
+        if v == [] and _base_type(hints[k])[1]:  # a list option given with no value means nothing: refuse it
+            raise UserError(f"{flag(k)}: expected at least one value, got none")
     values.update(given)
     values.update(fixed)
     try:

@@ -63,6 +63,8 @@ BASE = {  # valid otherwise: the draws fail on the one bad value, before any wor
     "speculate": ["--model", "{m}", "--heads", "{h}", "--prompts", "{d}", "--chain"],
     "verify": ["{c}"], "inspect": ["{c}"], "demo": ["--out", "{o}"],
     "export": ["{h}", "--format", "vllm", "--out", "{o}"],
+    "export-features": ["{c}", "--out", "{o}"],
+    "import": ["{root}", "--model", "{m}", "--out", "{o}"],
 }
 
 

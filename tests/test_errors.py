@@ -215,6 +215,9 @@ CASES = [
                                                                  "--format", "speculators",
                                                                  "--model", str(e.model), "--out", str(t / "c")],
      "is not a speculators dataset directory", 2),
+    ("ablate-empty-list-option", "ablate", lambda t, e: ["ablate", "--cache", e.cache, "--out", str(t / "o"),
+                                                         "--tree-budget=--"],
+     "--tree-budget: expected at least one value, got none", 2),
 ]
 
 

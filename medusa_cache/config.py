@@ -239,8 +239,9 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 def check_common(cfg: Any) -> None:
     """The checks every command's config shares, written once: each option its ``REQUIRED`` names is given (not
-    None, not an empty list; the CLI also marks them required in --help), ``--threads`` >= 1, and not both
-    ``--resume`` and ``--overwrite``; for configs built by the CLI and in code alike."""
+    None, not an empty list; the CLI also marks them required in --help), ``--threads`` >= 1, not both
+    ``--resume`` and ``--overwrite``, and a store layout's ``--chunk-tokens``/``--shard-tokens``; for configs built by
+    the CLI and in code alike."""
     for name in getattr(cfg, "REQUIRED", ()):
         value = getattr(cfg, name)
         check(value is not None and value != [], name, "is required")
@@ -248,6 +249,10 @@ def check_common(cfg: Any) -> None:
     check(threads is None or threads >= 1, "threads", f"must be >= 1, got {threads}")
     check(not (getattr(cfg, "resume", False) and getattr(cfg, "overwrite", False)), "resume",
           "--resume and --overwrite exclude each other")
+    chunk, shard = getattr(cfg, "chunk_tokens", None), getattr(cfg, "shard_tokens", None)  # a store's layout flags
+    for name, v in (("chunk_tokens", chunk), ("shard_tokens", shard)):
+        check(v is None or v >= 1, name, f"must be >= 1, got {v}")
+    check(not (chunk and shard and shard % chunk), "shard_tokens", "must be a multiple of --chunk-tokens")
 
 
 def check(cond: bool, name: str, message: str) -> None:

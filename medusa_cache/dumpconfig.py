@@ -101,10 +101,5 @@ class DumpConfig:
             check(key not in seen, "data", f"{f} is given twice (as {seen.get(key)} and {f}); every row would be "
                   "dumped twice: give each file once")
             seen[key] = f
-        for name in ("chunk_tokens", "shard_tokens"):
-            v = getattr(self, name)
-            check(v is None or v >= 1, name, f"must be >= 1, got {v}")
-        if self.chunk_tokens and self.shard_tokens:
-            check(self.shard_tokens % self.chunk_tokens == 0, "shard_tokens", "must be a multiple of --chunk-tokens")
 
 

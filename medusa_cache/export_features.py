@@ -70,19 +70,19 @@ def export_features(cfg: ExportFeaturesConfig) -> dict:
     ids, mask, off = cache.array("input_ids"), cache.array("loss_mask"), cache.offsets
     dtype = torch.float32 if cache.hidden_dtype == "float32" and cache.codec == "lossless" else torch.bfloat16
 
-    def states(s: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def aux(s: int) -> torch.Tensor:
         a, b = int(off[s]), int(off[s + 1])
-        return cache.read_hidden(a, b).to(dtype), cache.read_aux(a, b).to(dtype).reshape(b - a, len(layers), hs)
+        return cache.read_aux(a, b).to(dtype).reshape(b - a, len(layers), hs)
 
+    m = cache.mapping()
     if cfg.format == "specforge":
         for s in progress(range(cache.n_seqs), "export-features", "sequence"):
             a, b = int(off[s]), int(off[s + 1])
-            h, aux = states(s)
             peers.save_specforge(peers.specforge_path(out, s, cfg.compress), {
                 "input_ids": torch.from_numpy(ids[a:b].astype(np.int64)),
                 "loss_mask": torch.from_numpy(mask[a:b].astype(np.int64)),
-                "hidden_state": h[None], "aux_hidden_state": aux[:, eagle].reshape(1, b - a, -1)}, cfg.compress)
-        m = cache.mapping()
+                "hidden_state": cache.read_hidden(a, b).to(dtype)[None],
+                "aux_hidden_state": aux(s)[:, eagle].reshape(1, b - a, -1)}, cfg.compress)
         peers.save_vocab_mapping(out / "vocab_mapping.pt", m.d2t, m.t2d)
         exported = [layers[j] for j in eagle]
     else:
@@ -91,9 +91,9 @@ def export_features(cfg: ExportFeaturesConfig) -> dict:
                 yield {"input_ids": ids[a:b].astype(np.int64), "loss_mask": mask[a:b].astype(np.int64),
                        "seq_len": int(b - a)}
 
-        peers.save_speculators(out, rows, cache.n_seqs,
-                               lambda s: (states(s)[1], torch.from_numpy(ids[off[s]:off[s + 1]]).long()))
-        peers.save_speculators_mapping(out, cache.mapping().d2t, cache.mapping().t2d)
+        peers.save_speculators(out, rows, cache.n_seqs,  # speculators' slots are the aux layers alone
+                               lambda s: (aux(s), torch.from_numpy(ids[off[s]:off[s + 1]]).long()))
+        peers.save_speculators_mapping(out, m.d2t, m.t2d)
         exported = layers
     (out / MARKER).write_text(json.dumps({"cache": str(cfg.cache), "format": cfg.format, "aux_layers": exported}))
     return {"out": str(out), "format": cfg.format, "sequences": cache.n_seqs, "tokens": cache.n_tokens,

@@ -79,11 +79,6 @@ class ImportConfig:
               f"must be >= 1, got {self.draft_vocab_size}")
         check(not (self.vocab_mapping and self.draft_vocab_size), "vocab_mapping",
               "give --vocab-mapping or --draft-vocab-size, not both")
-        for name in ("chunk_tokens", "shard_tokens"):
-            check(getattr(self, name) is None or getattr(self, name) >= 1, name, f"must be >= 1, got "
-                  f"{getattr(self, name)}")
-        check(not (self.chunk_tokens and self.shard_tokens and self.shard_tokens % self.chunk_tokens), "shard_tokens",
-              "must be a multiple of --chunk-tokens")
         check(not self.aux_layers or self.keep_aux, "aux_layers", "names the stored auxiliary layers: give --keep-aux")
 
 
@@ -139,7 +134,7 @@ class SpecForgeSource:
     def name(self, i: int) -> Path:
         return self.files[i]
 
-    def read(self, i: int) -> Sample:
+    def read(self, i: int, states: bool = True) -> Sample:
         f = self.files[i]
         d = peers.load_specforge(f)
         ids, mask = check_sample(d, f, self.hidden)
@@ -164,7 +159,9 @@ class SpeculatorsSource:
     def name(self, i: int) -> Path:
         return peers.speculators_states(self.src, i)
 
-    def read(self, i: int) -> Sample:
+    def read(self, i: int, states: bool = True) -> Sample:
+        """``states`` False (the first pass: ids, masks, checks): ``hidden`` is the last slot before the norm, whose
+        shape and dtype are all that pass reads; the norm runs only when the states are written."""
         f, row = self.name(i), self.rows[i]
         d = peers.load_speculators(f)
         ids, hs = np.asarray(row["input_ids"]), d["hidden_states"]
@@ -175,8 +172,10 @@ class SpeculatorsSource:
                             f"{self.hidden}) floating point (the model's hidden size is {self.hidden})")
         if not torch.isfinite(hs).all():
             raise UserError(f"{f}: hidden_states holds NaN/Inf (pass --skip-bad-rows)")
-        with torch.inference_mode():
-            h = self.norm.to(hs.dtype)(hs[:, -1])
+        h = hs[:, -1]
+        if states:
+            with torch.inference_mode():
+                h = self.norm.to(hs.dtype)(h)
         return Sample(ids.astype(np.int32), _mask(row["loss_mask"], f), h, hs.reshape(len(ids), -1))
 
 
@@ -231,7 +230,7 @@ def _import(cfg: ImportConfig, source, out: Path, mc) -> dict:
     first = None
     for i in progress(range(len(source)), "import: read ids", "sample"):
         try:
-            smp = source.read(i)
+            smp = source.read(i, states=False)
             if smp.ids.max(initial=0) >= mc.vocab_size:
                 raise UserError(f"{source.name(i)}: input_ids reach {int(smp.ids.max())}, beyond the model's "
                                 f"vocabulary ({mc.vocab_size})")

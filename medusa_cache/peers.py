@@ -107,13 +107,20 @@ def load_speculators_mapping(src: Path) -> tuple[np.ndarray, np.ndarray] | None:
         raise UserError(f"SRC: {src}/d2t.npy, t2d.npy: cannot be read as numpy arrays ({e})") from None
 
 
-def speculators_dataset(src: Path):
-    """speculators' dataset directory (``prepare_data.py``'s ``save_to_disk``): ids and masks per row."""
+def _datasets():
+    """The ``datasets`` package (speculators' data directories are its ``save_to_disk`` output), or one line saying how
+    to install it."""
     try:
-        from datasets import load_from_disk
+        import datasets
     except ImportError:
         raise UserError("--format speculators needs the `datasets` package (speculators' data format): "
                         "pip install 'medusa-cache[peers]'") from None
+    return datasets
+
+
+def speculators_dataset(src: Path):
+    """speculators' dataset directory (``prepare_data.py``'s ``save_to_disk``): ids and masks per row."""
+    load_from_disk = _datasets().load_from_disk
     try:
         ds = load_from_disk(str(src))
     except Exception as e:  # noqa: BLE001
@@ -155,12 +162,8 @@ def save_speculators(out: Path, rows, n: int, states) -> None:
 
     from .progress import progress
 
-    try:
-        import datasets
-        from datasets import Dataset
-    except ImportError:
-        raise UserError("--format speculators needs the `datasets` package (speculators' data format): "
-                        "pip install 'medusa-cache[peers]'") from None
+    datasets = _datasets()
+    Dataset = datasets.Dataset  # noqa: N806 - the library's class
     hs = out / "hidden_states"
     hs.mkdir(parents=True, exist_ok=True)
     for i in progress(range(n), "export-features", "sequence"):

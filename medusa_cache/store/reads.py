@@ -55,19 +55,21 @@ class HiddenReads:
         except Exception as e:  # noqa: BLE001 - a corrupt or missing chunk: name the shard
             self._name_shard(start, stop, e)
             raise UserError(f"{self.path}/hidden: cannot read token rows {start}:{stop} ({e})") from None
-        if self.meta.hidden_codec == "int8":  # dequantised to float32, vectorised (or packed, decoded where used)
-            scale = torch.from_numpy(np.ascontiguousarray(self.read("hidden_scale", start, stop, direct)))
-            q = torch.from_numpy(np.ascontiguousarray(arr))
-            return int8_pack(q, scale) if packed else int8_decode(q, scale, self.meta.int8_group)
-        return from_stored(np.ascontiguousarray(arr), self.meta.hidden_dtype)
+        return self._decode(arr, "hidden_scale", start, stop, packed, direct)
 
     def aux(self, start: int, stop: int) -> torch.Tensor:
         """Stored rows [start, stop) of ``aux_hidden`` (format 6): [rows, A*H], the stored dtype (int8: float32)."""
-        arr = np.ascontiguousarray(self.read("aux_hidden", start, stop))
+        return self._decode(self.read("aux_hidden", start, stop), "aux_scale", start, stop)
+
+    def _decode(self, arr: np.ndarray, scale_name: str, start: int, stop: int, packed: bool = False,
+                direct: bool = True) -> torch.Tensor:
+        """Stored values as tensors: lossless as stored; int8 dequantised to float32 with its scales (vectorised), or
+        packed to be decoded where used."""
         if self.meta.hidden_codec == "int8":
-            scale = torch.from_numpy(np.ascontiguousarray(self.read("aux_scale", start, stop)))
-            return int8_decode(torch.from_numpy(arr), scale, self.meta.int8_group)
-        return from_stored(arr, self.meta.hidden_dtype)
+            scale = torch.from_numpy(np.ascontiguousarray(self.read(scale_name, start, stop, direct)))
+            q = torch.from_numpy(np.ascontiguousarray(arr))
+            return int8_pack(q, scale) if packed else int8_decode(q, scale, self.meta.int8_group)
+        return from_stored(np.ascontiguousarray(arr), self.meta.hidden_dtype)
 
     def _name_shard(self, start: int, stop: int, e: Exception) -> None:
         shard = self.meta.shard_tokens
